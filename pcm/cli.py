@@ -1,0 +1,50 @@
+"""`pcm <command> ...`: the command line over pcm.stages and pcm.config."""
+
+import argparse
+import sys
+
+from pcm.config import ConfigError, config_to_yaml, load_config
+
+
+def _add_params(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="overrides of params keys, e.g. distill.num_phases=2")
+
+
+def _config_show(args) -> int:
+    print(config_to_yaml(load_config(args.params, args.overrides)), end="")
+    return 0
+
+
+def _config_check(args) -> int:
+    load_config(args.params, args.overrides)
+    print(f"{args.params}: ok")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pcm", description="Phased Consistency Model distillation pipelines")
+    commands = parser.add_subparsers(dest="command", required=True)
+    config = commands.add_parser("config", help="show or check the resolved config")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    show = config_commands.add_parser("show", help="print the resolved config (params file + overrides)")
+    _add_params(show)
+    show.set_defaults(func=_config_show)
+    check = config_commands.add_parser("check", help="validate the config; exit 2 with the reason on error")
+    _add_params(check)
+    check.set_defaults(func=_config_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"pcm: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The typed, strict config tree, mirroring params.yaml one to one.
+
+Load with `load_config(path, overrides)`. Unknown keys, wrong types and broken invariants raise
+`ConfigError` with the dotted key and how to fix it. Every field carries its unit or meaning.
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params file or override that cannot be turned into a valid Config."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Teacher noise schedule (diffusers scheduler config keys). SD teachers read theirs from the model dir."""
+
+    num_train_timesteps: int = 1000  # T: number of discrete training timesteps
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
+    beta_start: float = 0.00085  # beta at t = 0
+    beta_end: float = 0.012  # beta at t = T - 1
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"  # what the teacher network outputs
+
+    def __post_init__(self):
+        _require(self.num_train_timesteps >= 2, "schedule.num_train_timesteps must be >= 2 (SD uses 1000)")
+        _require(0 < self.beta_start < self.beta_end < 1,
+                 f"schedule.beta_start={self.beta_start}, schedule.beta_end={self.beta_end}: need "
+                 "0 < beta_start < beta_end < 1 (SD: 0.00085 and 0.012)")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The consistency distillation method (DESIGN.md §3)."""
+
+    method: Literal["pcm", "lcm"] = "pcm"  # phased consistency (PCM) or the LCM baseline
+    num_solver_steps: int = 50  # N: teacher ODE solver steps over [0, T); must divide T
+    num_phases: int = 4  # M: sub-trajectories, 1 <= M <= N; the native number of sampling steps
+    guidance: Literal["small_cfg", "normal_cfg"] = "small_cfg"  # CFG inside the solver, or classic CFG kept
+    w_min: float = 4.0  # solver guidance w ~ U[w_min, w_max] (LCM convention: CFG scale 1 + w)
+    w_max: float = 5.0
+    caption_dropout: float = 0.0  # fraction of conditions replaced by the empty one (normal_cfg needs > 0)
+    loss: Literal["huber", "l2"] = "huber"  # consistency distance d(f, y)
+    huber_c: float = 0.001  # pseudo-Huber c
+    target_net: Literal["student", "ema"] = "student"  # student under no_grad (reference) or an EMA of it
+    ema_decay: float = 0.95  # EMA decay per step when target_net = ema
+    lcm_sigma_data: float = 0.5  # LCM boundary scalings: sigma_data
+    lcm_timestep_scaling: float = 10.0  # LCM boundary scalings: timestep multiplier
+
+    def __post_init__(self):
+        N, M = self.num_solver_steps, self.num_phases
+        _require(N >= 1, f"distill.num_solver_steps={N}: must be >= 1 (reference: 50 for SD1.5, 40 for SDXL)")
+        _require(1 <= M <= N, f"distill.num_phases={M}: must satisfy 1 <= M <= N = distill.num_solver_steps={N}")
+        _require(self.method != "lcm" or M == 1,
+                 f"distill.num_phases={M} with distill.method=lcm: LCM has one phase; set distill.num_phases=1")
+        _require(0 <= self.w_min <= self.w_max,
+                 f"distill.w_min={self.w_min}, distill.w_max={self.w_max}: need 0 <= w_min <= w_max")
+        _require(0 <= self.caption_dropout < 1, f"distill.caption_dropout={self.caption_dropout}: must be in [0, 1)")
+        _require(self.guidance != "normal_cfg" or self.caption_dropout > 0,
+                 "distill.guidance=normal_cfg needs distill.caption_dropout > 0 (e.g. 0.1) so the student "
+                 "keeps an unconditional prediction for classic CFG")
+        _require(self.huber_c > 0, f"distill.huber_c={self.huber_c}: must be > 0 (reference: 0.001)")
+        _require(0 <= self.ema_decay < 1, f"distill.ema_decay={self.ema_decay}: must be in [0, 1)")
+        _require(self.lcm_sigma_data > 0, f"distill.lcm_sigma_data={self.lcm_sigma_data}: must be > 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimization of the student (LoRA) parameters."""
+
+    batch_size: int = 256  # samples per optimizer step, summed over processes
+    learning_rate: float = 1e-3  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_steps: int = 2000  # optimizer steps
+
+    def __post_init__(self):
+        _require(self.batch_size >= 1, f"train.batch_size={self.batch_size}: must be >= 1")
+        _require(self.learning_rate > 0, f"train.learning_rate={self.learning_rate}: must be > 0")
+        _require(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay}: must be >= 0")
+        _require(self.max_steps >= 1, f"train.max_steps={self.max_steps}: must be >= 1")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Sampling with the distilled model."""
+
+    num_steps: int = 4  # K: sampling steps (K = num_phases visits exactly the trained edges)
+    gamma: float = 0.0  # stochasticity (TCD rule): 0 deterministic, 1 fully re-noised
+    guidance_scale: float = 1.0  # inference CFG; 1 disables it (small_cfg models: 1-2; normal_cfg: 2-9)
+
+    def __post_init__(self):
+        _require(self.num_steps >= 1, f"sample.num_steps={self.num_steps}: must be >= 1")
+        _require(0 <= self.gamma <= 1, f"sample.gamma={self.gamma}: must be in [0, 1]")
+        _require(self.guidance_scale >= 0, f"sample.guidance_scale={self.guidance_scale}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole params.yaml."""
+
+    seed: int = 0  # randomness is a function of (seed, step, sample id)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self):
+        T, N = self.schedule.num_train_timesteps, self.distill.num_solver_steps
+        _require(T % N == 0, f"distill.num_solver_steps={N} must divide schedule.num_train_timesteps={T}; "
+                             f"choose one of {_divisors(T)}")
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def _convert(value, tp, key: str):
+    """value checked (and int -> float widened) against the annotation tp; errors name the key."""
+    if dataclasses.is_dataclass(tp):
+        _require(isinstance(value, dict), f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key + ".")
+    if typing.get_origin(tp) is Literal:
+        allowed = typing.get_args(tp)
+        _require(value in allowed, f"{key}={value!r}: allowed values: {', '.join(map(str, allowed))}")
+        return value
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return value if value is None else _convert(value, typing.get_args(tp)[0], key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    _require(ok, f"{key}={value!r}: expected {tp.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]}; allowed keys under "
+                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(names)}")
+    kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _apply_override(data: dict, override: str) -> None:
+    key, sep, raw = override.partition("=")
+    _require(bool(sep) and bool(key), f"override {override!r}: expected key=value, e.g. distill.num_phases=2")
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        _require(isinstance(node, dict), f"override {override!r}: {part} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def config_from_dict(data: dict, overrides: typing.Sequence[str] = ()) -> Config:
+    """Config from a params mapping plus 'dotted.key=value' overrides (values parsed as YAML)."""
+    data = _deep_copy(data or {})
+    for override in overrides:
+        _apply_override(data, override)
+    try:
+        return _build(Config, data)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from err
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Config from a params.yaml file (None: the defaults) plus overrides."""
+    data = {}
+    if path is not None:
+        path = Path(path)
+        _require(path.is_file(), f"params file {path} not found; pass --params path/to/params.yaml")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"params file {path} is not valid YAML: {err}") from err
+        _require(isinstance(data, dict), f"params file {path}: the top level must be a mapping")
+    return config_from_dict(data, overrides)
+
+
+def config_to_dict(config: Config) -> dict:
+    """The resolved config as plain data (for YAML, checkpoints and MLflow params)."""
+    return dataclasses.asdict(config)
+
+
+def config_to_yaml(config: Config) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+def _deep_copy(data):
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    return data

@@ -1,0 +1,129 @@
+"""Distill and score a student of the analytic Gaussian-mixture teacher (benchmarks/toy_gmm.py, tests).
+
+Scores at K sampling steps, from the same initial noise and labels for every model:
+  endpoint error  mean ||x_K - x_exact||, x_exact the guided PF-ODE endpoint (RK4, float64)
+  sliced W2       sliced Wasserstein-2 distance between the samples and the labels' true mixture
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from pcm.config import Config, config_from_dict
+from pcm.math import SolverGrid, alphas_cumprod
+from pcm.models.gmm import UNCOND, AnalyticTeacher, GaussianMixture, exact_ode_endpoint, toy_mixture
+from pcm.models.toy import ResidualMLPStudent
+from pcm.sampling import ddim_timesteps, lcm_timesteps, pcm_timesteps, sample_lcm, sample_pcm
+from pcm.train.loop import train
+from pcm.train.step import Batch
+
+
+@dataclass
+class ToyWorld:
+    mixture: GaussianMixture
+    abar: torch.Tensor  # (T,) float32, the SD1.5 schedule unless the config says otherwise
+    teacher: AnalyticTeacher
+
+
+def make_world(cfg: Config) -> ToyWorld:
+    s = cfg.schedule
+    abar = alphas_cumprod(s.beta_schedule, s.beta_start, s.beta_end, s.num_train_timesteps)
+    mixture = toy_mixture()
+    return ToyWorld(mixture, abar, AnalyticTeacher(mixture, abar))
+
+
+def draw_labels(mixture: GaussianMixture, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Class labels drawn with the classes' total mixture weight."""
+    class_weights = torch.zeros(mixture.num_classes).index_add_(0, mixture.classes, mixture.weights)
+    return torch.multinomial(class_weights, count, replacement=True, generator=generator)
+
+
+def batch_source(world: ToyWorld, batch_size: int, seed: int):
+    """next_batch(step): fresh mixture samples keyed by (seed, step); sample ids are global."""
+    def next_batch(step: int) -> Batch:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        labels = draw_labels(world.mixture, batch_size, gen)
+        x_0 = world.mixture.sample(labels, gen).float()
+        ids = step * batch_size + torch.arange(batch_size)
+        return Batch(x_0=x_0, cond=labels, uncond=torch.full_like(labels, UNCOND), ids=ids)
+
+    return next_batch
+
+
+def distill_student(world: ToyWorld, cfg: Config, progress: bool = False) -> tuple[ResidualMLPStudent, list[float]]:
+    """A residual MLP student trained with cfg.distill.method for cfg.train.max_steps steps."""
+    torch.manual_seed(cfg.seed)
+    student = ResidualMLPStudent(world.teacher, world.mixture.dim, world.mixture.num_classes,
+                                 cfg.schedule.num_train_timesteps)
+    losses = train(student, world.teacher, batch_source(world, cfg.train.batch_size, cfg.seed), world.abar, cfg,
+                   progress=progress)
+    return student, losses
+
+
+@dataclass
+class EvalSet:
+    x_T: torch.Tensor  # (B, D) initial noise at t = T - 1
+    labels: torch.Tensor  # (B,)
+    exact: torch.Tensor  # (B, D) exact guided PF-ODE endpoints, float64
+    data: torch.Tensor  # (B, D) true mixture samples for the same labels
+    w: float  # solver guidance of the exact ODE (inference CFG scale is 1 + w)
+
+
+def make_eval_set(world: ToyWorld, count: int, w: float, seed: int = 1234) -> EvalSet:
+    gen = torch.Generator().manual_seed(seed)
+    labels = draw_labels(world.mixture, count, gen)
+    x_T = torch.randn(count, world.mixture.dim, generator=gen)
+    abar = world.abar.double()
+    exact = exact_ode_endpoint(world.mixture, x_T, labels, w, float(abar[-1]), float(abar[0]))
+    data = world.mixture.sample(labels, gen)
+    return EvalSet(x_T, labels, exact, data, w)
+
+
+def sliced_w2(a: torch.Tensor, b: torch.Tensor, num_projections: int = 256, seed: int = 0) -> float:
+    """Sliced Wasserstein-2 between two equal-size point sets (B, D), over fixed random directions."""
+    gen = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(a.shape[1], num_projections, generator=gen, dtype=torch.float64)
+    dirs = dirs / dirs.norm(dim=0, keepdim=True)
+    pa, pb = (a.double() @ dirs).sort(dim=0).values, (b.double() @ dirs).sort(dim=0).values
+    return float((pa - pb).pow(2).mean().sqrt())
+
+
+def score(samples: torch.Tensor, ev: EvalSet) -> dict[str, float]:
+    return {
+        "endpoint_error": float((samples.double() - ev.exact).norm(dim=1).mean()),
+        "sliced_w2": sliced_w2(samples, ev.data),
+    }
+
+
+def sample_model(
+    world: ToyWorld, eps_fn, cfg: Config, ev: EvalSet, K: int, kind: str, generator_seed: int = 0
+) -> torch.Tensor:
+    """K-step samples of a model kind: 'pcm' (trained edges), 'lcm' (LCMScheduler rule) or 'ddim' (teacher)."""
+    T, N = cfg.schedule.num_train_timesteps, cfg.distill.num_solver_steps
+    uncond = torch.full_like(ev.labels, UNCOND)
+    common = dict(guidance_scale=1.0 + ev.w if kind == "ddim" else 1.0, neg_cond=uncond,
+                  generator=torch.Generator().manual_seed(generator_seed))
+    if kind == "pcm":
+        grid = SolverGrid(T, N, cfg.distill.num_phases)
+        return sample_pcm(eps_fn, ev.x_T, ev.labels, world.abar, pcm_timesteps(grid, K), **common)
+    if kind == "ddim":
+        return sample_pcm(eps_fn, ev.x_T, ev.labels, world.abar, ddim_timesteps(T, K), **common)
+    if kind == "lcm":
+        return sample_lcm(eps_fn, ev.x_T, ev.labels, world.abar, lcm_timesteps(T, N, K),
+                          sigma_data=cfg.distill.lcm_sigma_data,
+                          timestep_scaling=cfg.distill.lcm_timestep_scaling, **common)
+    raise ValueError(f"unknown model kind {kind!r}; allowed: pcm, lcm, ddim")
+
+
+def toy_config(method: str, num_phases: int, guided: bool, steps: int, batch_size: int = 256, seed: int = 0,
+               w: float = 1.0) -> Config:
+    """The toy run's config: SD1.5 schedule, N = 50, solver guidance w fixed (or the normal-CFG variant)."""
+    distill = {"method": method, "num_solver_steps": 50, "num_phases": num_phases, "loss": "l2"}
+    if guided:
+        distill.update(guidance="small_cfg", w_min=w, w_max=w)
+    else:
+        distill.update(guidance="normal_cfg", caption_dropout=0.1, w_min=0.0, w_max=0.0)
+    return config_from_dict({
+        "seed": seed, "distill": distill,
+        "train": {"batch_size": batch_size, "learning_rate": 1e-3, "max_steps": steps},
+    })

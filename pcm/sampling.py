@@ -1,0 +1,106 @@
+"""Samplers over any denoiser eps_fn(x_t, t, cond): PCM (deterministic and stochastic), teacher DDIM, LCM.
+
+A schedule is a decreasing list of timesteps from T - 1 down to 0; each consecutive pair is one model call
+and one jump. The final point 0 uses abar[0] (diffusers' set_alpha_to_one=False).
+"""
+
+import torch
+
+from pcm.math import (
+    SolverGrid,
+    abar_at,
+    ddim_jump,
+    guided_eps,
+    lcm_boundary_scalings,
+    lcm_prediction,
+    renoise,
+)
+from pcm.models.denoiser import Cond, EpsFn, cat_cond
+
+
+def pcm_timesteps(grid: SolverGrid, K: int) -> list[int]:
+    """K-step schedule for a PCM student: exactly the trained edges for K = M.
+
+    K < M skips edges (evenly by index); K > M splits phases (the first K mod M phases get one more step)
+    into evenly spaced sub-steps; every trained edge stays on the path.
+    """
+    if K < 1:
+        raise ValueError(f"number of sampling steps K={K} must be >= 1")
+    points, M = grid.sampling_timesteps(), grid.M
+    if K <= M:
+        return [points[round(i * M / K)] for i in range(K + 1)]
+    path = []
+    for m, (hi, lo) in enumerate(zip(points[:-1], points[1:], strict=True)):
+        steps = K // M + (1 if m < K % M else 0)
+        path += [hi - round(j * (hi - lo) / steps) for j in range(steps)]
+    return path + [0]
+
+
+def ddim_timesteps(T: int, K: int) -> list[int]:
+    """The teacher's K-step DDIM path, "trailing" spacing: T-1, T-1-T/K, ..., then 0."""
+    if not 1 <= K <= T:
+        raise ValueError(f"number of sampling steps K={K} must be in 1..{T}")
+    return sorted({round(T - i * T / K) - 1 for i in range(K)}, reverse=True) + [0]
+
+
+def lcm_timesteps(T: int, N: int, K: int) -> list[int]:
+    """diffusers' LCMScheduler schedule: K of the N-point training grid, evenly by index (no final 0)."""
+    if not 1 <= K <= N:
+        raise ValueError(f"LCM sampling steps K={K} must be in 1..N={N} (the distillation grid)")
+    grid = [(i + 1) * (T // N) - 1 for i in reversed(range(N))]
+    return [grid[int(i * N / K)] for i in range(K)]
+
+
+def guided_eval(
+    eps_fn: EpsFn, x: torch.Tensor, t: int, cond: Cond, neg_cond: Cond | None, guidance_scale: float
+) -> torch.Tensor:
+    """eps = eps_neg + guidance_scale (eps_c - eps_neg) in one batched call; a single call when scale is 1."""
+    t_batch = torch.full((len(x),), t, dtype=torch.int64, device=x.device)
+    if guidance_scale == 1.0 or neg_cond is None:
+        return eps_fn(x, t_batch, cond)
+    eps_c, eps_neg = eps_fn(torch.cat([x, x]), torch.cat([t_batch, t_batch]), cat_cond(cond, neg_cond)).chunk(2)
+    return guided_eps(eps_c, eps_neg, guidance_scale - 1.0)
+
+
+@torch.no_grad()
+def sample_pcm(
+    eps_fn: EpsFn, x_T: torch.Tensor, cond: Cond, abar: torch.Tensor, timesteps: list[int], *,
+    guidance_scale: float = 1.0, neg_cond: Cond | None = None, gamma: float = 0.0, generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """DDIM jumps along timesteps with the model's eps; gamma > 0 adds TCD's stochastic step.
+
+    Stochastic rule: from t, jump to s' = floor((1 - gamma) s), then re-noise from s' back up to s.
+    With gamma = 0 and the teacher as eps_fn this is the teacher's deterministic DDIM.
+    """
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma={gamma} must be in [0, 1]")
+    x = x_T
+    for t, s in zip(timesteps[:-1], timesteps[1:], strict=True):
+        eps_hat = guided_eval(eps_fn, x, t, cond, neg_cond, guidance_scale)
+        abar_t = abar_at(abar, torch.tensor([t]), x)
+        s_jump = int((1.0 - gamma) * s)  # the last s is 0: no noise after the final jump
+        x = ddim_jump(x, eps_hat, abar_t, abar_at(abar, torch.tensor([s_jump]), x))
+        if s_jump != s:
+            z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+            x = renoise(x, z, abar_at(abar, torch.tensor([s_jump]), x), abar_at(abar, torch.tensor([s]), x))
+    return x
+
+
+@torch.no_grad()
+def sample_lcm(
+    eps_fn: EpsFn, x_T: torch.Tensor, cond: Cond, abar: torch.Tensor, timesteps: list[int], *,
+    sigma_data: float = 0.5, timestep_scaling: float = 10.0, guidance_scale: float = 1.0, neg_cond: Cond | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """LCM multistep sampling (diffusers' LCMScheduler): predict the origin, re-noise with fresh noise."""
+    x = x_T
+    for i, t in enumerate(timesteps):
+        eps_hat = guided_eval(eps_fn, x, t, cond, neg_cond, guidance_scale)
+        c_skip, c_out = lcm_boundary_scalings(torch.tensor(t), sigma_data, timestep_scaling)
+        denoised = lcm_prediction(x, eps_hat, abar_at(abar, torch.tensor([t]), x), c_skip, c_out)
+        if i == len(timesteps) - 1:
+            return denoised
+        abar_next = abar_at(abar, torch.tensor([timesteps[i + 1]]), x)
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        x = abar_next.sqrt() * denoised + (1 - abar_next).sqrt() * noise
+    return x
