@@ -1,0 +1,1 @@
+"""Shard reading/writing (webdataset), preprocessing, precompute, video: arrives with the data issue."""

@@ -1,0 +1,1 @@
+"""The demo world (shapes dataset + oracle, tiny teacher training): arrives with the data and distillation issues."""

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, step tables and reports; toy_gmm scores students of the analytic teacher."""

@@ -1,0 +1,1 @@
+"""Distillation: one training step (step.py), keyed randomness, EMA target, the loop."""

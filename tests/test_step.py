@@ -1,0 +1,129 @@
+"""The model-agnostic PCM / LCM training steps on the analytic teacher and a small MLP student."""
+
+import pytest
+import torch
+
+from pcm.config import config_from_dict
+from pcm.eval.toy_gmm import batch_source, make_world
+from pcm.math import SolverGrid
+from pcm.models.toy import ResidualMLPStudent
+from pcm.train.ema import EMA
+from pcm.train.loop import target_net_for
+from pcm.train.rng import keyed_draws
+from pcm.train.step import Batch, lcm_loss, method_loss, pcm_loss
+
+
+def _setup(**distill):
+    cfg = config_from_dict({"distill": {"num_solver_steps": 20, "num_phases": 4, "w_min": 1.0, "w_max": 2.0,
+                                        **distill}})
+    world = make_world(cfg)
+    torch.manual_seed(0)
+    student = ResidualMLPStudent(world.teacher, 2, 3, 1000)
+    for p in student.net[-1].parameters():  # a student that differs from the teacher
+        torch.nn.init.normal_(p, std=0.05)
+    grid = SolverGrid(1000, cfg.distill.num_solver_steps, cfg.distill.num_phases)
+    batch = batch_source(world, 16, seed=0)(3)
+    return cfg, world, student, grid, batch
+
+
+def _split(batch: Batch, idx: slice) -> Batch:
+    return Batch(batch.x_0[idx], batch.cond[idx], batch.uncond[idx], batch.ids[idx])
+
+
+@pytest.mark.parametrize("loss_fn", [pcm_loss, lcm_loss])
+def test_loss_and_gradient_do_not_depend_on_how_the_batch_is_split(loss_fn):
+    distill = {} if loss_fn is pcm_loss else {"method": "lcm", "num_phases": 1}
+    cfg, world, student, grid, batch = _setup(loss="l2", **distill)
+    args = (student, world.teacher, student)
+
+    def loss_and_grad(b):
+        student.zero_grad()
+        loss = loss_fn(*args, b, grid, world.abar, cfg.distill, cfg.seed, 5)["loss"]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in student.net.parameters()]
+
+    whole, g_whole = loss_and_grad(batch)
+    halves = [loss_and_grad(_split(batch, s)) for s in (slice(0, 8), slice(8, 16))]
+    # equal halves: the mean over the batch is the mean of the two processes' means (what DDP averages)
+    torch.testing.assert_close(whole, (halves[0][0] + halves[1][0]) / 2, rtol=1e-5, atol=1e-9)
+    for g, a, b in zip(g_whole, halves[0][1], halves[1][1], strict=True):
+        torch.testing.assert_close(g, (a + b) / 2, rtol=1e-4, atol=1e-8)
+    # a restart recomputes the same step exactly
+    assert torch.equal(loss_and_grad(batch)[0], whole)
+
+
+def test_keyed_draws_depend_only_on_seed_step_and_id():
+    ids = torch.tensor([4, 9, 2])
+    a = keyed_draws(0, 7, ids, (2,))
+    b = keyed_draws(0, 7, ids.flip(0), (2,))
+    assert torch.equal(a.eps, b.eps.flip(0)) and torch.equal(a.u, b.u.flip(0))
+    assert not torch.equal(keyed_draws(0, 8, ids, (2,)).eps, a.eps)
+    assert not torch.equal(keyed_draws(1, 7, ids, (2,)).eps, a.eps)
+    with_z = keyed_draws(0, 7, ids, (2,), with_z=True)
+    assert torch.equal(with_z.eps, a.eps) and with_z.z is not None  # adding z never changes eps
+
+
+def test_loss_vanishes_when_student_is_the_teachers_own_solver_step():
+    # M = N: every phase is one solver step, the target is the teacher's step itself, and an unguided
+    # student equal to the teacher predicts exactly that step.
+    cfg, world, _, grid, batch = _setup(num_solver_steps=10, num_phases=10, guidance="normal_cfg",
+                                        caption_dropout=0.5, loss="l2")
+    loss = pcm_loss(world.teacher, world.teacher, world.teacher, batch, grid, world.abar, cfg.distill, 0, 0)
+    assert float(loss["loss"]) < 1e-12
+    # guidance in the solver makes the target differ from the unguided student
+    cfg_g, *_ = _setup(num_solver_steps=10, num_phases=10, loss="l2")
+    loss_g = pcm_loss(world.teacher, world.teacher, world.teacher, batch, grid, world.abar, cfg_g.distill, 0, 0)
+    assert float(loss_g["loss"]) > 1e-6
+
+
+class CountingTeacher:
+    def __init__(self, teacher):
+        self.teacher, self.batch_sizes = teacher, []
+
+    def __call__(self, x_t, t, cond):
+        self.batch_sizes.append(len(x_t))
+        return self.teacher(x_t, t, cond)
+
+
+@pytest.mark.parametrize("guidance,extra,expected", [("small_cfg", {}, [32]),
+                                                     ("normal_cfg", {"caption_dropout": 0.1}, [16])])
+def test_teacher_runs_one_batched_pass_and_none_for_uncond_in_normal_cfg(guidance, extra, expected):
+    cfg, world, student, grid, batch = _setup(guidance=guidance, **extra)
+    teacher = CountingTeacher(world.teacher)
+    pcm_loss(student, teacher, student, batch, grid, world.abar, cfg.distill, 0, 0)
+    assert teacher.batch_sizes == expected
+
+
+def test_only_student_parameters_receive_gradients():
+    cfg, world, student, grid, batch = _setup()
+    loss = pcm_loss(student, world.teacher, student, batch, grid, world.abar, cfg.distill, 0, 0)["loss"]
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.net[-1].parameters())
+    assert not any(t.requires_grad for t in (world.abar, world.mixture.means))
+
+
+def test_ema_target_net_swaps_weights_in_and_restores_them():
+    _, world, student, _, batch = _setup()
+    params = list(student.net.parameters())
+    ema = EMA(params, decay=0.9)
+    before = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.add_(1.0)
+    ema.update()
+    for s, b in zip(ema.shadow, before, strict=True):
+        torch.testing.assert_close(s, b + 0.1)  # 0.9 b + 0.1 (b + 1)
+    target = target_net_for(student, ema)
+    t = torch.full((16,), 500)
+    x = batch.x_0
+    with ema.swapped_in():
+        expected = student(x, t, batch.cond)
+    torch.testing.assert_close(target(x, t, batch.cond), expected)
+    for p, b in zip(params, before, strict=True):
+        torch.testing.assert_close(p.detach(), b + 1.0)  # live weights restored
+    assert target_net_for(student, None) is student
+
+
+def test_unknown_method_lists_allowed():
+    with pytest.raises(ValueError, match="pcm, lcm"):
+        method_loss("cm")
