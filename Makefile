@@ -21,7 +21,6 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check pcm tests benchmarks components pipelines
-	$(VENV)/bin/ruff format --check pcm tests benchmarks components pipelines
 
 demo: setup
 	@echo "make demo: the demo pipeline (shapes world -> tiny teacher -> PCM distillation -> evaluation ->"

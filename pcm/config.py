@@ -83,12 +83,16 @@ class TrainConfig:
     learning_rate: float = 1e-3  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     max_steps: int = 2000  # optimizer steps
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after warmup: constant, or cosine decay to 0
+    lr_warmup_steps: int = 0  # linear warmup from 0 over this many steps
 
     def __post_init__(self):
         _require(self.batch_size >= 1, f"train.batch_size={self.batch_size}: must be >= 1")
         _require(self.learning_rate > 0, f"train.learning_rate={self.learning_rate}: must be > 0")
         _require(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay}: must be >= 0")
         _require(self.max_steps >= 1, f"train.max_steps={self.max_steps}: must be >= 1")
+        _require(0 <= self.lr_warmup_steps < self.max_steps,
+                 f"train.lr_warmup_steps={self.lr_warmup_steps}: must be in [0, train.max_steps={self.max_steps})")
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,8 @@ def guided_eval(
 @torch.no_grad()
 def sample_pcm(
     eps_fn: EpsFn, x_T: torch.Tensor, cond: Cond, abar: torch.Tensor, timesteps: list[int], *,
-    guidance_scale: float = 1.0, neg_cond: Cond | None = None, gamma: float = 0.0, generator: torch.Generator | None = None,
+    guidance_scale: float = 1.0, neg_cond: Cond | None = None, gamma: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """DDIM jumps along timesteps with the model's eps; gamma > 0 adds TCD's stochastic step.
 

@@ -94,3 +94,10 @@ def test_console_script_is_installed():
     bin_pcm = subprocess.run([str(__import__("pathlib").Path(sys.executable).with_name("pcm")), "config",
                               "check", "distill.num_phases=0"], capture_output=True, text=True)
     assert bin_pcm.returncode == 2 and "distill.num_phases=0" in bin_pcm.stderr
+
+
+def test_lr_warmup_must_fit_in_the_run():
+    with pytest.raises(ConfigError, match="train.lr_warmup_steps=10"):
+        config_from_dict({"train": {"max_steps": 10, "lr_warmup_steps": 10}})
+    with pytest.raises(ConfigError, match="constant, cosine"):
+        config_from_dict({}, ["train.lr_schedule=linear"])

@@ -127,3 +127,14 @@ def test_ema_target_net_swaps_weights_in_and_restores_them():
 def test_unknown_method_lists_allowed():
     with pytest.raises(ValueError, match="pcm, lcm"):
         method_loss("cm")
+
+
+def test_lr_factor_warmup_then_cosine_to_zero():
+    from pcm.config import TrainConfig
+    from pcm.train.loop import lr_factor
+
+    cfg = TrainConfig(max_steps=110, lr_warmup_steps=10, lr_schedule="cosine")
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0) and lr_factor(60, cfg) == pytest.approx(0.5)
+    assert lr_factor(110, cfg) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(50, TrainConfig(max_steps=110)) == 1.0

@@ -125,5 +125,5 @@ def toy_config(method: str, num_phases: int, guided: bool, steps: int, batch_siz
         distill.update(guidance="normal_cfg", caption_dropout=0.1, w_min=0.0, w_max=0.0)
     return config_from_dict({
         "seed": seed, "distill": distill,
-        "train": {"batch_size": batch_size, "learning_rate": 1e-3, "max_steps": steps},
+        "train": {"batch_size": batch_size, "learning_rate": 1e-3, "max_steps": steps, "lr_schedule": "cosine"},
     })

@@ -5,13 +5,12 @@ embeddings, time ids), always batch-first, so two conditions concatenate into on
 """
 
 from collections.abc import Callable, Mapping
-from typing import Union
 
 import torch
 
 from pcm.math import append_dims
 
-Cond = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+Cond = torch.Tensor | Mapping[str, torch.Tensor]
 EpsFn = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
 
 
