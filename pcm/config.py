@@ -5,7 +5,6 @@ Load with `load_config(path, overrides)`. Unknown keys, wrong types and broken i
 """
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +109,43 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """Input shards and their preparation (`pcm prepare`, DESIGN.md §5)."""
+
+    inputs: tuple[str, ...] = ("data/shapes/shard-{00000..00003}.tar",)  # shard URLs, brace patterns, folders
+    output_dir: str = "data/prepared"  # prepared shards, index.json and stats.json go here (and only here)
+    resolution: int = 32  # training image side in pixels: shorter side resized to it, then a square crop
+    crop: Literal["center", "random"] = "center"  # random crops store their box for SDXL micro-conditioning
+    min_side: int = 32  # skip images whose original shorter side is below this (pixels)
+    min_aspect: float = 0.25  # skip images with width / height outside [min_aspect, max_aspect]
+    max_aspect: float = 4.0
+    min_caption_chars: int = 1  # skip captions shorter than this after stripping whitespace
+    max_caption_chars: int = 1000  # skip captions longer than this (characters)
+    require_json: dict[str, str] = field(default_factory=dict)  # KEY.json fields that must equal these
+    shard_size: int = 1000  # samples per prepared shard (the last one may hold fewer)
+    num_workers: int = 0  # processes working on input shards in parallel; 0 = one per CPU core
+    image_format: Literal["jpg", "png"] = "jpg"  # encoding of prepared images (png is lossless)
+    jpeg_quality: int = 95  # when image_format = jpg
+    max_pixels: int = 89_478_485  # decompression-bomb guard: larger images are skipped unread (PIL's default)
+    allow_pipe_urls: bool = False  # pipe: URLs run shell commands; refused unless set explicitly
+
+    def __post_init__(self):
+        _require(self.resolution >= 8 and self.resolution % 8 == 0,
+                 f"data.resolution={self.resolution}: must be a positive multiple of 8 (the VAE factor)")
+        _require(0 < self.min_aspect <= self.max_aspect,
+                 f"data.min_aspect={self.min_aspect}, data.max_aspect={self.max_aspect}: need 0 < min <= max")
+        _require(0 <= self.min_caption_chars <= self.max_caption_chars,
+                 f"data.min_caption_chars={self.min_caption_chars}, data.max_caption_chars="
+                 f"{self.max_caption_chars}: need 0 <= min <= max")
+        _require(self.shard_size >= 1, f"data.shard_size={self.shard_size}: must be >= 1")
+        _require(self.num_workers >= 0, f"data.num_workers={self.num_workers}: must be >= 0 (0 = all cores)")
+        _require(1 <= self.jpeg_quality <= 100, f"data.jpeg_quality={self.jpeg_quality}: must be in 1..100")
+        _require(self.max_pixels >= 1, f"data.max_pixels={self.max_pixels}: must be >= 1")
+        _require(self.min_side >= 1, f"data.min_side={self.min_side}: must be >= 1 pixel")
+        _require(bool(self.output_dir), "data.output_dir must not be empty")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole params.yaml."""
 
@@ -118,6 +154,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self):
         T, N = self.schedule.num_train_timesteps, self.distill.num_solver_steps
@@ -138,8 +175,13 @@ def _convert(value, tp, key: str):
         allowed = typing.get_args(tp)
         _require(value in allowed, f"{key}={value!r}: allowed values: {', '.join(map(str, allowed))}")
         return value
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return value if value is None else _convert(value, typing.get_args(tp)[0], key)
+    if typing.get_origin(tp) is tuple:
+        _require(isinstance(value, list | tuple), f"{key}: expected a list, got {value!r}")
+        return tuple(_convert(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if typing.get_origin(tp) is dict:
+        _require(isinstance(value, dict), f"{key}: expected a mapping, got {value!r}")
+        key_tp, value_tp = typing.get_args(tp)
+        return {_convert(k, key_tp, key): _convert(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
@@ -197,8 +239,13 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
 
 
 def config_to_dict(config: Config) -> dict:
-    """The resolved config as plain data (for YAML, checkpoints and MLflow params)."""
-    return dataclasses.asdict(config)
+    """The resolved config as plain data (for YAML, checkpoints and MLflow params); tuples become lists."""
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return [plain(x) for x in v] if isinstance(v, list | tuple) else v
+
+    return plain(dataclasses.asdict(config))
 
 
 def config_to_yaml(config: Config) -> str:

@@ -39,3 +39,9 @@ def keyed_draws(
         if with_z:
             z.append(torch.randn(shape, generator=gen))
     return Draws(torch.stack(u), torch.stack(eps), torch.stack(z) if with_z else None)
+
+
+def keyed_unit(seed: int, name: str) -> float:
+    """A uniform number in [0, 1) that is a function of (seed, name) only (e.g. a sample's random crop)."""
+    digest = hashlib.blake2b(f"pcm:{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
