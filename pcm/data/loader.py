@@ -1,0 +1,156 @@
+"""Training batches from prepared shards: shuffled, endless, split over ranks and workers, resumable.
+
+Plan of an epoch e (the same on every rank and worker, from (seed, e) alone):
+  1. the shards are permuted; rank r reads shards r, r + W, r + 2W, ... of that order (disjoint per rank)
+  2. every rank keeps the same number of samples: the smallest rank total, so DDP steps stay in lockstep
+  3. a seeded shuffle buffer mixes each rank's record stream; records are cut into batches
+  4. batch j goes to DataLoader worker j mod num_workers: the main process receives batches 0, 1, 2, ...
+     exactly as a single process would (torch's in-order round robin), whatever the worker count
+A position (epoch, batch) names the next batch; a resumed loader replays the record stream up to it (reading,
+not decoding) and continues with the next samples. Corrupt samples are skipped and counted per batch.
+"""
+
+import io
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pcm.data.shards import RawSample, iter_tar
+
+IMAGE_KEYS = ("jpg", "png")
+
+
+class Position(NamedTuple):
+    """Where a loader stands: the next batch's epoch and index within it (a tuple, so it survives collation)."""
+
+    epoch: int = 0
+    batch: int = 0
+
+
+class PreparedShards(IterableDataset):
+    """Batches (dicts) from a `pcm prepare` output folder; see the module docstring for the plan."""
+
+    def __init__(self, folder: str | Path, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 shuffle_buffer: int = 1000, start: Position = Position()):
+        self.folder = Path(folder)
+        index_path = self.folder / "index.json"
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{index_path} not found: run `pcm prepare` for this data.output_dir first")
+        self.shards = json.loads(index_path.read_text())["shards"]
+        if len(self.shards) < world_size:
+            raise ValueError(f"{len(self.shards)} prepared shard(s) cannot feed {world_size} ranks: lower "
+                             "data.shard_size and re-run `pcm prepare` so there is at least one per rank")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.shuffle_buffer, self.start = shuffle_buffer, start
+        if self.batches_per_epoch(0) == 0:
+            raise ValueError(f"each rank gets fewer than batch_size={batch_size} samples per epoch; "
+                             "use a smaller batch or more data")
+
+    def _plan(self, epoch: int) -> tuple[list[dict], int]:
+        """(this rank's shards in read order, the samples every rank keeps) for an epoch."""
+        order = list(self.shards)
+        random.Random(f"{self.seed}/shards/{epoch}").shuffle(order)
+        per_rank = [order[r::self.world_size] for r in range(self.world_size)]
+        keep = min(sum(s["samples"] for s in shards) for shards in per_rank)
+        return per_rank[self.rank], keep
+
+    def batches_per_epoch(self, epoch: int) -> int:
+        return self._plan(epoch)[1] // self.batch_size
+
+    def next_position(self, position: Position) -> Position:
+        """The position after consuming the batch at `position`."""
+        if position.batch + 1 < self.batches_per_epoch(position.epoch):
+            return Position(position.epoch, position.batch + 1)
+        return Position(position.epoch + 1, 0)
+
+    def _records(self, epoch: int) -> Iterator[RawSample]:
+        shards, keep = self._plan(epoch)
+        rng = random.Random(f"{self.seed}/buffer/{epoch}/{self.rank}")
+        buffer: list[RawSample] = []
+        count = 0
+
+        def stream():
+            for shard in shards:
+                with open(self.folder / shard["name"], "rb") as f:
+                    yield from iter_tar(f)
+
+        for record in stream():
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(record)
+                continue
+            i = rng.randrange(len(buffer))
+            buffer[i], record = record, buffer[i]
+            yield record
+            count += 1
+            if count == keep:
+                return
+        rng.shuffle(buffer)
+        yield from buffer[: keep - count]
+
+    def _batches(self, epoch: int) -> Iterator[tuple[int, list[RawSample]]]:
+        batch, j = [], 0
+        for record in self._records(epoch):
+            batch.append(record)
+            if len(batch) == self.batch_size:
+                yield j, batch
+                batch, j = [], j + 1
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        epoch, first = self.start.epoch, self.start.batch
+        while True:
+            for j, records in self._batches(epoch):
+                if j >= first and j % num_workers == worker:
+                    batch = decode_batch(records)
+                    if batch is not None:
+                        yield {**batch, "position": Position(epoch, j)}
+            epoch, first = epoch + 1, 0
+
+
+def decode_batch(records: list[RawSample]) -> dict | None:
+    """Tensors of a list of prepared records; corrupt ones are skipped and counted (None if all are)."""
+    pixels, captions, sizes, crops, keys = [], [], [], [], []
+    for record in records:
+        try:
+            if record.truncated:
+                raise ValueError("truncated record")
+            ext = next(e for e in IMAGE_KEYS if e in record.files)
+            image = Image.open(io.BytesIO(record.files[ext])).convert("RGB")
+            meta = json.loads(record.files["json"])
+            caption = record.files["txt"].decode("utf-8")
+            size = (meta["original_height"], meta["original_width"])
+            crop = (meta["crop_top"], meta["crop_left"])
+        except (StopIteration, KeyError, OSError, ValueError, SyntaxError):
+            continue
+        pixels.append(torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1))
+        captions.append(caption)
+        sizes.append(size)
+        crops.append(crop)
+        keys.append(record.key)
+    if not pixels:
+        return None
+    return {
+        "pixels": torch.stack(pixels).float() / 127.5 - 1.0,  # (B, 3, H, W) in [-1, 1]
+        "caption": captions,
+        "original_size": torch.tensor(sizes, dtype=torch.int64),  # (B, 2) height, width
+        "crop_top_left": torch.tensor(crops, dtype=torch.int64),  # (B, 2) top, left
+        "key": keys,
+        "skipped": len(records) - len(pixels),
+    }
+
+
+def make_loader(folder: str | Path, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                num_workers: int = 0, start: Position = Position(), shuffle_buffer: int = 1000) -> DataLoader:
+    """An endless DataLoader of prepared batches (batching happens in the dataset: batch_size=None here)."""
+    dataset = PreparedShards(folder, batch_size, seed, rank, world_size, shuffle_buffer, start)
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
