@@ -1,6 +1,8 @@
 """`pcm <command> ...`: the command line over pcm.stages and pcm.config."""
 
 import argparse
+import json
+import logging
 import sys
 
 from pcm.config import ConfigError, config_to_yaml, load_config
@@ -23,6 +25,24 @@ def _config_check(args) -> int:
     return 0
 
 
+def _stage(name: str):
+    def run(args) -> int:
+        from pcm import stages  # heavy imports (torch, PIL) only for the commands that need them
+
+        result = getattr(stages, name)(load_config(args.params, args.overrides))
+        summary = {k: v for k, v in result.items() if not isinstance(v, list) or len(v) <= 8}
+        print(json.dumps(summary, indent=2))
+        return 0
+
+    return run
+
+
+STAGES = {  # command -> (stages function, help)
+    "demo-data": ("demo_data", "write the shapes demo world as input shards (demo.*)"),
+    "prepare": ("prepare", "input shards -> filtered, resized, cropped prepared shards + stats.json (data.*)"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pcm", description="Phased Consistency Model distillation pipelines")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -34,16 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_commands.add_parser("check", help="validate the config; exit 2 with the reason on error")
     _add_params(check)
     check.set_defaults(func=_config_check)
+    for command, (function, help_text) in STAGES.items():
+        stage = commands.add_parser(command, help=help_text)
+        _add_params(stage)
+        stage.set_defaults(func=_stage(function))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except ConfigError as err:
         print(f"pcm: config error: {err}", file=sys.stderr)
         return 2
+    except (ValueError, RuntimeError, OSError) as err:  # UrlError, PrepareError, missing files: say why, no trace
+        print(f"pcm {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

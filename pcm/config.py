@@ -146,6 +146,25 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class DemoConfig:
+    """The shapes demo world (`pcm demo-data`, DESIGN.md §6), written as img2dataset-layout input shards."""
+
+    output_dir: str = "data/shapes"  # input shards shard-00000.tar, ... (data.inputs points here)
+    num_images: int = 4000  # captioned images to generate
+    image_size: int = 64  # generated side in pixels; `pcm prepare` resizes to data.resolution
+    min_shapes: int = 1  # objects per image, in distinct cells of a 3x3 grid
+    max_shapes: int = 2
+    shard_size: int = 1000  # images per input shard
+
+    def __post_init__(self):
+        _require(self.num_images >= 1, f"demo.num_images={self.num_images}: must be >= 1")
+        _require(self.image_size >= 24, f"demo.image_size={self.image_size}: must be >= 24 pixels")
+        _require(1 <= self.min_shapes <= self.max_shapes <= 9,
+                 f"demo.min_shapes={self.min_shapes}, demo.max_shapes={self.max_shapes}: need 1 <= min <= max <= 9")
+        _require(self.shard_size >= 1, f"demo.shard_size={self.shard_size}: must be >= 1")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole params.yaml."""
 
@@ -155,6 +174,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
     def __post_init__(self):
         T, N = self.schedule.num_train_timesteps, self.distill.num_solver_steps
@@ -176,6 +196,7 @@ def _convert(value, tp, key: str):
         _require(value in allowed, f"{key}={value!r}: allowed values: {', '.join(map(str, allowed))}")
         return value
     if typing.get_origin(tp) is tuple:
+        value = [value] if isinstance(value, str) else value  # one string stands for a one-element list
         _require(isinstance(value, list | tuple), f"{key}: expected a list, got {value!r}")
         return tuple(_convert(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value))
     if typing.get_origin(tp) is dict:
@@ -208,7 +229,11 @@ def _apply_override(data: dict, override: str) -> None:
     for part in parents:
         node = node.setdefault(part, {})
         _require(isinstance(node, dict), f"override {override!r}: {part} is not a section")
-    node[leaf] = yaml.safe_load(raw)
+    try:
+        node[leaf] = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({err.problem}); quote it, "
+                          f"e.g. {key}='[\"a\", \"b\"]'") from err
 
 
 def config_from_dict(data: dict, overrides: typing.Sequence[str] = ()) -> Config:

@@ -34,11 +34,14 @@ class Position(NamedTuple):
     batch: int = 0
 
 
+START = Position()
+
+
 class PreparedShards(IterableDataset):
     """Batches (dicts) from a `pcm prepare` output folder; see the module docstring for the plan."""
 
     def __init__(self, folder: str | Path, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle_buffer: int = 1000, start: Position = Position()):
+                 shuffle_buffer: int = 1000, start: Position = START):
         self.folder = Path(folder)
         index_path = self.folder / "index.json"
         if not index_path.is_file():
@@ -150,7 +153,7 @@ def decode_batch(records: list[RawSample]) -> dict | None:
 
 
 def make_loader(folder: str | Path, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                num_workers: int = 0, start: Position = Position(), shuffle_buffer: int = 1000) -> DataLoader:
+                num_workers: int = 0, start: Position = START, shuffle_buffer: int = 1000) -> DataLoader:
     """An endless DataLoader of prepared batches (batching happens in the dataset: batch_size=None here)."""
     dataset = PreparedShards(folder, batch_size, seed, rank, world_size, shuffle_buffer, start)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from pcm.config import DataConfig
 from pcm.data.images import SkipSample, encode_image, load_rgb, open_image, resize_and_crop
-from pcm.data.shards import IMAGE_EXTENSIONS, KEY_PATTERN, RawSample, ShardWriter, iter_folder, iter_tar
+from pcm.data.shards import IMAGE_EXTENSIONS, KEY_PATTERN, RawSample, ShardWriter, encode_sample, iter_folder, iter_tar
 from pcm.data.urls import expand_inputs, local_path, open_url
 from pcm.train.rng import keyed_unit
 
@@ -38,8 +38,9 @@ class PrepareError(RuntimeError):
 class ShardResult:
     index: int
     url: str
-    part: str | None = None  # temporary tar with the kept samples
+    part: str = ""  # temporary file: the kept samples' tar members, back to back
     keys: list[str] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)  # bytes of each kept sample in the part file
     read: int = 0
     skipped: Counter = field(default_factory=Counter)
     converted: Counter = field(default_factory=Counter)
@@ -114,33 +115,32 @@ def _samples(url: str) -> Iterator[RawSample]:
 
 
 def process_shard(job: tuple[int, str, DataConfig, int, str]) -> ShardResult:
-    """Worker: one input shard -> one temporary part file of prepared samples, with counts."""
+    """Worker: one input shard -> a temporary part file of encoded samples (tar members), with counts."""
     index, url, cfg, seed, tmp_dir = job
-    result = ShardResult(index, url)
-    writer = ShardWriter(Path(tmp_dir), shard_size=2**62, prefix=f"part-{index:05d}")
+    result = ShardResult(index, url, part=str(Path(tmp_dir) / f"part-{index:05d}.bin"))
     seen: set[str] = set()
-    try:
-        for raw in _samples(url):
-            result.read += 1
-            try:
-                if raw.key in seen:
-                    raise SkipSample("duplicate_key")
-                files, converted = process_sample(raw, url, cfg, seed)
-            except SkipSample as skip:
-                result.skipped[skip.reason] += 1
-                if skip.reason == "truncated_shard":
-                    result.error = "truncated or corrupt tar: samples before the damage were kept"
-                continue
-            seen.add(raw.key)
-            writer.write(raw.key, files)
-            result.keys.append(raw.key)
-            if converted:
-                result.converted[converted] += 1
-    except (OSError, tarfile.TarError, EOFError) as err:
-        result.error = f"{type(err).__name__}: {err}"
-    finally:
-        writer.close()
-    result.part = str(Path(tmp_dir) / writer.names[0]) if writer.names else None
+    with open(result.part, "wb") as part:
+        try:
+            for raw in _samples(url):
+                result.read += 1
+                try:
+                    if raw.key in seen:
+                        raise SkipSample("duplicate_key")
+                    files, converted = process_sample(raw, url, cfg, seed)
+                except SkipSample as skip:
+                    result.skipped[skip.reason] += 1
+                    if skip.reason == "truncated_shard":
+                        result.error = "truncated or corrupt tar: samples before the damage were kept"
+                    continue
+                seen.add(raw.key)
+                blob = encode_sample(raw.key, files)
+                part.write(blob)
+                result.keys.append(raw.key)
+                result.sizes.append(len(blob))
+                if converted:
+                    result.converted[converted] += 1
+        except (OSError, tarfile.TarError, EOFError) as err:
+            result.error = f"{type(err).__name__}: {err}"
     return result
 
 
@@ -153,17 +153,17 @@ def _run(jobs: list, workers: int) -> Iterator[ShardResult]:
 
 
 def _merge_part(result: ShardResult, writer: ShardWriter, seen: set[str]) -> int:
-    """Copies a part's samples into the output, dropping keys seen in earlier shards; returns the drop count."""
-    if result.part is None:
-        return 0
+    """Copies a part's samples (byte blobs) into the output, dropping keys seen in earlier shards; returns the
+    number dropped."""
     duplicates = 0
-    with open(result.part, "rb") as stream:
-        for raw in iter_tar(stream):
-            if raw.key in seen:
+    with open(result.part, "rb") as part:
+        for key, size in zip(result.keys, result.sizes, strict=True):
+            blob = part.read(size)
+            if key in seen:
                 duplicates += 1
                 continue
-            seen.add(raw.key)
-            writer.write(raw.key, raw.files)
+            seen.add(key)
+            writer.write_encoded(blob)
     os.remove(result.part)
     return duplicates
 

@@ -4,7 +4,6 @@ A sample is the set of files sharing a key: 'dir/000123.jpg', 'dir/000123.txt', 
 'dir/000123' with extensions jpg, txt, json (the key ends at the first dot of the file name).
 """
 
-import io
 import re
 import tarfile
 from collections.abc import Iterator
@@ -72,16 +71,23 @@ def iter_folder(folder: Path) -> Iterator[RawSample]:
         yield current
 
 
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = size, 0, 0o644  # fixed metadata: byte-identical reruns
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
+BLOCK, RECORD = 512, 10240  # tar block and record sizes: archives end with two zero blocks, padded to a record
 
 
-def add_file(archive: tarfile.TarFile, name: str, data: bytes) -> None:
-    archive.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+def encode_sample(key: str, files: dict[str, bytes]) -> bytes:
+    """The tar members of one sample ('key.ext', sorted by extension) with fixed metadata: identical bytes on
+    every run. Writing members ourselves (not tarfile.addfile) lets prepare move whole samples as byte blobs."""
+    blob = bytearray()
+    for ext in sorted(files):
+        data = files[ext]
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        blob += info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+        blob += data
+        blob += bytes(-len(data) % BLOCK)
+    return bytes(blob)
 
 
 class ShardWriter:
@@ -89,21 +95,27 @@ class ShardWriter:
 
     def __init__(self, folder: Path, shard_size: int, prefix: str = "shard"):
         self.folder, self.shard_size, self.prefix = folder, shard_size, prefix
+        folder.mkdir(parents=True, exist_ok=True)
         self.counts: list[int] = []
-        self._archive: tarfile.TarFile | None = None
+        self._file: BinaryIO | None = None
+        self._size = 0
 
     def write(self, key: str, files: dict[str, bytes]) -> None:
         """One sample; files are written in sorted extension order."""
-        if self._archive is None or self.counts[-1] == self.shard_size:
+        self.write_encoded(encode_sample(key, files))
+
+    def write_encoded(self, blob: bytes) -> None:
+        """One sample already encoded by encode_sample."""
+        if self._file is None or self.counts[-1] == self.shard_size:
             self._open_next()
-        for ext in sorted(files):
-            add_file(self._archive, f"{key}.{ext}", files[ext])
+        self._file.write(blob)
+        self._size += len(blob)
         self.counts[-1] += 1
 
     def _open_next(self) -> None:
         self.close()
-        path = self.folder / f"{self.prefix}-{len(self.counts):05d}.tar"
-        self._archive = tarfile.open(path, "w", format=tarfile.GNU_FORMAT)
+        self._file = open(self.folder / f"{self.prefix}-{len(self.counts):05d}.tar", "wb")
+        self._size = 0
         self.counts.append(0)
 
     @property
@@ -111,6 +123,8 @@ class ShardWriter:
         return [f"{self.prefix}-{i:05d}.tar" for i in range(len(self.counts))]
 
     def close(self) -> None:
-        if self._archive is not None:
-            self._archive.close()
-            self._archive = None
+        if self._file is not None:
+            end = self._size + 2 * BLOCK
+            self._file.write(bytes(2 * BLOCK + (-end % RECORD)))
+            self._file.close()
+            self._file = None

@@ -93,37 +93,42 @@ def detect(image: Image.Image | np.ndarray) -> tuple[str, list[DetectedObject]]:
     """(background name, objects in grid reading order) read from an RGB image of any size.
 
     Background from the border; each pixel unmixed against the background (module docstring); connected components
-    (4-connected) of each colour's foreground above 0.6% of the image area are objects; kind from classify_kind on
-    the component grown by the pixels around it; position is the 3x3 cell of the soft centroid.
+    (4-connected) of each colour's foreground above 0.6% of the image area are objects, measured by _measure.
     """
     pixels = _as_array(image)
     height, width = pixels.shape[:2]
     background = detect_background(pixels)
     alpha, best = unmix(pixels, background)
-    best_alpha = np.take_along_axis(alpha, best[..., None], axis=-1)[..., 0]
-    foreground = best_alpha >= 0.5
+    foreground = np.take_along_axis(alpha, best[..., None], axis=-1)[..., 0] >= 0.5
     min_area = _MIN_AREA_FRACTION * height * width
-    # Fringe pixels a few pixels out still carry part of the shape; grow each component into them, but never into
-    # another object's foreground.
-    grow = max(1, round(min(height, width) / 32))
     objects = []
     for k, name in enumerate(_COLOUR_NAMES):
         labels, count = ndimage.label(foreground & (best == k))
-        for index, region in enumerate(ndimage.find_objects(labels), start=1):
+        for index in range(1, count + 1):
             component = labels == index
-            if component.sum() < min_area:
-                continue
-            grown = ndimage.binary_dilation(component, iterations=grow) & ~(foreground & ~component)
-            soft = np.where(grown, alpha[..., k], 0.0)
-            soft = np.clip((soft - _ALPHA_FLOOR) / (1 - _ALPHA_FLOOR), 0.0, 1.0)
-            ys, xs = np.nonzero(soft)
-            weights = soft[ys, xs]
-            cy, cx = (ys * weights).sum() / weights.sum(), (xs * weights).sum() / weights.sum()
-            row, col = min(2, int(3 * (cy + 0.5) / height)), min(2, int(3 * (cx + 0.5) / width))
-            window = soft[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
-            objects.append(DetectedObject(name, classify_kind(window), POSITIONS[3 * row + col], int(round(weights.sum()))))
+            if component.sum() >= min_area:
+                objects.append(_measure(name, component, foreground, alpha[..., k]))
     objects.sort(key=lambda obj: (POSITIONS.index(obj.position), obj.colour, obj.kind))
     return background, objects
+
+
+def _measure(colour: str, component: np.ndarray, foreground: np.ndarray, alpha: np.ndarray) -> DetectedObject:
+    """Kind, position and area of one component, from its colour's alpha (H, W) over the component and its fringe.
+
+    Fringe pixels just outside the thresholded component still carry part of the shape, so the component is grown
+    by about one pixel per 32 of image side, but never into another object's foreground.
+    """
+    height, width = component.shape
+    grow = max(1, round(min(height, width) / 32))
+    grown = ndimage.binary_dilation(component, iterations=grow) & ~(foreground & ~component)
+    soft = np.clip((np.where(grown, alpha, 0.0) - _ALPHA_FLOOR) / (1 - _ALPHA_FLOOR), 0.0, 1.0)
+    ys, xs = np.nonzero(soft)
+    weights = soft[ys, xs]
+    # Pixel i covers [i, i + 1), so its centre is i + 0.5.
+    cy, cx = (ys * weights).sum() / weights.sum() + 0.5, (xs * weights).sum() / weights.sum() + 0.5
+    row, col = min(2, int(3 * cy / height)), min(2, int(3 * cx / width))
+    kind = classify_kind(soft[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1])
+    return DetectedObject(colour, kind, POSITIONS[3 * row + col], int(round(weights.sum())))
 
 
 def score(image: Image.Image | np.ndarray, caption: str) -> dict[str, float]:

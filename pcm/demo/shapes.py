@@ -19,12 +19,12 @@ from PIL import Image, ImageDraw
 # Six hues spread around the colour wheel, saturated enough to stay apart after JPEG 4:2:0 chroma subsampling and
 # far from every background; orange is left out on purpose because it blurs into red and yellow.
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 160, 50),
+    "red": (200, 20, 25),
+    "green": (20, 130, 40),
     "blue": (40, 70, 220),
     "yellow": (240, 215, 30),
-    "purple": (150, 40, 190),
-    "cyan": (20, 200, 210),
+    "purple": (130, 30, 170),
+    "cyan": (60, 220, 230),
 }
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "gray": (128, 128, 128),
