@@ -4,7 +4,7 @@ Inputs: generated ~512x512 JPEGs (smooth colour fields plus texture, quality 90)
 The bare loop does decode + resize (Lanczos, shorter side to the resolution) + center crop + JPEG encode per
 image in one process, with no tar reading/writing, filtering or bookkeeping. All timed in one run.
 
-    python benchmarks/prepare_throughput.py [--images 480] [--resolution 256]
+    python benchmarks/prepare_throughput.py [--images 960] [--resolution 256]
 """
 
 import argparse
@@ -65,7 +65,7 @@ def run_prepare(folder: Path, out: Path, workers: int, resolution: int, shards: 
     return stats["samples_written"] / (time.perf_counter() - start)
 
 
-def loader_rate(folder: Path, workers: int, batches: int = 12, batch_size: int = 32) -> float:
+def loader_rate(folder: Path, workers: int, batches: int = 60, batch_size: int = 32) -> float:
     loader = iter(make_loader(folder, batch_size, seed=0, num_workers=workers, shuffle_buffer=200))
     next(loader)  # worker start-up is not throughput
     start = time.perf_counter()
@@ -75,7 +75,7 @@ def loader_rate(folder: Path, workers: int, batches: int = 12, batch_size: int =
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=480)
+    parser.add_argument("--images", type=int, default=960)
     parser.add_argument("--per-shard", type=int, default=60)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/prepare_throughput.json"))

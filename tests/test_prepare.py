@@ -87,6 +87,7 @@ def inputs(tmp_path_factory) -> dict:
     members += _sample("download_failed", RGB_JPG, meta={"status": "failed_to_download"})
     members += _sample("too_wide", _image_bytes("RGB", (400, 40)), "png")
     members += _sample("good_rgb", RGB_JPG)  # the same key again within the shard
+    members += _sample("../../escape/evil", RGB_JPG)  # a key that would write outside the output folder
     _write_tar(root / "mixed.tar", members)
     # three good samples, then the tar is cut inside the fourth sample's image
     truncated = []
@@ -127,7 +128,7 @@ def test_every_broken_input_is_skipped_and_counted_and_every_good_sample_written
     cfg = _cfg(inputs["urls"], tmp_path / "out")
     stats = prepare(cfg.data, cfg.seed, progress=False)
     assert stats["skipped"] == {
-        "aspect_ratio": 1, "caption_not_utf8": 1, "caption_too_long": 1, "duplicate_key": 2, "empty_image": 1,
+        "aspect_ratio": 1, "bad_key": 1, "caption_not_utf8": 1, "caption_too_long": 1, "duplicate_key": 2, "empty_image": 1,
         "json_condition": 1, "missing_caption": 1, "too_large": 1, "too_small": 1, "truncated_shard": 1,
         "unreadable_image": 1,
     }
@@ -135,7 +136,7 @@ def test_every_broken_input_is_skipped_and_counted_and_every_good_sample_written
     expected_keys = set(GOOD) | {"t0", "t1", "t2", "fresh", "f0", "f1"}
     written = _written(tmp_path / "out")
     assert set(written) == expected_keys
-    assert stats["samples_written"] == len(expected_keys) and stats["samples_read"] == 17 + 4 + 2 + 2
+    assert stats["samples_written"] == len(expected_keys) and stats["samples_read"] == 18 + 4 + 2 + 2
     assert stats["shards_written"] == 4  # 13 samples in shards of 4
     failed = {Path(f["url"].removeprefix("file://")).name: f["error"] for f in stats["shards_failed"]}
     assert set(failed) == {"truncated.tar", "missing-shard.tar"}

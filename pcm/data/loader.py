@@ -143,7 +143,7 @@ def decode_batch(records: list[RawSample]) -> dict | None:
     if not pixels:
         return None
     return {
-        "pixels": torch.stack(pixels).float() / 127.5 - 1.0,  # (B, 3, H, W) in [-1, 1]
+        "pixels": torch.stack(pixels),  # (B, 3, H, W) uint8: 4x less to move between processes than float
         "caption": captions,
         "original_size": torch.tensor(sizes, dtype=torch.int64),  # (B, 2) height, width
         "crop_top_left": torch.tensor(crops, dtype=torch.int64),  # (B, 2) top, left
@@ -152,8 +152,22 @@ def decode_batch(records: list[RawSample]) -> dict | None:
     }
 
 
+class Loader:
+    """Endless iterable of training batches: a DataLoader over PreparedShards (batching happens in the dataset,
+    so batch_size=None there) whose uint8 pixels become float in [-1, 1] in the consuming process."""
+
+    def __init__(self, dataset: PreparedShards, num_workers: int = 0):
+        self.dataset = dataset
+        self.loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                 persistent_workers=num_workers > 0)
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.loader:
+            yield {**batch, "pixels": batch["pixels"].float() / 127.5 - 1.0}
+
+
 def make_loader(folder: str | Path, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                num_workers: int = 0, start: Position = START, shuffle_buffer: int = 1000) -> DataLoader:
-    """An endless DataLoader of prepared batches (batching happens in the dataset: batch_size=None here)."""
-    dataset = PreparedShards(folder, batch_size, seed, rank, world_size, shuffle_buffer, start)
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
+                num_workers: int = 0, start: Position = START, shuffle_buffer: int = 1000) -> Loader:
+    """Batches of dicts: pixels (B, 3, H, W) float in [-1, 1], caption, original_size, crop_top_left, key,
+    skipped (corrupt samples dropped from this batch) and position (resume with dataset.next_position)."""
+    return Loader(PreparedShards(folder, batch_size, seed, rank, world_size, shuffle_buffer, start), num_workers)
