@@ -165,6 +165,46 @@ class DemoConfig:
 
 
 @dataclass(frozen=True)
+class TeacherConfig:
+    """The teacher to distill: a diffusers pipeline directory or hub id (DESIGN.md §3 conditioning per family)."""
+
+    family: Literal["sd15", "sdxl"] = "sd15"  # how prompts are encoded and the UNet is called
+    model: str = "models/demo-teacher"  # local diffusers pipeline directory, or a hub id
+    revision: str = ""  # hub revision (branch, tag or commit); empty = default
+    variant: str = ""  # weight variant, e.g. fp16; empty = the default files
+    vae: str = ""  # optional separate VAE directory or hub id (e.g. the fp16-fix SDXL VAE); empty = the pipeline's
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # dtype of the frozen weights
+
+
+@dataclass(frozen=True)
+class DemoTeacherConfig:
+    """Training of the tiny demo teacher on the prepared shapes shards (`pcm demo-teacher`, DESIGN.md §6)."""
+
+    family: Literal["sd15", "sdxl"] = "sd15"  # SD1.5-shaped (the demo) or SDXL-shaped (exercises the SDXL family)
+    output_dir: str = "models/demo-teacher"  # the saved diffusers pipeline (save_pretrained, safetensors)
+    vae_channels: tuple[int, ...] = (16, 32, 64)  # VAE widths; downsampling factor 2 ** (len - 1)
+    unet_channels: tuple[int, ...] = (64, 128)  # UNet widths; cross-attention in all but the deepest block
+    text_hidden: int = 64  # text encoder width
+    text_layers: int = 2  # text encoder depth
+    vae_steps: int = 600  # VAE optimizer steps
+    vae_batch_size: int = 32
+    unet_steps: int = 1000  # UNet + text encoder optimizer steps
+    unet_batch_size: int = 64
+    learning_rate: float = 2e-3  # AdamW, both phases
+    ema_decay: float = 0.995  # EMA of the UNet and text encoder weights that are saved
+    caption_dropout: float = 0.1  # fraction of captions replaced by "" so CFG works
+    eval_prompts: int = 200  # captions scored by the oracle after training (50-step DDIM with CFG)
+    eval_guidance_scale: float = 4.0
+
+    def __post_init__(self):
+        _require(all(c % 8 == 0 for c in self.vae_channels + self.unet_channels),
+                 "demo_teacher.vae_channels and unet_channels must be multiples of 8 (GroupNorm with 8 groups)")
+        _require(self.vae_steps >= 1 and self.unet_steps >= 1, "demo_teacher.vae_steps and unet_steps must be >= 1")
+        _require(0 <= self.caption_dropout < 1, f"demo_teacher.caption_dropout={self.caption_dropout}: in [0, 1)")
+        _require(0 <= self.ema_decay < 1, f"demo_teacher.ema_decay={self.ema_decay}: must be in [0, 1)")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole params.yaml."""
 
@@ -175,6 +215,8 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    demo_teacher: DemoTeacherConfig = field(default_factory=DemoTeacherConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
     def __post_init__(self):
         T, N = self.schedule.num_train_timesteps, self.distill.num_solver_steps

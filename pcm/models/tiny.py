@@ -1,0 +1,124 @@
+"""Tiny SD1.5- and SDXL-shaped pipelines built from configs (no downloads): for tests and the demo teacher.
+
+They use the real block types (cross-attention down/up blocks, SDXL's text_time added conditioning, two CLIP
+encoders with a projection) at toy widths, and an offline CLIP tokenizer built from a caption corpus, so
+`save_pretrained` followed by our loaders exercises exactly the code that loads SD1.5 / SDXL.
+"""
+
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# CLIP's pre-tokenizer splits letters, single digits and punctuation runs; we mirror it for ASCII text.
+_WORD = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]+")
+
+
+def build_tokenizer(corpus: Iterable[str], model_max_length: int = 77) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer whose vocabulary is the corpus's characters plus left-to-right merges of its words.
+
+    Every word of the corpus becomes reachable by merges (most become one token); any other text made of the
+    corpus's characters still tokenizes (into smaller pieces); unseen characters map to the unknown token.
+    """
+    words = Counter(w for text in corpus for w in _WORD.findall(text.lower()))
+    chars = sorted({c for w in words for c in w})
+    vocab = {BOS: 0, EOS: 1}
+    for token in chars + [c + "</w>" for c in chars]:
+        vocab.setdefault(token, len(vocab))
+    merges = []
+    for word, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        prefix = pieces[0]
+        for piece in pieces[1:]:
+            merged = prefix + piece
+            if merged not in vocab:
+                vocab[merged] = len(vocab)
+                merges.append((prefix, piece))
+            prefix = merged
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+@dataclass(frozen=True)
+class TinySizes:
+    """Widths of a tiny pipeline; the defaults are test-sized (a forward pass in milliseconds)."""
+
+    unet_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    cross_attention_dim: int = 32  # SD1.5: text hidden size; SDXL: both encoders' hidden sizes summed
+    text_hidden: int = 32
+    text_layers: int = 2
+    vae_channels: tuple[int, ...] = (8, 16)  # downsampling factor 2 ** (len - 1)
+    norm_groups: int = 8
+    sample_size: int = 8  # latent side the UNet is configured for (informational for diffusers)
+
+
+def _text_config(tokenizer: CLIPTokenizer, sizes: TinySizes, hidden: int) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, projection_dim=hidden,
+        num_hidden_layers=sizes.text_layers, num_attention_heads=max(1, hidden // 16),
+        max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, hidden_act="gelu",
+    )
+
+
+def tiny_vae(sizes: TinySizes) -> AutoencoderKL:
+    n = len(sizes.vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=sizes.vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        layers_per_block=1, norm_num_groups=sizes.norm_groups, sample_size=sizes.sample_size * 2 ** (n - 1),
+    )
+
+
+def _unet_blocks(n: int) -> dict:
+    """Cross-attention in every block but the deepest (SD's layout, shortened)."""
+    down = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
+    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
+    return {"down_block_types": down, "up_block_types": up}
+
+
+def tiny_sd15_components(tokenizer: CLIPTokenizer, sizes: TinySizes = TinySizes(),
+                         prediction_type: str = "epsilon") -> dict:
+    """Components of a StableDiffusionPipeline (safety checker and feature extractor omitted)."""
+    unet = UNet2DConditionModel(
+        sample_size=sizes.sample_size, in_channels=4, out_channels=4, block_out_channels=sizes.unet_channels,
+        layers_per_block=sizes.layers_per_block, cross_attention_dim=sizes.text_hidden,
+        attention_head_dim=sizes.attention_head_dim, norm_num_groups=sizes.norm_groups,
+        **_unet_blocks(len(sizes.unet_channels)),
+    )
+    return {
+        "unet": unet, "vae": tiny_vae(sizes), "tokenizer": tokenizer,
+        "text_encoder": CLIPTextModel(_text_config(tokenizer, sizes, sizes.text_hidden)), "scheduler": sd_scheduler(prediction_type),
+        "safety_checker": None, "feature_extractor": None, "image_encoder": None,
+    }
+
+
+def tiny_sdxl_components(tokenizer: CLIPTokenizer, sizes: TinySizes = TinySizes(),
+                         prediction_type: str = "epsilon") -> dict:
+    """Components of a StableDiffusionXLPipeline: two encoders (the second with a projection), text_time UNet."""
+    hidden_1, hidden_2 = sizes.text_hidden, sizes.text_hidden * 2
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=sizes.sample_size, in_channels=4, out_channels=4, block_out_channels=sizes.unet_channels,
+        layers_per_block=sizes.layers_per_block, cross_attention_dim=hidden_1 + hidden_2,
+        attention_head_dim=sizes.attention_head_dim, norm_num_groups=sizes.norm_groups, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=hidden_2 + 6 * time_dim, **_unet_blocks(len(sizes.unet_channels)),
+    )
+    return {
+        "unet": unet, "vae": tiny_vae(sizes), "scheduler": sd_scheduler(prediction_type),
+        "text_encoder": CLIPTextModel(_text_config(tokenizer, sizes, hidden_1)), "tokenizer": tokenizer,
+        "text_encoder_2": CLIPTextModelWithProjection(_text_config(tokenizer, sizes, hidden_2)),
+        "tokenizer_2": tokenizer, "image_encoder": None, "feature_extractor": None,
+    }
+
+
+def sd_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    """SD's training schedule (scaled_linear 0.00085..0.012, T = 1000) as a DDIM scheduler config."""
+    return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
