@@ -1,0 +1,154 @@
+"""Teacher families: load a diffusers SD1.5 / SDXL pipeline's parts, encode prompts, wrap the UNet as eps_fn.
+
+Conditioning (DESIGN.md §3):
+  sd15  encoder_hidden_states = CLIP last hidden state; uncond = the encoded empty prompt
+  sdxl  encoder_hidden_states = both encoders' penultimate hidden states, concatenated; text_embeds = encoder 2's
+        pooled (projected) output; time_ids = (orig h, orig w, crop top, crop left, target h, target w);
+        uncond = zeros (force_zeros_for_empty_prompt)
+A condition is a dict of batch-first tensors, so the training step can batch [cond; uncond] in one forward.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from pcm.math import abar_at, schedule_from_scheduler_config, to_eps
+
+FAMILIES = ("sd15", "sdxl")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelLoadError(OSError):
+    """A teacher that cannot be loaded; the message names the config key."""
+
+
+
+def check_model_reference(model: str, key: str = "teacher.model") -> None:
+    """Fails early for a local path that does not exist (a hub id is checked when it loads)."""
+    if not model:
+        raise ModelLoadError(f"{key} is empty: give a local diffusers pipeline directory or a hub id")
+    first = Path(model).parts[0] if Path(model).parts else ""
+    if (model.startswith(("/", "./", "../", "~")) or (first and Path(first).is_dir())) and not Path(model).exists():
+        raise ModelLoadError(f"{key}={model}: no such directory (for the demo, run `pcm demo-teacher` first)")
+
+
+@dataclass
+class Teacher:
+    """The frozen parts of a teacher pipeline and the family's conditioning rules."""
+
+    family: str
+    unet: UNet2DConditionModel
+    scheduler_config: dict
+    vae: AutoencoderKL | None = None
+    tokenizers: list[CLIPTokenizer] = field(default_factory=list)
+    text_encoders: list[torch.nn.Module] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown teacher.family {self.family!r}; allowed: {', '.join(FAMILIES)}")
+        self.abar, self.prediction_type = schedule_from_scheduler_config(dict(self.scheduler_config))
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def eps_fn(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        """eps_hat of the UNet in its current adapter state (v-prediction converted), in x_t's dtype."""
+        added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
+        dtype = self.unet.dtype
+        out = self.unet(x_t.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+                        added_cond_kwargs={k: v.to(dtype) for k, v in added.items()} or None).sample
+        return to_eps(out.to(x_t.dtype), x_t, abar_at(self.abar, t, x_t), self.prediction_type)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], original_size: torch.Tensor | None = None,
+                       crop_top_left: torch.Tensor | None = None, target_size: int | None = None) -> dict:
+        """The family's condition for a batch of prompts (sizes are SDXL's micro-conditioning, (B, 2) each)."""
+        if self.family == "sd15":
+            return {"encoder_hidden_states": self._hidden(0, prompts, penultimate=False)[0]}
+        states, pooled = zip(*(self._hidden(i, prompts, penultimate=True) for i in range(2)), strict=True)
+        batch = len(prompts)
+        side = target_size or self.unet.config.sample_size * self.vae_factor
+        size = original_size if original_size is not None else torch.full((batch, 2), side)
+        crop = crop_top_left if crop_top_left is not None else torch.zeros(batch, 2, dtype=torch.int64)
+        time_ids = torch.cat([size, crop, torch.full((batch, 2), side)], dim=1).to(self.device, torch.float32)
+        return {"encoder_hidden_states": torch.cat(states, dim=-1), "text_embeds": pooled[1], "time_ids": time_ids}
+
+    def _hidden(self, i: int, prompts: list[str], penultimate: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tokenizer, encoder = self.tokenizers[i], self.text_encoders[i]
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(self.device)
+        out = encoder(ids, output_hidden_states=True)
+        hidden = out.hidden_states[-2] if penultimate else out.last_hidden_state
+        pooled = out.text_embeds if isinstance(encoder, CLIPTextModelWithProjection) else None
+        return hidden.float(), (pooled.float() if pooled is not None else None)
+
+    def uncond(self, batch_size: int, like: dict | None = None) -> dict:
+        """The empty condition: sd15 encodes "", sdxl uses zeros (time ids kept from `like` when given)."""
+        if self.family == "sd15":
+            empty = self.encode_prompts([""])
+            return {k: v.expand(batch_size, *v.shape[1:]) for k, v in empty.items()}
+        if like is None:
+            like = self.encode_prompts([""] * batch_size)
+        return {"encoder_hidden_states": torch.zeros_like(like["encoder_hidden_states"]),
+                "text_embeds": torch.zeros_like(like["text_embeds"]), "time_ids": like["time_ids"]}
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, H, W) -> latents x_0 = sample of the VAE posterior x scaling factor."""
+        dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+        return dist.sample(generator).float() * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1] (B, 3, H, W), float32."""
+        images = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def _kwargs(cfg, dtype: torch.dtype) -> dict:
+    kwargs = {"torch_dtype": dtype}
+    if cfg.revision:
+        kwargs["revision"] = cfg.revision
+    if cfg.variant:
+        kwargs["variant"] = cfg.variant
+    return kwargs
+
+
+def load_teacher(cfg, device: str | torch.device = "cpu", with_vae: bool = True, with_text: bool = True) -> Teacher:
+    """A Teacher from cfg (pcm.config.TeacherConfig): a local diffusers directory or a hub id, with the real
+    from_pretrained code (revision, variant, dtype, an optional separate VAE)."""
+    check_model_reference(cfg.model)
+    dtype = DTYPES[cfg.dtype]
+    kwargs = _kwargs(cfg, dtype)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", **kwargs)
+        scheduler_config = dict(DDIMScheduler.load_config(cfg.model, subfolder="scheduler",
+                                                          **{k: v for k, v in kwargs.items() if k == "revision"}))
+        vae = None
+        if with_vae:
+            vae = (AutoencoderKL.from_pretrained(cfg.vae, torch_dtype=dtype) if cfg.vae
+                   else AutoencoderKL.from_pretrained(cfg.model, subfolder="vae", **kwargs))
+        tokenizers, encoders = [], []
+        if with_text:
+            names = [("tokenizer", "text_encoder", CLIPTextModel)]
+            if cfg.family == "sdxl":
+                names.append(("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection))
+            for tok_dir, enc_dir, cls in names:
+                tokenizers.append(CLIPTokenizer.from_pretrained(cfg.model, subfolder=tok_dir,
+                                                                **{k: v for k, v in kwargs.items() if k == "revision"}))
+                encoders.append(cls.from_pretrained(cfg.model, subfolder=enc_dir, **kwargs))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"teacher.model={cfg.model}: cannot load a {cfg.family} pipeline from it ({err})") from err
+    teacher = Teacher(cfg.family, unet, scheduler_config, vae, tokenizers, encoders)
+    for module in [unet, vae, *encoders]:
+        if module is not None:
+            module.requires_grad_(False).eval().to(device)
+    return teacher

@@ -1,0 +1,99 @@
+"""LoRA on the teacher's UNet (peft through diffusers): attach, toggle, export with metadata, load back.
+
+One UNet serves as student (adapters on) and as teacher / discriminator backbone (adapters off), so no second
+copy of the weights is held. Only the LoRA parameters require gradients.
+"""
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+from peft import LoraConfig, get_peft_model_state_dict
+from peft.utils import set_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+# The SDXL reference's target modules (DESIGN.md §3).
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                   "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_FILE = "pcm_lora_kohya.safetensors"
+CONFIG_FILE = "pcm_config.json"
+
+
+def attach_lora(unet: torch.nn.Module, rank: int, alpha: float, target_modules: tuple[str, ...]) -> list:
+    """Adds a LoRA adapter (B = 0 at init: the student starts as the teacher); returns its parameters (fp32)."""
+    unet.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights="gaussian")
+    unet.add_adapter(config)
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    if not params:
+        raise ValueError(f"lora.target_modules={list(target_modules)} matched no module of the UNet")
+    for p in params:
+        p.data = p.data.float()  # LoRA weights stay fp32 under mixed precision
+        p.requires_grad_(True)
+    return params
+
+
+@contextmanager
+def adapters_off(unet: torch.nn.Module) -> Iterator[None]:
+    """Within the block the UNet is the frozen teacher; adapters are re-enabled afterwards, even on error."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights in peft naming (for checkpoints)."""
+    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def load_lora_state_dict(unet: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    result = set_peft_model_state_dict(unet, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"checkpoint has LoRA keys this UNet lacks, e.g. {unexpected[:3]}")
+
+
+def export_lora(unet: torch.nn.Module, family: str, out_dir: str | Path, metadata: dict) -> dict[str, Path]:
+    """Writes pytorch_lora_weights.safetensors (diffusers, adapter metadata), a kohya file and pcm_config.json.
+
+    metadata (phase edges, N, M, guidance variant, recommended sampler settings) is stored in both safetensors
+    headers as a JSON string under 'pcm' and, readable, in pcm_config.json.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    peft_state = get_peft_model_state_dict(unet)
+    adapter_config = unet.peft_config["default"].to_dict()
+    pipeline_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    pipeline_cls.save_lora_weights(out, unet_lora_layers=peft_state,
+                                   unet_lora_adapter_metadata=adapter_config, safe_serialization=True)
+    diffusers_path = out / DIFFUSERS_FILE
+    _add_metadata(diffusers_path, {"pcm": json.dumps(metadata, sort_keys=True)})
+    kohya_path = out / KOHYA_FILE
+    kohya = {k: v.detach().float().cpu().contiguous() for k, v in convert_state_dict_to_kohya(
+        convert_state_dict_to_diffusers(peft_state)).items()}
+    save_file(kohya, kohya_path, metadata={"pcm": json.dumps(metadata, sort_keys=True), "ss_network_module":
+                                           "networks.lora", "ss_network_dim": str(adapter_config["r"]),
+                                           "ss_network_alpha": str(adapter_config["lora_alpha"])})
+    (out / CONFIG_FILE).write_text(json.dumps({**metadata, "lora_rank": adapter_config["r"],
+                                               "lora_alpha": adapter_config["lora_alpha"]}, indent=2) + "\n")
+    return {"diffusers": diffusers_path, "kohya": kohya_path, "config": out / CONFIG_FILE}
+
+
+def _add_metadata(path: Path, extra: dict[str, str]) -> None:
+    with safe_open(path, framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+    save_file(load_file(path), path, metadata={**metadata, **extra})
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The 'pcm' metadata of an exported LoRA file."""
+    with safe_open(path, framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("pcm", "{}"))
