@@ -29,7 +29,8 @@ def _stage(name: str):
     def run(args) -> int:
         from pcm import stages  # heavy imports (torch, PIL) only for the commands that need them
 
-        result = getattr(stages, name)(load_config(args.params, args.overrides))
+        kwargs = {"resume": args.resume} if getattr(args, "resume", None) else {}
+        result = getattr(stages, name)(load_config(args.params, args.overrides), **kwargs)
         summary = {k: v for k, v in result.items() if not isinstance(v, list) or len(v) <= 8}
         print(json.dumps(summary, indent=2))
         return 0
@@ -40,6 +41,8 @@ def _stage(name: str):
 STAGES = {  # command -> (stages function, help)
     "demo-data": ("demo_data", "write the shapes demo world as input shards (demo.*)"),
     "prepare": ("prepare", "input shards -> filtered, resized, cropped prepared shards + stats.json (data.*)"),
+    "demo-teacher": ("demo_teacher", "train the tiny demo teacher on the prepared shapes (demo_teacher.*)"),
+    "distill": ("distill", "distill the teacher into a PCM/LCM LoRA (teacher.*, lora.*, distill.*, train.*)"),
 }
 
 
@@ -57,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     for command, (function, help_text) in STAGES.items():
         stage = commands.add_parser(command, help=help_text)
         _add_params(stage)
+        if command == "distill":
+            stage.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint "
+                               "under train.output_dir/checkpoints (latest) or from a checkpoint folder")
         stage.set_defaults(func=_stage(function))
     return parser
 
@@ -69,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"pcm: config error: {err}", file=sys.stderr)
         return 2
-    except (ValueError, RuntimeError, OSError) as err:  # UrlError, PrepareError, missing files: say why, no trace
+    except (ValueError, RuntimeError, OSError) as err:  # bad input, missing files, preemption: why, no trace
         print(f"pcm {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
-
+        # Preempted (SIGTERM): the checkpoint is saved; 143 (128 + SIGTERM) lets an orchestrator's retry resume
+        return 143 if type(err).__name__ == "Preempted" else 1
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -84,12 +84,33 @@ class TrainConfig:
     max_steps: int = 2000  # optimizer steps
     lr_schedule: Literal["constant", "cosine"] = "constant"  # after warmup: constant, or cosine decay to 0
     lr_warmup_steps: int = 0  # linear warmup from 0 over this many steps
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step on each process
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast of the UNet passes; LoRA weights stay fp32
+    gradient_checkpointing: bool = False  # recompute UNet activations in backward (memory for compute)
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit needs bitsandbytes (CUDA)
+    max_grad_norm: float = 1.0  # gradient clipping (0 disables)
+    output_dir: str = "models/pcm"  # checkpoints/, lora/, samples/ and metrics.jsonl of `pcm distill`
+    checkpoint_every: int = 100  # steps between checkpoints (also written at the end and on SIGTERM)
+    keep_checkpoints: int = 3  # newest checkpoints kept
+    validate_every: int = 100  # steps between validation grids (0 disables)
+    log_every: int = 10  # steps between metric records
+    num_workers: int = 0  # DataLoader worker processes per training process
+    shuffle_buffer: int = 1000  # samples mixed by the loader's shuffle buffer
+    data_split: Literal["shards", "samples"] = "shards"  # ranks read disjoint shards, or slices of each global
+    #   batch (every rank reads all data; results then do not depend on the number of processes)
 
     def __post_init__(self):
         _require(self.batch_size >= 1, f"train.batch_size={self.batch_size}: must be >= 1")
         _require(self.learning_rate > 0, f"train.learning_rate={self.learning_rate}: must be > 0")
         _require(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay}: must be >= 0")
         _require(self.max_steps >= 1, f"train.max_steps={self.max_steps}: must be >= 1")
+        _require(self.gradient_accumulation_steps >= 1,
+                 f"train.gradient_accumulation_steps={self.gradient_accumulation_steps}: must be >= 1")
+        _require(self.max_grad_norm >= 0, f"train.max_grad_norm={self.max_grad_norm}: must be >= 0")
+        _require(self.checkpoint_every >= 1 and self.keep_checkpoints >= 1,
+                 "train.checkpoint_every and train.keep_checkpoints must be >= 1")
+        _require(self.validate_every >= 0 and self.log_every >= 1,
+                 "train.validate_every must be >= 0 and train.log_every >= 1")
         _require(0 <= self.lr_warmup_steps < self.max_steps,
                  f"train.lr_warmup_steps={self.lr_warmup_steps}: must be in [0, train.max_steps={self.max_steps})")
 
@@ -164,6 +185,36 @@ class DemoConfig:
         _require(self.shard_size >= 1, f"demo.shard_size={self.shard_size}: must be >= 1")
 
 
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """The student: a LoRA on the teacher UNet (DESIGN.md §3: SDXL reference targets, explicit alpha)."""
+
+    rank: int = 64  # LoRA rank r
+    alpha: float = 64.0  # lora_alpha: the update is scaled by alpha / r (explicit; PEFT's default is 8)
+    target_modules: tuple[str, ...] = LORA_TARGETS  # module name suffixes that get adapters
+
+    def __post_init__(self):
+        _require(self.rank >= 1, f"lora.rank={self.rank}: must be >= 1")
+        _require(self.alpha > 0, f"lora.alpha={self.alpha}: must be > 0")
+        _require(len(self.target_modules) > 0, "lora.target_modules must list at least one module name")
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """Validation grids written during `pcm distill` (fixed prompts and seeds, the trained number of steps)."""
+
+    prompts: tuple[str, ...] = ("a red circle in the center on a gray background",
+                                "a blue square at the top left and a yellow triangle at the bottom right on a "
+                                "white background",
+                                "a green triangle on the left on a black background")
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
+    guidance_scale: float = 1.0  # inference CFG of the grids (small_cfg students: 1; normal_cfg: 2-9)
+
+
 @dataclass(frozen=True)
 class TeacherConfig:
     """The teacher to distill: a diffusers pipeline directory or hub id (DESIGN.md §3 conditioning per family)."""
@@ -193,13 +244,19 @@ class DemoTeacherConfig:
     learning_rate: float = 2e-3  # AdamW, both phases
     ema_decay: float = 0.995  # EMA of the UNet and text encoder weights that are saved
     caption_dropout: float = 0.1  # fraction of captions replaced by "" so CFG works
-    eval_prompts: int = 200  # captions scored by the oracle after training (50-step DDIM with CFG)
-    eval_guidance_scale: float = 4.0
+    holdout: int = 200  # prepared images kept out of training: VAE PSNR, and their captions are the eval prompts
+    eval_prompts: int = 200  # held-out captions scored by the oracle after training (DDIM with CFG), <= holdout
+    eval_steps: int = 50  # DDIM steps of the evaluation sampler
+    eval_guidance_scale: float = 4.0  # CFG scale of the evaluation sampler
 
     def __post_init__(self):
         _require(all(c % 8 == 0 for c in self.vae_channels + self.unet_channels),
                  "demo_teacher.vae_channels and unet_channels must be multiples of 8 (GroupNorm with 8 groups)")
         _require(self.vae_steps >= 1 and self.unet_steps >= 1, "demo_teacher.vae_steps and unet_steps must be >= 1")
+        _require(1 <= self.eval_prompts <= self.holdout,
+                 f"demo_teacher.eval_prompts={self.eval_prompts}: must be in [1, demo_teacher.holdout={self.holdout}] "
+                 "(the prompts are held-out captions)")
+        _require(self.eval_steps >= 1, f"demo_teacher.eval_steps={self.eval_steps}: must be >= 1")
         _require(0 <= self.caption_dropout < 1, f"demo_teacher.caption_dropout={self.caption_dropout}: in [0, 1)")
         _require(0 <= self.ema_decay < 1, f"demo_teacher.ema_decay={self.ema_decay}: must be in [0, 1)")
 
@@ -217,11 +274,17 @@ class Config:
     demo: DemoConfig = field(default_factory=DemoConfig)
     demo_teacher: DemoTeacherConfig = field(default_factory=DemoTeacherConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def __post_init__(self):
         T, N = self.schedule.num_train_timesteps, self.distill.num_solver_steps
         _require(T % N == 0, f"distill.num_solver_steps={N} must divide schedule.num_train_timesteps={T}; "
                              f"choose one of {_divisors(T)}")
+        accumulation = self.train.gradient_accumulation_steps
+        _require(self.train.batch_size % accumulation == 0,
+                 f"train.batch_size={self.train.batch_size} must be a multiple of train.gradient_accumulation_steps="
+                 f"{accumulation} (the global batch is split into micro-batches)")
 
 
 def _divisors(n: int) -> str:

@@ -10,6 +10,20 @@ def demo_data(cfg: Config, progress: bool = True) -> dict:
     return write_shapes_shards(cfg.demo, cfg.seed, progress)
 
 
+def demo_teacher(cfg: Config, progress: bool = True) -> dict:
+    """Trains the tiny demo teacher on the prepared shapes shards; saves a diffusers pipeline + metrics.json."""
+    from pcm.demo.teacher import train_demo_teacher
+
+    return train_demo_teacher(cfg, progress)
+
+
+def distill(cfg: Config, resume: str | None = None, progress: bool = True) -> dict:
+    """The teacher (cfg.teacher) distilled into a PCM / LCM LoRA under cfg.train.output_dir."""
+    from pcm.train.distill import distill as run_distill
+
+    return run_distill(cfg, resume=resume, progress=progress)
+
+
 def prepare(cfg: Config, progress: bool = True) -> dict:
     """Input shards (cfg.data.inputs) -> prepared shards, index.json and stats.json in cfg.data.output_dir."""
     return prepare_shards(cfg.data, cfg.seed, progress)

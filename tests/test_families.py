@@ -4,10 +4,10 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from pcm.config import TeacherConfig
+from pcm.config import LORA_TARGETS, TeacherConfig
 from pcm.math import alphas_cumprod, eps_from_v
 from pcm.models.families import ModelLoadError, load_teacher
-from pcm.models.lora import DEFAULT_TARGETS, adapters_off, attach_lora, export_lora, read_metadata
+from pcm.models.lora import adapters_off, attach_lora, export_lora, read_metadata
 from pcm.models.tiny import build_tokenizer, tiny_sd15_components, tiny_sdxl_components
 
 CAPTIONS = ["a red circle at the top left on a gray background", "a blue square in the center on a white background"]
@@ -85,7 +85,7 @@ def test_lora_trains_only_adapters_toggles_exactly_and_round_trips_through_load_
     teacher = load_teacher(TeacherConfig(family=family, model=str(path)))
     x, t, cond = _inputs(teacher)
     base = teacher.eps_fn(x, t, cond)
-    params = attach_lora(teacher.unet, rank=4, alpha=8, target_modules=DEFAULT_TARGETS)
+    params = attach_lora(teacher.unet, rank=4, alpha=8, target_modules=LORA_TARGETS)
     trainable = [n for n, p in teacher.unet.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable) and len(trainable) == len(params)
     torch.testing.assert_close(teacher.eps_fn(x, t, cond), base)  # B = 0 at init: student == teacher

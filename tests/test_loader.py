@@ -111,3 +111,10 @@ def test_clear_errors(prepared, tmp_path):
         PreparedShards(prepared, 4, 0, rank=0, world_size=9)
     with pytest.raises(ValueError, match="fewer than batch_size"):
         PreparedShards(prepared, 100, 0)
+
+
+def test_sample_split_gives_every_world_size_the_same_global_batches(prepared):
+    single = _take(make_loader(prepared, 6, seed=4, shuffle_buffer=12, split="samples"), 10)
+    ranks = [_take(make_loader(prepared, 3, 4, rank, 2, shuffle_buffer=12, split="samples"), 10) for rank in (0, 1)]
+    for j in range(10):
+        assert single[j]["key"] == ranks[0][j]["key"] + ranks[1][j]["key"]

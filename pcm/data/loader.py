@@ -1,9 +1,11 @@
 """Training batches from prepared shards: shuffled, endless, split over ranks and workers, resumable.
 
 Plan of an epoch e (the same on every rank and worker, from (seed, e) alone):
-  1. the shards are permuted; rank r reads shards r, r + W, r + 2W, ... of that order (disjoint per rank)
-  2. every rank keeps the same number of samples: the smallest rank total, so DDP steps stay in lockstep
-  3. a seeded shuffle buffer mixes each rank's record stream; records are cut into batches
+  1. the shards are permuted; with split="shards" rank r reads shards r, r + W, r + 2W, ... of that order
+     (disjoint per rank) and every rank keeps the smallest rank total, so DDP steps stay in lockstep; with
+     split="samples" every rank reads all shards and takes its slice of each global batch (the same samples
+     whatever the number of ranks, at W times the reading)
+  3. a seeded shuffle buffer mixes the record stream; records are cut into batches
   4. batch j goes to DataLoader worker j mod num_workers: the main process receives batches 0, 1, 2, ...
      exactly as a single process would (torch's in-order round robin), whatever the worker count
 A position (epoch, batch) names the next batch; a resumed loader replays the record stream up to it (reading,
@@ -41,7 +43,7 @@ class PreparedShards(IterableDataset):
     """Batches (dicts) from a `pcm prepare` output folder; see the module docstring for the plan."""
 
     def __init__(self, folder: str | Path, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle_buffer: int = 1000, start: Position = START):
+                 shuffle_buffer: int = 1000, start: Position = START, split: str = "shards"):
         self.folder = Path(folder)
         index_path = self.folder / "index.json"
         if not index_path.is_file():
@@ -54,6 +56,9 @@ class PreparedShards(IterableDataset):
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.shuffle_buffer, self.start = shuffle_buffer, start
+        if split not in ("shards", "samples"):
+            raise ValueError(f"unknown split {split!r}; allowed: shards, samples")
+        self.split = split
         if self.batches_per_epoch(0) == 0:
             raise ValueError(f"each rank gets fewer than batch_size={batch_size} samples per epoch; "
                              "use a smaller batch or more data")
@@ -62,6 +67,8 @@ class PreparedShards(IterableDataset):
         """(this rank's shards in read order, the samples every rank keeps) for an epoch."""
         order = list(self.shards)
         random.Random(f"{self.seed}/shards/{epoch}").shuffle(order)
+        if self.split == "samples":
+            return order, sum(s["samples"] for s in order) // self.world_size
         per_rank = [order[r::self.world_size] for r in range(self.world_size)]
         keep = min(sum(s["samples"] for s in shards) for shards in per_rank)
         return per_rank[self.rank], keep
@@ -77,7 +84,10 @@ class PreparedShards(IterableDataset):
 
     def _records(self, epoch: int) -> Iterator[RawSample]:
         shards, keep = self._plan(epoch)
-        rng = random.Random(f"{self.seed}/buffer/{epoch}/{self.rank}")
+        if self.split == "samples":
+            keep *= self.world_size  # the global stream; _batches takes this rank's slices
+        stream_id = "all" if self.split == "samples" else self.rank
+        rng = random.Random(f"{self.seed}/buffer/{epoch}/{stream_id}")
         buffer: list[RawSample] = []
         count = 0
 
@@ -100,11 +110,15 @@ class PreparedShards(IterableDataset):
         yield from buffer[: keep - count]
 
     def _batches(self, epoch: int) -> Iterator[tuple[int, list[RawSample]]]:
+        ranks = self.world_size if self.split == "samples" else 1
+        size, mine = self.batch_size * ranks, slice(0, self.batch_size)
+        if self.split == "samples":
+            mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         batch, j = [], 0
         for record in self._records(epoch):
             batch.append(record)
-            if len(batch) == self.batch_size:
-                yield j, batch
+            if len(batch) == size:
+                yield j, batch[mine]
                 batch, j = [], j + 1
 
     def __iter__(self) -> Iterator[dict]:
@@ -167,7 +181,9 @@ class Loader:
 
 
 def make_loader(folder: str | Path, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                num_workers: int = 0, start: Position = START, shuffle_buffer: int = 1000) -> Loader:
+                num_workers: int = 0, start: Position = START, shuffle_buffer: int = 1000,
+                split: str = "shards") -> Loader:
     """Batches of dicts: pixels (B, 3, H, W) float in [-1, 1], caption, original_size, crop_top_left, key,
     skipped (corrupt samples dropped from this batch) and position (resume with dataset.next_position)."""
-    return Loader(PreparedShards(folder, batch_size, seed, rank, world_size, shuffle_buffer, start), num_workers)
+    dataset = PreparedShards(folder, batch_size, seed, rank, world_size, shuffle_buffer, start, split)
+    return Loader(dataset, num_workers)

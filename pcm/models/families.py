@@ -55,11 +55,13 @@ class Teacher:
     def device(self) -> torch.device:
         return self.unet.device
 
-    def eps_fn(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-        """eps_hat of the UNet in its current adapter state (v-prediction converted), in x_t's dtype."""
+    def eps_fn(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict, unet: torch.nn.Module | None = None) -> torch.Tensor:
+        """eps_hat of the UNet in its current adapter state (v-prediction converted), in x_t's dtype.
+
+        unet: the module to call instead of self.unet (the DDP-wrapped student, same weights)."""
         added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
         dtype = self.unet.dtype
-        out = self.unet(x_t.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+        out = (unet or self.unet)(x_t.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
                         added_cond_kwargs={k: v.to(dtype) for k, v in added.items()} or None).sample
         return to_eps(out.to(x_t.dtype), x_t, abar_at(self.abar, t, x_t), self.prediction_type)
 

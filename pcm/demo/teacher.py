@@ -1,0 +1,326 @@
+"""`pcm demo-teacher`: a tiny SD1.5- or SDXL-shaped teacher trained from scratch on the prepared shapes shards.
+
+Phases (DESIGN.md §6), all seeded by cfg.seed:
+  1. data     every prepared image and caption in memory; the last `holdout` samples are kept out of training
+  2. vae      AutoencoderKL, MSE + 1e-6 KL; held-out PSNR; scaling_factor = 1 / std of the training latents
+  3. unet     UNet + text encoder(s) jointly, eps-prediction loss on the scaled latents, caption dropout, EMA
+  4. save     the whole pipeline with save_pretrained (EMA weights), written to a temp dir and renamed at the end
+  5. eval     the saved pipeline samples the held-out captions (DDIM + CFG); the oracle reads the main object back
+"""
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+from tqdm import tqdm
+
+from pcm.config import Config, DemoTeacherConfig
+from pcm.data.loader import decode_batch
+from pcm.data.shards import iter_tar
+from pcm.demo import oracle
+from pcm.demo.shapes import COLOURS, KINDS, POSITIONS, parse_caption
+from pcm.models.tiny import TinySizes, build_tokenizer, tiny_sd15_components, tiny_sdxl_components
+from pcm.train.ema import EMA
+
+KL_WEIGHT = 1e-6  # SD's VAE recipe: the KL term only keeps the posterior from collapsing; quality comes from MSE
+WARMUP_STEPS = 20  # linear learning-rate warmup: Adam's first steps at full lr 2e-3 can blow up fresh GroupNorm nets
+FAMILIES = {"sd15": (tiny_sd15_components, StableDiffusionPipeline),
+            "sdxl": (tiny_sdxl_components, StableDiffusionXLPipeline)}
+
+
+def _family(name: str) -> tuple:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown demo_teacher.family {name!r}; allowed: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def load_prepared(folder: str | Path) -> tuple[torch.Tensor, list[str]]:
+    """All prepared samples in index order: pixels (N, 3, H, W) uint8 and captions.
+
+    Held in memory instead of streamed through make_loader: 4000 images of 32 px are 12 MB, and random batches
+    from a tensor cost nothing, where decoding PNGs every step would take a sizeable share of a CPU step.
+    """
+    index = Path(folder) / "index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{index} not found: data.output_dir={folder} holds no prepared shards; "
+                                "run `pcm demo-data` and `pcm prepare` first")
+    pixels, captions = [], []
+    for shard in json.loads(index.read_text())["shards"]:
+        with open(Path(folder) / shard["name"], "rb") as f:
+            batch = decode_batch(list(iter_tar(f)))
+        if batch is not None:
+            pixels.append(batch["pixels"])
+            captions.extend(batch["caption"])
+    if not captions:
+        raise ValueError(f"data.output_dir={folder}: the prepared shards hold no readable samples; re-run pcm prepare")
+    return torch.cat(pixels), captions
+
+
+def _to_float(pixels: torch.Tensor) -> torch.Tensor:
+    return pixels.float() / 127.5 - 1.0
+
+
+def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Index batches of `steps` steps: shuffled epochs, so every sample is seen once per epoch."""
+    order = torch.empty(0, dtype=torch.int64)
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order = torch.cat([order, torch.randperm(n, generator=generator)])
+        yield order[:batch_size]
+        order = order[batch_size:]
+
+
+def _lr_lambda(steps: int):
+    """Linear warmup, then cosine decay to 10%: a fixed step budget ends on small, low-noise updates."""
+    def factor(step: int) -> float:
+        if step < WARMUP_STEPS:
+            return (step + 1) / WARMUP_STEPS
+        progress = (step - WARMUP_STEPS) / max(1, steps - WARMUP_STEPS)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def _optimizer(params, cfg: DemoTeacherConfig, steps: int):
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps))
+
+
+def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, cfg: DemoTeacherConfig, generator: torch.Generator,
+              progress: bool) -> float:
+    """Trains vae in place on pixels (N, 3, H, W) uint8; returns the last loss."""
+    opt, sched = _optimizer(vae.parameters(), cfg, cfg.vae_steps)
+    bar = tqdm(_batches(len(pixels), cfg.vae_batch_size, cfg.vae_steps, generator), total=cfg.vae_steps,
+               desc="demo-teacher vae", disable=not progress)
+    vae.train()
+    for step, idx in enumerate(bar):
+        x = _to_float(pixels[idx])
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator)).sample
+        loss = F.mse_loss(recon, x) + KL_WEIGHT * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    return loss.item()
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL, pixels: torch.Tensor, chunk: int = 250) -> torch.Tensor:
+    """Posterior-mean reconstructions of pixels (N, 3, H, W) uint8, as (N, 3, H, W) float in [0, 1]."""
+    out = [vae.decode(vae.encode(_to_float(p)).latent_dist.mode()).sample for p in pixels.split(chunk)]
+    return (torch.cat(out) / 2 + 0.5).clamp(0, 1)
+
+
+def psnr_db(images: torch.Tensor, pixels: torch.Tensor) -> float:
+    """PSNR over a set, images (N, 3, H, W) in [0, 1] against pixels uint8: 10 log10(1 / MSE)."""
+    mse = F.mse_loss(images, pixels.float() / 255).item()
+    return 10 * math.log10(1 / max(mse, 1e-12))
+
+
+@torch.no_grad()
+def encode_posteriors(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator,
+                      chunk: int = 250) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(mean, std, scaling_factor) of the VAE posterior of every image, latents (N, 4, h, w).
+
+    The UNet trains on fresh posterior samples mean + std * noise, as SD does with latent_dist.sample(): encoding
+    once and sampling per step costs nothing and keeps the decoder-tolerated noise in the training data. The
+    scaling factor is SD's: 1 / std of posterior samples over the training set, so latents have unit variance.
+    """
+    dists = [vae.encode(_to_float(p)).latent_dist for p in pixels.split(chunk)]
+    mean, std = torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
+    sample = mean + std * torch.randn(mean.shape, generator=generator)
+    return mean, std, 1.0 / sample.std().item()
+
+
+def _conditions(family: str, encoders: list, ids: torch.Tensor, drop: torch.Tensor, empty_ids: torch.Tensor,
+                side: int) -> dict:
+    """UNet keyword arguments for token ids (B, L); rows where drop is True get the family's uncond.
+
+    sd15: the last hidden state, uncond = the encoded empty prompt (what the pipeline feeds for CFG).
+    sdxl: both encoders' penultimate states concatenated + encoder 2's pooled output, uncond = zeros
+    (force_zeros_for_empty_prompt); time ids are the pipeline's defaults (side, side, 0, 0, side, side): every
+    demo image has one original size, so the real ones would carry nothing and only differ from sampling time.
+    """
+    if family == "sd15":
+        ids = torch.where(drop[:, None], empty_ids.expand_as(ids), ids)
+        return {"encoder_hidden_states": encoders[0](ids)[0]}
+    keep = (~drop).float()
+    out_1 = encoders[0](ids, output_hidden_states=True)
+    out_2 = encoders[1](ids, output_hidden_states=True)
+    states = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1) * keep[:, None, None]
+    time_ids = torch.tensor([side, side, 0, 0, side, side], dtype=torch.float32).expand(len(ids), 6)
+    return {"encoder_hidden_states": states,
+            "added_cond_kwargs": {"text_embeds": out_2.text_embeds * keep[:, None], "time_ids": time_ids}}
+
+
+def train_unet(parts: dict, latents: tuple, ids: torch.Tensor, cfg: DemoTeacherConfig, generator: torch.Generator,
+               progress: bool) -> tuple[EMA, float]:
+    """Trains the UNet and text encoder(s) in place with the eps-prediction loss; returns (EMA of them, last loss).
+
+    latents = (mean, std, scaling_factor) of the training posteriors; ids (N, L) the captions' token ids.
+    """
+    unet, scheduler, family = parts["unet"], parts["scheduler"], cfg.family
+    encoders = [parts[k] for k in ("text_encoder", "text_encoder_2") if parts.get(k) is not None]
+    tokenizer = parts["tokenizer"]
+    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                          return_tensors="pt").input_ids
+    params = [p for m in [unet, *encoders] for p in m.parameters()]
+    opt, sched = _optimizer(params, cfg, cfg.unet_steps)
+    ema = EMA(params, cfg.ema_decay)
+    mean, std, scaling = latents
+    side = mean.shape[-1] * 2 ** (len(parts["vae"].config.block_out_channels) - 1)
+    T = scheduler.config.num_train_timesteps
+    bar = tqdm(_batches(len(mean), cfg.unet_batch_size, cfg.unet_steps, generator), total=cfg.unet_steps,
+               desc=f"demo-teacher unet ({family})", disable=not progress)
+    for m in [unet, *encoders]:
+        m.train()
+    for step, idx in enumerate(bar):
+        b = len(idx)
+        x_0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=generator)) * scaling
+        eps = torch.randn(x_0.shape, generator=generator)
+        t = torch.randint(0, T, (b,), generator=generator)
+        drop = torch.rand(b, generator=generator) < cfg.caption_dropout
+        cond = _conditions(family, encoders, ids[idx], drop, empty_ids, side)
+        eps_hat = unet(scheduler.add_noise(x_0, eps, t), t, **cond).sample
+        loss = F.mse_loss(eps_hat, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        # Warm the EMA up like diffusers' EMAModel: a fixed 0.995 would still hold 0.7% of the random init after
+        # 1000 steps, and most of it in the short test runs.
+        ema.decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        ema.update()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    for m in [unet, *encoders]:
+        m.eval()
+    return ema, loss.item()
+
+
+def main_object_hits(image: np.ndarray, caption: str) -> dict[str, float]:
+    """Whether the oracle finds the caption's first (main) object: its colour; colour and kind; and position."""
+    main = parse_caption(caption)["objects"][0]
+    _, found = oracle.detect(image)
+    same_colour = [o for o in found if o.colour == main["colour"]]
+    same_kind = [o for o in same_colour if o.kind == main["kind"]]
+    return {"colour": float(bool(same_colour)), "kind": float(bool(same_kind)),
+            "position": float(any(o.position == main["position"] for o in same_kind))}
+
+
+def _mean_dicts(rows: list[dict]) -> dict[str, float]:
+    return {k: round(float(np.mean([r[k] for r in rows])), 4) for k in rows[0]}
+
+
+def oracle_report(images: np.ndarray, captions: list[str]) -> dict:
+    """Main-object accuracies and mean oracle scores of images (N, H, W, 3) uint8 against their captions."""
+    hits = _mean_dicts([main_object_hits(im, c) for im, c in zip(images, captions, strict=True)])
+    return {"main_colour_acc": hits["colour"], "main_kind_acc": hits["kind"], "main_position_acc": hits["position"],
+            "oracle_mean": _mean_dicts([oracle.score(im, c) for im, c in zip(images, captions, strict=True)])}
+
+
+@torch.no_grad()
+def evaluate(pipeline_dir: Path, captions: list[str], cfg: Config, progress: bool, chunk: int = 50) -> dict:
+    """Samples the captions with the saved pipeline (DDIM + CFG, one seed per prompt) and scores them."""
+    pipe = _family(cfg.demo_teacher.family)[1].from_pretrained(pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for start in tqdm(range(0, len(captions), chunk), desc="demo-teacher eval", disable=not progress):
+        prompts = captions[start:start + chunk]
+        generators = [torch.Generator().manual_seed(cfg.seed + start + i) for i in range(len(prompts))]
+        out = pipe(prompts, height=cfg.data.resolution, width=cfg.data.resolution, generator=generators,
+                   num_inference_steps=cfg.demo_teacher.eval_steps,
+                   guidance_scale=cfg.demo_teacher.eval_guidance_scale, output_type="np").images
+        images.append(np.round(out * 255).astype(np.uint8))
+    return oracle_report(np.concatenate(images), captions)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Moves tmp to out, replacing any previous out only once the new one is complete."""
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _build(cfg: Config, captions: list[str]) -> dict:
+    """Fresh pipeline components, with a tokenizer whose context is just long enough for every caption."""
+    c = cfg.demo_teacher
+    longest = max(len(ids) for ids in build_tokenizer(captions)(captions).input_ids)
+    # Captions need ~25 tokens where CLIP's 77 would be mostly padding that every cross-attention reads.
+    tokenizer = build_tokenizer(captions, model_max_length=8 * math.ceil(longest / 8))
+    factor = 2 ** (len(c.vae_channels) - 1)
+    sizes = TinySizes(unet_channels=c.unet_channels, attention_head_dim=8, cross_attention_dim=c.text_hidden,
+                      text_hidden=c.text_hidden, text_layers=c.text_layers, vae_channels=c.vae_channels,
+                      norm_groups=8, sample_size=cfg.data.resolution // factor)
+    return _family(c.family)[0](tokenizer, sizes)
+
+
+def train_demo_teacher(cfg: Config, progress: bool = True) -> dict:
+    """Trains, saves (cfg.demo_teacher.output_dir) and evaluates the demo teacher; returns metrics.json's content."""
+    c, seconds, start = cfg.demo_teacher, {}, time.perf_counter()
+    tick = time.perf_counter
+    pixels, captions = load_prepared(cfg.data.output_dir)
+    if len(captions) <= c.holdout:
+        raise ValueError(f"{len(captions)} prepared samples leave none for training after demo_teacher.holdout="
+                         f"{c.holdout}; lower it or prepare more (demo.num_images)")
+    train_px, held_px = pixels[:-c.holdout], pixels[-c.holdout:]
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    parts = _build(cfg, captions + [""])
+    seconds["data"], t0 = tick() - start, tick()
+
+    vae_loss = train_vae(parts["vae"], train_px, c, generator, progress)
+    recon = reconstruct(parts["vae"], held_px)
+    mean, std, scaling = encode_posteriors(parts["vae"], train_px, generator)
+    parts["vae"].register_to_config(scaling_factor=scaling)
+    seconds["vae"], t0 = tick() - t0, tick()
+
+    tok = parts["tokenizer"]
+    ids = tok(captions[:-c.holdout], padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    ema, unet_loss = train_unet(parts, (mean, std, scaling), ids, c, generator, progress)
+    seconds["unet"], t0 = tick() - t0, tick()
+
+    out = Path(c.output_dir)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with ema.swapped_in():
+        pipe_cls = _family(c.family)[1]
+        extra = {"requires_safety_checker": False} if c.family == "sd15" else {}
+        pipe_cls(**parts, **extra).save_pretrained(tmp, safe_serialization=True)
+    seconds["save"], t0 = tick() - t0, tick()
+
+    prompts = captions[-c.holdout:][:c.eval_prompts]
+    report = evaluate(tmp, prompts, cfg, progress)
+    seconds["eval"] = tick() - t0
+    recon_u8 = (recon * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    recon_report = oracle_report(recon_u8[:c.eval_prompts], prompts)
+    metrics = {
+        "family": c.family, "vae_psnr_db": round(psnr_db(recon, held_px), 3), "scaling_factor": scaling,
+        **report,
+        "chance": {"colour": 1 / len(COLOURS), "kind": 1 / len(KINDS), "position": 1 / len(POSITIONS)},
+        # The same oracle on VAE reconstructions of the held-out images: the ceiling the VAE leaves the UNet.
+        "vae_recon": {k: recon_report[k] for k in ("main_colour_acc", "main_kind_acc", "main_position_acc")},
+        "final_loss": {"vae": vae_loss, "unet": unet_loss},
+        "steps": {"vae": c.vae_steps, "unet": c.unet_steps, "eval_ddim": c.eval_steps},
+        "eval_prompts": len(prompts), "eval_guidance_scale": c.eval_guidance_scale,
+        "train_images": len(train_px), "heldout_images": c.holdout,
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "total_seconds": round(tick() - start, 1),
+    }
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    _replace_dir(tmp, out)
+    return metrics

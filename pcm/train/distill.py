@@ -1,0 +1,255 @@
+"""`pcm distill`: an SD1.5 / SDXL teacher distilled into a PCM (or LCM) LoRA with accelerate.
+
+One UNet: the student is the UNet with adapters on (through the DDP wrapper when distributed), the teacher the
+same UNet with adapters off. Randomness is keyed by (seed, step, global sample id) and the VAE posterior mean
+is used as x_0, so with train.data_split=samples the result does not depend on the number of processes.
+A SIGTERM saves a checkpoint and raises Preempted (the CLI exits 143 so an orchestrator's retry resumes).
+"""
+
+import contextlib
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from pcm.config import Config, ConfigError, config_to_dict
+from pcm.data.loader import Loader, Position, PreparedShards
+from pcm.math import SolverGrid
+from pcm.models.families import Teacher, load_teacher
+from pcm.models.lora import adapters_off, attach_lora, export_lora, load_lora_state_dict, lora_state_dict
+from pcm.sampling import pcm_timesteps
+from pcm.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from pcm.train.ema import EMA
+from pcm.train.loop import lr_factor, target_net_for
+from pcm.train.sink import JsonlSink, Sink
+from pcm.train.step import Batch, method_loss
+from pcm.train.validation import write_validation_grid
+
+MAX_NONFINITE_IN_A_ROW = 10
+
+
+class Preempted(RuntimeError):
+    """SIGTERM arrived; a checkpoint was saved. Rerun with --resume latest."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many consecutive steps with a non-finite loss."""
+
+
+@dataclass
+class Run:
+    """What the loop works with, built by setup()."""
+
+    accelerator: Accelerator
+    teacher: Teacher
+    student_unet: torch.nn.Module  # the UNet as prepared by accelerate (DDP-wrapped when distributed)
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ema: EMA | None
+    dataset: PreparedShards
+    micro_batch: int
+    step: int = 0
+    position: Position = Position()
+    nonfinite_total: int = 0
+
+
+def _optimizer(cfg: Config, params: list) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise ConfigError("train.optimizer=adamw8bit needs the bitsandbytes package (CUDA); "
+                              "install it or use train.optimizer=adamw") from err
+        return bnb.optim.AdamW8bit(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+def setup(cfg: Config, resume: str | None) -> Run:
+    """Accelerator, teacher + LoRA, optimizer, schedule, EMA, data; restored from a checkpoint when resuming."""
+    t = cfg.train
+    if t.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.mixed_precision=fp16 needs a CUDA device; use bf16 or no on CPU")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=t.mixed_precision)
+    per_process = t.batch_size // t.gradient_accumulation_steps
+    if per_process % accelerator.num_processes:
+        raise ConfigError(f"train.batch_size={t.batch_size} / gradient_accumulation_steps does not split over "
+                          f"{accelerator.num_processes} processes; use a multiple of {accelerator.num_processes}")
+    teacher = load_teacher(cfg.teacher, accelerator.device)
+    if len(teacher.abar) % cfg.distill.num_solver_steps:
+        raise ConfigError(f"distill.num_solver_steps={cfg.distill.num_solver_steps} must divide the teacher's "
+                          f"{len(teacher.abar)} training timesteps")
+    params = attach_lora(teacher.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
+    if t.gradient_checkpointing:
+        teacher.unet.enable_gradient_checkpointing()
+    optimizer = _optimizer(cfg, params)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t))
+    ema = EMA(params, cfg.distill.ema_decay) if cfg.distill.target_net == "ema" else None
+    out = Path(t.output_dir)
+    step, position, nonfinite = 0, Position(), 0
+    checkpoint = resolve_resume(out / "checkpoints", resume)
+    if checkpoint is not None:
+        lora, state = load_checkpoint(checkpoint, optimizer)
+        load_lora_state_dict(teacher.unet, lora)
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict({"decay": cfg.distill.ema_decay, "shadow": [lora[k] for k in state["ema_keys"]]})
+        step, position, nonfinite = state["step"], Position(*state["position"]), state["nonfinite_total"]
+        accelerator.print(f"resumed from {checkpoint} at step {step}")
+    student_unet, optimizer = accelerator.prepare(teacher.unet, optimizer)
+    micro = per_process // accelerator.num_processes
+    dataset = PreparedShards(cfg.data.output_dir, micro, cfg.seed, accelerator.process_index,
+                             accelerator.num_processes, t.shuffle_buffer, position, t.data_split)
+    return Run(accelerator, teacher, student_unet, params, optimizer, scheduler, ema, dataset, micro, step,
+               position, nonfinite)
+
+
+def _checkpoint(run: Run, cfg: Config) -> Path | None:
+    if not run.accelerator.is_main_process:
+        return None
+    lora = lora_state_dict(run.teacher.unet)
+    ema_keys = []
+    if run.ema is not None:
+        names = [n for n, p in run.teacher.unet.named_parameters() if "lora_" in n]
+        ema_keys = [f"ema.{n}" for n in names]
+        lora.update({k: v.detach().cpu().contiguous() for k, v in zip(ema_keys, run.ema.shadow, strict=True)})
+    extra = {"position": list(run.position), "scheduler": run.scheduler.state_dict(), "ema_keys": ema_keys,
+             "nonfinite_total": run.nonfinite_total, "config": config_to_dict(cfg)}
+    return save_checkpoint(Path(cfg.train.output_dir) / "checkpoints", run.step, lora, run.optimizer, extra,
+                           cfg.train.keep_checkpoints)
+
+
+def _micro_loss(run: Run, cfg: Config, batch: dict, k: int) -> torch.Tensor:
+    """Loss of one micro-batch: encode images and prompts, then the method's step (DESIGN.md §3)."""
+    teacher, acc = run.teacher, run.accelerator
+    x_0 = teacher.vae.encode(batch["pixels"].to(acc.device, teacher.vae.dtype)).latent_dist.mean.float()
+    x_0 = x_0 * teacher.vae.config.scaling_factor
+    cond = teacher.encode_prompts(batch["caption"], batch["original_size"], batch["crop_top_left"],
+                                  cfg.data.resolution)
+    uncond = teacher.uncond(len(x_0), like=cond)
+    world, m = acc.num_processes, run.micro_batch
+    first = (run.step * cfg.train.gradient_accumulation_steps + k) * world * m + acc.process_index * m
+    ids = torch.arange(first, first + len(x_0))  # global sample ids: the key of every random draw
+
+    def student(x_t, t, c):
+        return teacher.eps_fn(x_t, t, c, unet=run.student_unet)
+
+    def frozen_teacher(x_t, t, c):
+        with adapters_off(teacher.unet):
+            return teacher.eps_fn(x_t, t, c)
+
+    grid = SolverGrid(len(teacher.abar), cfg.distill.num_solver_steps, cfg.distill.num_phases)
+    with acc.autocast():
+        out = method_loss(cfg.distill.method)(student, frozen_teacher, target_net_for(student, run.ema),
+                                              Batch(x_0, cond, uncond, ids), grid, teacher.abar, cfg.distill,
+                                              cfg.seed, run.step)
+    return out["loss"]
+
+
+def _sigterm_flag() -> dict:
+    flag = {"stop": False}
+
+    def handler(signum, frame):
+        flag["stop"] = True  # finish the step, checkpoint, then stop
+
+    signal.signal(signal.SIGTERM, handler)
+    return flag
+
+
+def _step(run: Run, cfg: Config, batches) -> tuple[torch.Tensor, bool]:
+    """One optimizer step over gradient_accumulation_steps micro-batches; (mean loss, finite on every rank)."""
+    acc, A = run.accelerator, cfg.train.gradient_accumulation_steps
+    losses = []
+    for k in range(A):
+        batch = next(batches)
+        run.position = run.dataset.next_position(Position(*batch["position"]))
+        sync = contextlib.nullcontext() if k == A - 1 else acc.no_sync(run.student_unet)
+        with sync:
+            loss = _micro_loss(run, cfg, batch, k)
+            # every rank must agree to skip, or DDP's all-reduce would wait forever
+            finite = bool(acc.gather(torch.isfinite(loss).float().reshape(1)).min() > 0)
+            if finite:
+                acc.backward(loss / A)
+        losses.append(loss.detach())
+        if not finite:
+            break
+    if finite:
+        if cfg.train.max_grad_norm > 0:
+            acc.clip_grad_norm_(run.params, cfg.train.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        if run.ema is not None:
+            run.ema.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return torch.stack(losses).mean(), finite
+
+
+def metadata(cfg: Config, teacher: Teacher) -> dict:
+    """What a user needs to sample the exported LoRA as trained (also stored in the safetensors header)."""
+    d = cfg.distill
+    grid = SolverGrid(len(teacher.abar), d.num_solver_steps, d.num_phases)
+    return {
+        "method": d.method, "family": cfg.teacher.family, "base_model": cfg.teacher.model,
+        "num_solver_steps": d.num_solver_steps, "num_phases": d.num_phases, "edges": grid.edges.tolist(),
+        "sampling_timesteps": pcm_timesteps(grid, d.num_phases), "guidance": d.guidance,
+        "w_min": d.w_min, "w_max": d.w_max, "recommended_steps": d.num_phases,
+        "recommended_guidance_scale": 1.0 if d.guidance == "small_cfg" else 5.0,
+        "recommended_scheduler": "TCDScheduler with these sampling_timesteps (gamma 0 = deterministic PCM)"
+        if d.method == "pcm" else "LCMScheduler", "resolution": cfg.data.resolution,
+    }
+
+
+def distill(cfg: Config, resume: str | None = None, sink: Sink | None = None, progress: bool = True) -> dict:
+    """Runs (or resumes) distillation to cfg.train.max_steps; exports the LoRA; returns a summary."""
+    run = setup(cfg, resume)
+    acc, t, out = run.accelerator, cfg.train, Path(cfg.train.output_dir)
+    sink = sink or (JsonlSink(out / "metrics.jsonl") if acc.is_main_process else None)
+    flag = _sigterm_flag()
+    batches = iter(Loader(run.dataset, t.num_workers))
+    in_a_row, loss_sum, logged, tick = 0, torch.zeros(()), 0, time.perf_counter()
+    bar = tqdm(total=t.max_steps, initial=run.step, desc=f"distill {cfg.distill.method} M={cfg.distill.num_phases}",
+               disable=not (progress and acc.is_main_process))
+    while run.step < t.max_steps:
+        loss, finite = _step(run, cfg, batches)
+        run.step += 1
+        bar.update()
+        if not finite:
+            run.nonfinite_total += 1
+            in_a_row += 1
+            if in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                raise NonFiniteLoss(f"the loss was not finite for {in_a_row} steps in a row, the last at step "
+                                    f"{run.step}; lower train.learning_rate or use train.mixed_precision=no")
+        else:
+            in_a_row, loss_sum, logged = 0, loss_sum + loss.float().cpu(), logged + 1
+        if run.step % t.log_every == 0 and sink is not None and logged:
+            rate = t.log_every / (time.perf_counter() - tick)
+            record = {"loss": float(loss_sum) / logged, "lr": run.scheduler.get_last_lr()[0], "it_per_s": rate,
+                      "nonfinite_steps": float(run.nonfinite_total)}
+            sink.log(run.step, record)
+            bar.set_postfix(loss=f"{record['loss']:.4g}", it_s=f"{rate:.2f}")
+            loss_sum, logged, tick = torch.zeros(()), 0, time.perf_counter()
+        if t.validate_every and run.step % t.validate_every == 0 and acc.is_main_process:
+            write_validation_grid(run.teacher, cfg, run.step, out)
+        stop = bool(acc.gather(torch.tensor([float(flag["stop"])], device=acc.device)).max() > 0)
+        if stop or run.step % t.checkpoint_every == 0 or run.step == t.max_steps:
+            _checkpoint(run, cfg)
+            acc.wait_for_everyone()
+        if stop:
+            raise Preempted(f"SIGTERM at step {run.step}: checkpoint saved in {out / 'checkpoints'}; "
+                            "rerun with --resume latest")
+    bar.close()
+    summary = {"steps": run.step, "nonfinite_steps": run.nonfinite_total, "output_dir": str(out)}
+    if acc.is_main_process:
+        files = export_lora(run.teacher.unet, cfg.teacher.family, out / "lora", metadata(cfg, run.teacher))
+        if t.validate_every:
+            grid = out / "samples" / f"step-{run.step:06d}.png"
+            summary["validation_grid"] = str(grid if grid.exists() else write_validation_grid(run.teacher, cfg,
+                                                                                                run.step, out))
+        summary["lora"] = str(files["diffusers"])
+    acc.wait_for_everyone()
+    return summary

@@ -1,0 +1,54 @@
+"""Validation grids during distillation: fixed prompts x fixed seeds, sampled at the trained number of steps."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pcm.config import Config
+from pcm.math import SolverGrid
+from pcm.models.families import Teacher
+from pcm.sampling import lcm_timesteps, pcm_timesteps, sample_lcm, sample_pcm
+
+
+@torch.no_grad()
+def sample_student(teacher: Teacher, cfg: Config, prompts: list[str], seeds: list[int], resolution: int,
+                   guidance_scale: float) -> torch.Tensor:
+    """Images (P * S, 3, H, W) in [0, 1]: prompt-major, one initial noise per seed (the same for every prompt)."""
+    d = cfg.distill
+    T = len(teacher.abar)
+    side = resolution // teacher.vae_factor
+    noise = torch.stack([torch.randn(4, side, side, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    x_T = noise.repeat(len(prompts), 1, 1, 1).to(teacher.device)
+    repeated = [p for p in prompts for _ in seeds]
+    cond = teacher.encode_prompts(repeated, target_size=resolution)
+    neg = teacher.uncond(len(repeated), like=cond)
+    if d.method == "lcm":
+        x_0 = sample_lcm(teacher.eps_fn, x_T, cond, teacher.abar, lcm_timesteps(T, d.num_solver_steps, 4),
+                         sigma_data=d.lcm_sigma_data, timestep_scaling=d.lcm_timestep_scaling,
+                         guidance_scale=guidance_scale, neg_cond=neg, generator=torch.Generator().manual_seed(0))
+    else:
+        path = pcm_timesteps(SolverGrid(T, d.num_solver_steps, d.num_phases), d.num_phases)
+        x_0 = sample_pcm(teacher.eps_fn, x_T, cond, teacher.abar, path, guidance_scale=guidance_scale, neg_cond=neg)
+    return teacher.decode_latents(x_0)
+
+
+def save_grid(images: torch.Tensor, rows: int, path: Path) -> Path:
+    """images (R * C, 3, H, W) in [0, 1] -> one PNG with R rows and C columns, 2-pixel gaps."""
+    n, _, h, w = images.shape
+    cols = n // rows
+    canvas = np.full((rows * (h + 2), cols * (w + 2), 3), 255, dtype=np.uint8)
+    pixels = (images.permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        canvas[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = pixels[i]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas).save(path)
+    return path
+
+
+def write_validation_grid(teacher: Teacher, cfg: Config, step: int, out_dir: Path) -> Path:
+    v = cfg.validation
+    images = sample_student(teacher, cfg, list(v.prompts), list(v.seeds), cfg.data.resolution, v.guidance_scale)
+    return save_grid(images, len(v.prompts), out_dir / "samples" / f"step-{step:06d}.png")
