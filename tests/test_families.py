@@ -54,7 +54,8 @@ def test_family_loads_from_disk_and_calls_the_unet_with_the_right_conditioning(t
     if family == "sd15":
         assert seen == {"ehs": (2, 77, 32), "added": {}}
         uncond = teacher.uncond(2)
-        torch.testing.assert_close(uncond["encoder_hidden_states"][1], teacher.encode_prompts([""])["encoder_hidden_states"][0])
+        empty = teacher.encode_prompts([""])["encoder_hidden_states"][0]
+        torch.testing.assert_close(uncond["encoder_hidden_states"][1], empty)
     else:
         # penultimate states of both encoders (32 + 64), encoder 2's pooled embedding, six time ids
         assert seen == {"ehs": (2, 77, 96), "added": {"text_embeds": (2, 64), "time_ids": (2, 6)}}

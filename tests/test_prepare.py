@@ -128,7 +128,8 @@ def test_every_broken_input_is_skipped_and_counted_and_every_good_sample_written
     cfg = _cfg(inputs["urls"], tmp_path / "out")
     stats = prepare(cfg.data, cfg.seed, progress=False)
     assert stats["skipped"] == {
-        "aspect_ratio": 1, "bad_key": 1, "caption_not_utf8": 1, "caption_too_long": 1, "duplicate_key": 2, "empty_image": 1,
+        "aspect_ratio": 1, "bad_key": 1, "caption_not_utf8": 1, "caption_too_long": 1, "duplicate_key": 2,
+        "empty_image": 1,
         "json_condition": 1, "missing_caption": 1, "too_large": 1, "too_small": 1, "truncated_shard": 1,
         "unreadable_image": 1,
     }

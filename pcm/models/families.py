@@ -55,7 +55,8 @@ class Teacher:
     def device(self) -> torch.device:
         return self.unet.device
 
-    def eps_fn(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict, unet: torch.nn.Module | None = None) -> torch.Tensor:
+    def eps_fn(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict,
+               unet: torch.nn.Module | None = None) -> torch.Tensor:
         """eps_hat of the UNet in its current adapter state (v-prediction converted), in x_t's dtype.
 
         unet: the module to call instead of self.unet (the DDP-wrapped student, same weights)."""

@@ -93,7 +93,8 @@ def tiny_sd15_components(tokenizer: CLIPTokenizer, sizes: TinySizes = TinySizes(
     )
     return {
         "unet": unet, "vae": tiny_vae(sizes), "tokenizer": tokenizer,
-        "text_encoder": CLIPTextModel(_text_config(tokenizer, sizes, sizes.text_hidden)), "scheduler": sd_scheduler(prediction_type),
+        "text_encoder": CLIPTextModel(_text_config(tokenizer, sizes, sizes.text_hidden)),
+        "scheduler": sd_scheduler(prediction_type),
         "safety_checker": None, "feature_extractor": None, "image_encoder": None,
     }
 
