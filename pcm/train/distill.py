@@ -84,6 +84,7 @@ def setup(cfg: Config, resume: str | None) -> Run:
     if len(teacher.abar) % cfg.distill.num_solver_steps:
         raise ConfigError(f"distill.num_solver_steps={cfg.distill.num_solver_steps} must divide the teacher's "
                           f"{len(teacher.abar)} training timesteps")
+    torch.manual_seed(cfg.seed)  # the LoRA A init: the same on every rank and every run
     params = attach_lora(teacher.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
     if t.gradient_checkpointing:
         teacher.unet.enable_gradient_checkpointing()
@@ -95,10 +96,11 @@ def setup(cfg: Config, resume: str | None) -> Run:
     checkpoint = resolve_resume(out / "checkpoints", resume)
     if checkpoint is not None:
         lora, state = load_checkpoint(checkpoint, optimizer)
+        shadow = [lora.pop(k) for k in state["ema_keys"]]  # EMA copies ride along in the same file
         load_lora_state_dict(teacher.unet, lora)
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None:
-            ema.load_state_dict({"decay": cfg.distill.ema_decay, "shadow": [lora[k] for k in state["ema_keys"]]})
+            ema.load_state_dict({"decay": cfg.distill.ema_decay, "shadow": shadow})
         step, position, nonfinite = state["step"], Position(*state["position"]), state["nonfinite_total"]
         accelerator.print(f"resumed from {checkpoint} at step {step}")
     student_unet, optimizer = accelerator.prepare(teacher.unet, optimizer)
@@ -151,14 +153,19 @@ def _micro_loss(run: Run, cfg: Config, batch: dict, k: int) -> torch.Tensor:
     return out["loss"]
 
 
-def _sigterm_flag() -> dict:
+@contextlib.contextmanager
+def _sigterm_flag():
+    """A flag set by SIGTERM while the block runs (the previous handler is restored afterwards)."""
     flag = {"stop": False}
 
     def handler(signum, frame):
         flag["stop"] = True  # finish the step, checkpoint, then stop
 
-    signal.signal(signal.SIGTERM, handler)
-    return flag
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _step(run: Run, cfg: Config, batches) -> tuple[torch.Tensor, bool]:
@@ -207,9 +214,15 @@ def metadata(cfg: Config, teacher: Teacher) -> dict:
 def distill(cfg: Config, resume: str | None = None, sink: Sink | None = None, progress: bool = True) -> dict:
     """Runs (or resumes) distillation to cfg.train.max_steps; exports the LoRA; returns a summary."""
     run = setup(cfg, resume)
+    with _sigterm_flag() as flag:
+        _train(run, cfg, flag, sink, progress)
+    return _finish(run, cfg)
+
+
+def _train(run: Run, cfg: Config, flag: dict, sink: Sink | None, progress: bool) -> None:
+    """The loop: steps, logging, validation grids, checkpoints; raises Preempted / NonFiniteLoss."""
     acc, t, out = run.accelerator, cfg.train, Path(cfg.train.output_dir)
     sink = sink or (JsonlSink(out / "metrics.jsonl") if acc.is_main_process else None)
-    flag = _sigterm_flag()
     batches = iter(Loader(run.dataset, t.num_workers))
     in_a_row, loss_sum, logged, tick = 0, torch.zeros(()), 0, time.perf_counter()
     bar = tqdm(total=t.max_steps, initial=run.step, desc=f"distill {cfg.distill.method} M={cfg.distill.num_phases}",
@@ -243,6 +256,11 @@ def distill(cfg: Config, resume: str | None = None, sink: Sink | None = None, pr
             raise Preempted(f"SIGTERM at step {run.step}: checkpoint saved in {out / 'checkpoints'}; "
                             "rerun with --resume latest")
     bar.close()
+
+
+def _finish(run: Run, cfg: Config) -> dict:
+    """Exports the LoRA with its metadata and the final validation grid (main process); returns a summary."""
+    acc, t, out = run.accelerator, cfg.train, Path(cfg.train.output_dir)
     summary = {"steps": run.step, "nonfinite_steps": run.nonfinite_total, "output_dir": str(out)}
     if acc.is_main_process:
         files = export_lora(run.teacher.unet, cfg.teacher.family, out / "lora", metadata(cfg, run.teacher))

@@ -80,12 +80,13 @@ def pcm_loss(
     like = batch.x_0
     s = grid.s(o.n).to(like.device)
     abar_t, abar_prev, abar_s = abar_at(abar, o.t, like), abar_at(abar, o.t_prev, like), abar_at(abar, s, like)
-    # 3. student: f = jump(x_t -> s) with its eps_hat
-    f = ddim_jump(o.x_t, student(o.x_t, o.t, o.cond), abar_t, abar_s)
-    # 5. target without gradient: x_{t'} at the edge, else jump(x_{t'} -> s) with the target net
+    # 5. target without gradient: x_{t'} at the edge, else jump(x_{t'} -> s) with the target net. Computed
+    #    before the student pass: an EMA target swaps weights in place, which must not touch a live graph.
     with torch.no_grad():
         eps_prev = target_net(o.x_prev, o.t_prev, o.cond)
         y = phased_target(o.x_prev, eps_prev, abar_prev, abar_s, grid.at_edge(o.n).to(like.device))
+    # 3. student: f = jump(x_t -> s) with its eps_hat
+    f = ddim_jump(o.x_t, student(o.x_t, o.t, o.cond), abar_t, abar_s)
     # 6. consistency loss
     loss = consistency_distance(f, y, cfg.loss, cfg.huber_c)
     return {"loss": loss, "t_mean": o.t.float().mean()}
@@ -104,11 +105,11 @@ def lcm_loss(
         c_skip, c_out = lcm_boundary_scalings(t.to(like.dtype), cfg.lcm_sigma_data, cfg.lcm_timestep_scaling)
         return append_dims(c_skip, like.ndim), append_dims(c_out, like.ndim)
 
-    # 3. student prediction of the trajectory's origin
-    f = lcm_prediction(o.x_t, student(o.x_t, o.t, o.cond), abar_t, *scalings(o.t))
-    # 5. target at t' (equals x_{t'} at t' = 0 through the boundary scalings)
+    # 5. target at t' (equals x_{t'} at t' = 0 through the boundary scalings); before the student pass, as in PCM
     with torch.no_grad():
         y = lcm_prediction(o.x_prev, target_net(o.x_prev, o.t_prev, o.cond), abar_prev, *scalings(o.t_prev))
+    # 3. student prediction of the trajectory's origin
+    f = lcm_prediction(o.x_t, student(o.x_t, o.t, o.cond), abar_t, *scalings(o.t))
     # 6. consistency loss
     loss = consistency_distance(f, y, cfg.loss, cfg.huber_c)
     return {"loss": loss, "t_mean": o.t.float().mean()}
