@@ -19,9 +19,10 @@ def demo_teacher(cfg: Config, progress: bool = True) -> dict:
 
 def distill(cfg: Config, resume: str | None = None, progress: bool = True) -> dict:
     """The teacher (cfg.teacher) distilled into a PCM / LCM LoRA under cfg.train.output_dir."""
+    from pcm.data.loader import loader_factory
     from pcm.train.distill import distill as run_distill
 
-    return run_distill(cfg, resume=resume, progress=progress)
+    return run_distill(cfg, loader_factory(cfg), resume=resume, progress=progress)
 
 
 def prepare(cfg: Config, progress: bool = True) -> dict:

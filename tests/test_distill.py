@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from pcm import stages
 from pcm.cli import main
 from pcm.config import config_from_dict
+from pcm.data.loader import loader_factory
 from pcm.models.lora import read_metadata
-from pcm.data.loader import Loader
 from pcm.train.distill import Preempted, _micro_loss, distill, setup
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -59,7 +59,7 @@ def _lora(out) -> dict[str, torch.Tensor]:
 def test_each_method_and_variant_trains_exports_and_writes_grids(world, tmp_path, distill_cfg):
     root, base = world
     cfg = _cfg(base, tmp_path / "run", distill=distill_cfg, train={"validate_every": 2})
-    summary = distill(cfg, progress=False)
+    summary = distill(cfg, loader_factory(cfg), progress=False)
     assert summary["steps"] == 2 and Path(summary["validation_grid"]).is_file()
     meta = read_metadata(summary["lora"])
     assert meta["method"] == distill_cfg["method"] and meta["num_phases"] == cfg.distill.num_phases
@@ -74,8 +74,8 @@ def test_loss_falls_over_50_steps_on_a_fixed_batch(world, tmp_path):
     # the same images and the same draws (step key 0) every time: the student must fit this one problem
     root, base = world
     cfg = _cfg(base, tmp_path / "run", distill={"loss": "l2"}, train={"batch_size": 8, "learning_rate": 3e-3})
-    run = setup(cfg, None)
-    batch = next(iter(Loader(run.dataset)))
+    run = setup(cfg, loader_factory(cfg), None)
+    batch = next(iter(run.data))
     losses = []
     for _ in range(50):
         loss = _micro_loss(run, cfg, batch, 0)
@@ -101,12 +101,12 @@ def test_sigterm_checkpoint_and_resume_match_an_uninterrupted_run(world, tmp_pat
     root, base = world
     train = {"max_steps": 6, "checkpoint_every": 100}
     straight = _cfg(base, tmp_path / "straight", train=train, distill={"target_net": "ema"})
-    distill(straight, progress=False)
+    distill(straight, loader_factory(straight), progress=False)
     interrupted = _cfg(base, tmp_path / "resumed", train=train, distill={"target_net": "ema"})
     with pytest.raises(Preempted, match="--resume latest"):
-        distill(interrupted, sink=SigtermAt(3), progress=False)
+        distill(interrupted, loader_factory(interrupted), sink=SigtermAt(3), progress=False)
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["step-000003"]
-    assert distill(interrupted, resume="latest", progress=False)["steps"] == 6
+    assert distill(interrupted, loader_factory(interrupted), resume="latest", progress=False)["steps"] == 6
     a, b = _lora(tmp_path / "straight"), _lora(tmp_path / "resumed")
     assert a.keys() == b.keys()
     for key in a:
@@ -169,7 +169,7 @@ def test_non_finite_losses_are_skipped_counted_and_stop_the_run_after_ten(world,
     monkeypatch.setattr(module, "_micro_loss", flaky)
     cfg = _cfg(base, tmp_path / "run", train={"max_steps": 30, "checkpoint_every": 100})
     with pytest.raises(module.NonFiniteLoss, match="10 steps in a row, the last at step 15"):
-        distill(cfg, progress=False)
+        distill(cfg, loader_factory(cfg), progress=False)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 4, 5]  # skipped steps log nothing
     assert records[-1]["nonfinite_steps"] == 2.0

@@ -11,7 +11,7 @@ PCM_LAYER = {  # module prefix -> pcm modules it must never import
     "pcm.math": ("pcm.config", "pcm.models", "pcm.train", "pcm.sampling", "pcm.data", "pcm.eval",
                  "pcm.registry", "pcm.stages", "pcm.cli", "pcm.demo"),
     "pcm.models": ("pcm.train", "pcm.sampling", "pcm.data", "pcm.eval", "pcm.registry", "pcm.stages", "pcm.cli"),
-    "pcm.train": ("pcm.sampling", "pcm.data", "pcm.eval", "pcm.registry", "pcm.stages", "pcm.cli"),
+    "pcm.train": ("pcm.data", "pcm.eval", "pcm.registry", "pcm.stages", "pcm.cli"),  # may use sampling (same layer)
     "pcm.sampling": ("pcm.train", "pcm.data", "pcm.eval", "pcm.registry", "pcm.stages", "pcm.cli"),
     "pcm.config": ("pcm.math", "pcm.models", "pcm.train", "pcm.sampling", "pcm.stages", "pcm.cli"),
 }

@@ -179,6 +179,9 @@ class Loader:
         for batch in self.loader:
             yield {**batch, "pixels": batch["pixels"].float() / 127.5 - 1.0}
 
+    def next_position(self, position: tuple[int, int]) -> Position:
+        return self.dataset.next_position(Position(*position))
+
 
 def make_loader(folder: str | Path, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                 num_workers: int = 0, start: Position = START, shuffle_buffer: int = 1000,
@@ -187,3 +190,13 @@ def make_loader(folder: str | Path, batch_size: int, seed: int, rank: int = 0, w
     skipped (corrupt samples dropped from this batch) and position (resume with dataset.next_position)."""
     dataset = PreparedShards(folder, batch_size, seed, rank, world_size, shuffle_buffer, start, split)
     return Loader(dataset, num_workers)
+
+
+def loader_factory(cfg):
+    """make_data(micro_batch, rank, world_size, start) for pcm.train.distill, from cfg.data and cfg.train."""
+    def make_data(micro_batch: int, rank: int, world_size: int, start: tuple[int, int]) -> Loader:
+        t = cfg.train
+        return make_loader(cfg.data.output_dir, micro_batch, cfg.seed, rank, world_size, t.num_workers,
+                           Position(*start), t.shuffle_buffer, t.data_split)
+
+    return make_data

@@ -9,15 +9,16 @@ A SIGTERM saves a checkpoint and raises Preempted (the CLI exits 143 so an orche
 import contextlib
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
 from pcm.config import Config, ConfigError, config_to_dict
-from pcm.data.loader import Loader, Position, PreparedShards
 from pcm.math import SolverGrid
 from pcm.models.families import Teacher, load_teacher
 from pcm.models.lora import adapters_off, attach_lora, export_lora, load_lora_state_dict, lora_state_dict
@@ -30,6 +31,19 @@ from pcm.train.step import Batch, method_loss
 from pcm.train.validation import write_validation_grid
 
 MAX_NONFINITE_IN_A_ROW = 10
+
+
+class BatchSource(Protocol):
+    """Endless training batches of one process (pcm.data.loader.Loader): dicts with pixels, caption,
+    original_size, crop_top_left and position; next_position(position) names the batch after it."""
+
+    def __iter__(self): ...
+
+    def next_position(self, position: tuple[int, int]) -> tuple[int, int]: ...
+
+
+# (micro batch size, rank, world size, start position) -> the batches of that process
+DataFactory = Callable[[int, int, int, tuple[int, int]], BatchSource]
 
 
 class Preempted(RuntimeError):
@@ -51,10 +65,10 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     ema: EMA | None
-    dataset: PreparedShards
+    data: BatchSource
     micro_batch: int
     step: int = 0
-    position: Position = Position()
+    position: tuple[int, int] = (0, 0)  # the next batch (epoch, index) of this process's data
     nonfinite_total: int = 0
 
 
@@ -70,7 +84,7 @@ def _optimizer(cfg: Config, params: list) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
 
 
-def setup(cfg: Config, resume: str | None) -> Run:
+def setup(cfg: Config, make_data: DataFactory, resume: str | None) -> Run:
     """Accelerator, teacher + LoRA, optimizer, schedule, EMA, data; restored from a checkpoint when resuming."""
     t = cfg.train
     if t.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -92,7 +106,7 @@ def setup(cfg: Config, resume: str | None) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t))
     ema = EMA(params, cfg.distill.ema_decay) if cfg.distill.target_net == "ema" else None
     out = Path(t.output_dir)
-    step, position, nonfinite = 0, Position(), 0
+    step, position, nonfinite = 0, (0, 0), 0
     checkpoint = resolve_resume(out / "checkpoints", resume)
     if checkpoint is not None:
         lora, state = load_checkpoint(checkpoint, optimizer)
@@ -101,13 +115,12 @@ def setup(cfg: Config, resume: str | None) -> Run:
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None:
             ema.load_state_dict({"decay": cfg.distill.ema_decay, "shadow": shadow})
-        step, position, nonfinite = state["step"], Position(*state["position"]), state["nonfinite_total"]
+        step, position, nonfinite = state["step"], tuple(state["position"]), state["nonfinite_total"]
         accelerator.print(f"resumed from {checkpoint} at step {step}")
     student_unet, optimizer = accelerator.prepare(teacher.unet, optimizer)
     micro = per_process // accelerator.num_processes
-    dataset = PreparedShards(cfg.data.output_dir, micro, cfg.seed, accelerator.process_index,
-                             accelerator.num_processes, t.shuffle_buffer, position, t.data_split)
-    return Run(accelerator, teacher, student_unet, params, optimizer, scheduler, ema, dataset, micro, step,
+    data = make_data(micro, accelerator.process_index, accelerator.num_processes, position)
+    return Run(accelerator, teacher, student_unet, params, optimizer, scheduler, ema, data, micro, step,
                position, nonfinite)
 
 
@@ -174,7 +187,7 @@ def _step(run: Run, cfg: Config, batches) -> tuple[torch.Tensor, bool]:
     losses = []
     for k in range(A):
         batch = next(batches)
-        run.position = run.dataset.next_position(Position(*batch["position"]))
+        run.position = tuple(run.data.next_position(tuple(batch["position"])))
         sync = contextlib.nullcontext() if k == A - 1 else acc.no_sync(run.student_unet)
         with sync:
             loss = _micro_loss(run, cfg, batch, k)
@@ -211,9 +224,10 @@ def metadata(cfg: Config, teacher: Teacher) -> dict:
     }
 
 
-def distill(cfg: Config, resume: str | None = None, sink: Sink | None = None, progress: bool = True) -> dict:
+def distill(cfg: Config, make_data: DataFactory, resume: str | None = None, sink: Sink | None = None,
+            progress: bool = True) -> dict:
     """Runs (or resumes) distillation to cfg.train.max_steps; exports the LoRA; returns a summary."""
-    run = setup(cfg, resume)
+    run = setup(cfg, make_data, resume)
     with _sigterm_flag() as flag:
         _train(run, cfg, flag, sink, progress)
     return _finish(run, cfg)
@@ -223,7 +237,7 @@ def _train(run: Run, cfg: Config, flag: dict, sink: Sink | None, progress: bool)
     """The loop: steps, logging, validation grids, checkpoints; raises Preempted / NonFiniteLoss."""
     acc, t, out = run.accelerator, cfg.train, Path(cfg.train.output_dir)
     sink = sink or (JsonlSink(out / "metrics.jsonl") if acc.is_main_process else None)
-    batches = iter(Loader(run.dataset, t.num_workers))
+    batches = iter(run.data)
     in_a_row, loss_sum, logged, tick = 0, torch.zeros(()), 0, time.perf_counter()
     bar = tqdm(total=t.max_steps, initial=run.step, desc=f"distill {cfg.distill.method} M={cfg.distill.num_phases}",
                disable=not (progress and acc.is_main_process))
