@@ -51,16 +51,17 @@ def _lora(out) -> dict[str, torch.Tensor]:
     return load_file(Path(out) / "lora" / "pytorch_lora_weights.safetensors")
 
 
-@pytest.mark.parametrize("distill_cfg", [
-    {"method": "pcm", "guidance": "small_cfg"},
-    {"method": "pcm", "guidance": "normal_cfg", "caption_dropout": 0.5, "target_net": "ema"},
-    {"method": "lcm", "num_phases": 1},
-], ids=["pcm-small-cfg", "pcm-normal-cfg-ema", "lcm"])
-def test_each_method_and_variant_trains_exports_and_writes_grids(world, tmp_path, distill_cfg):
+@pytest.mark.parametrize("distill_cfg,train_cfg", [
+    ({"method": "pcm", "guidance": "small_cfg"}, {}),
+    ({"method": "pcm", "guidance": "normal_cfg", "caption_dropout": 0.5, "target_net": "ema"}, {}),
+    ({"method": "lcm", "num_phases": 1}, {}),
+    ({"method": "pcm"}, {"mixed_precision": "bf16", "gradient_accumulation_steps": 2, "gradient_checkpointing": True}),
+], ids=["pcm-small-cfg", "pcm-normal-cfg-ema", "lcm", "pcm-bf16-accumulate-checkpointing"])
+def test_each_method_and_variant_trains_exports_and_writes_grids(world, tmp_path, distill_cfg, train_cfg):
     root, base = world
-    cfg = _cfg(base, tmp_path / "run", distill=distill_cfg, train={"validate_every": 2})
+    cfg = _cfg(base, tmp_path / "run", distill=distill_cfg, train={"validate_every": 2, **train_cfg})
     summary = distill(cfg, loader_factory(cfg), progress=False)
-    assert summary["steps"] == 2 and Path(summary["validation_grid"]).is_file()
+    assert summary["steps"] == 2 and summary["nonfinite_steps"] == 0 and Path(summary["validation_grid"]).is_file()
     meta = read_metadata(summary["lora"])
     assert meta["method"] == distill_cfg["method"] and meta["num_phases"] == cfg.distill.num_phases
     if distill_cfg["method"] == "pcm":
