@@ -45,6 +45,7 @@ class Teacher:
     vae: AutoencoderKL | None = None
     tokenizers: list[CLIPTokenizer] = field(default_factory=list)
     text_encoders: list[torch.nn.Module] = field(default_factory=list)
+    _empty: dict | None = field(default=None, repr=False)  # sd15's encoded "", computed once
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -92,8 +93,9 @@ class Teacher:
     def uncond(self, batch_size: int, like: dict | None = None) -> dict:
         """The empty condition: sd15 encodes "", sdxl uses zeros (time ids kept from `like` when given)."""
         if self.family == "sd15":
-            empty = self.encode_prompts([""])
-            return {k: v.expand(batch_size, *v.shape[1:]) for k, v in empty.items()}
+            if self._empty is None:
+                self._empty = self.encode_prompts([""])
+            return {k: v.expand(batch_size, *v.shape[1:]) for k, v in self._empty.items()}
         if like is None:
             like = self.encode_prompts([""] * batch_size)
         return {"encoder_hidden_states": torch.zeros_like(like["encoder_hidden_states"]),
