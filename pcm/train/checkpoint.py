@@ -22,12 +22,31 @@ from safetensors.torch import load_file, save_file
 PATTERN = re.compile(r"^step-(\d{6,})$")
 
 
+def _flatten(values: dict, prefix: str = "") -> dict:
+    """{'a': {'b': x}} -> {'a/b': x}: 8-bit optimizers (bitsandbytes) nest their quantization state in a dict."""
+    flat = {}
+    for name, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{name}/"))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def _nest(state: dict, path: str, value) -> None:
+    *parents, leaf = path.split("/")
+    for name in parents:
+        state = state.setdefault(name, {})
+    state[leaf] = value
+
+
 def _split_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, scalars = {}, {}
     for index, values in state["state"].items():
-        for name, value in values.items():
+        for name, value in _flatten(values).items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
+                # copied: safetensors refuses tensors that share memory (bitsandbytes shares one qmap across params)
+                tensors[f"state.{index}.{name}"] = value.detach().to("cpu", copy=True).contiguous()
             else:
                 scalars.setdefault(str(index), {})[name] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -37,9 +56,10 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
+        _nest(state.setdefault(int(index), {}), name, value)
     for index, values in rest["scalars"].items():
-        state.setdefault(int(index), {}).update(values)
+        for name, value in values.items():
+            _nest(state.setdefault(int(index), {}), name, value)
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
