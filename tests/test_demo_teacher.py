@@ -13,9 +13,10 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from pcm import stages
 from pcm.config import ConfigError, load_config
-from pcm.demo.teacher import _family, load_prepared, train_demo_teacher
+from pcm.demo.teacher import _build, _family, load_prepared, train_demo_teacher
 
-TOY = ["demo_teacher.vae_channels=[8, 16, 16]", "demo_teacher.unet_channels=[16, 32]", "demo_teacher.text_hidden=16",
+TOY = ["demo_teacher.vae_channels=[8, 16, 16]", "demo_teacher.unet_channels=[16, 16, 32]",
+       "demo_teacher.text_hidden=16",
        "demo_teacher.text_layers=1", "demo_teacher.vae_steps=3", "demo_teacher.unet_steps=3",
        "demo_teacher.vae_batch_size=8", "demo_teacher.unet_batch_size=8", "demo_teacher.holdout=8",
        "demo_teacher.eval_prompts=2", "demo_teacher.eval_steps=2"]
@@ -94,5 +95,20 @@ def test_load_prepared_reads_every_sample(prepared):
 def test_config_and_family_errors_list_the_allowed_values(prepared, tmp_path):
     with pytest.raises(ConfigError, match="demo_teacher.eval_prompts=9"):
         _config(prepared, tmp_path, extra=["demo_teacher.eval_prompts=9"])
+    with pytest.raises(ConfigError, match=r"demo_teacher.attention_from=2: must be in \[0, 1\]"):
+        _config(prepared, tmp_path, extra=["demo_teacher.attention_from=2"])
+    with pytest.raises(ConfigError, match="demo_teacher.device"):
+        _config(prepared, tmp_path, extra=["demo_teacher.device=tpu"])
     with pytest.raises(ValueError, match="allowed: sd15, sdxl"):
         _family("sd3")
+
+
+@pytest.mark.parametrize(("attention_from", "down"), [
+    (0, ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")),
+    (1, ("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")),
+])
+def test_attention_from_sets_the_unet_layout(prepared, tmp_path, attention_from, down):
+    cfg = _config(prepared, tmp_path, extra=[f"demo_teacher.attention_from={attention_from}"])
+    unet = _build(cfg, ["a red circle in the center on a gray background"])["unet"]
+    assert tuple(unet.config.down_block_types) == down
+    assert tuple(unet.config.up_block_types) == tuple(b.replace("Down", "Up") for b in reversed(down))

@@ -19,6 +19,7 @@ from pcm.demo.shapes import (
     COLOURS,
     KINDS,
     POSITIONS,
+    SIZE_RANGE,
     ShapesSpec,
     caption_for,
     generate_sample,
@@ -80,7 +81,8 @@ def test_generate_sample_respects_spec(image_size, min_shapes, max_shapes):
         assert sample.attributes["background"] in BACKGROUNDS
         for obj in objects:
             assert obj["colour"] in COLOURS and obj["kind"] in KINDS and obj["position"] in POSITIONS
-            assert 0.5 * image_size / 3 <= obj["size"] <= 0.9 * image_size / 3
+            cell = image_size / 3  # sizes are rounded to whole pixels
+            assert SIZE_RANGE[0] * cell - 0.5 <= obj["size"] <= SIZE_RANGE[1] * cell + 0.5
         assert json.loads(json.dumps(sample.attributes)) == sample.attributes
         counts.add(len(objects))
     assert counts == set(range(min_shapes, max_shapes + 1)), "every allowed object count should occur in 60 draws"

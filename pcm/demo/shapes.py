@@ -51,8 +51,9 @@ _WHERE: dict[str, str] = {
 }
 _POSITION_OF_WHERE = {phrase: position for position, phrase in _WHERE.items()}
 
-# Shape extent (circle diameter, square side, triangle base and height) as a fraction of the grid cell.
-SIZE_RANGE: tuple[float, float] = (0.55, 0.85)
+# Shape extent (circle diameter, square side, triangle base and height) as a fraction of the grid cell: 7-9.6 px
+# at the demo's 32 px, large enough that a circle, a square and a triangle still differ after a VAE round trip.
+SIZE_RANGE: tuple[float, float] = (0.65, 0.9)
 # Smallest gap between a shape and its cell border, as a fraction of the cell: keeps neighbours from touching
 # even after the image is blurred down to half resolution.
 _CELL_MARGIN = 0.05

@@ -88,7 +88,9 @@ def _lr_lambda(steps: int):
 
 
 def _optimizer(params, cfg: DemoTeacherConfig, steps: int):
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    # beta2 = 0.99: the second-moment average spans ~100 steps instead of ~1000, so in runs of a few hundred steps
+    # the step size follows the fast-shrinking gradients (the VAE learns the shape colours about twice as early).
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps))
 
 
@@ -99,8 +101,9 @@ def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, cfg: DemoTeacherConfig, 
     bar = tqdm(_batches(len(pixels), cfg.vae_batch_size, cfg.vae_steps, generator), total=cfg.vae_steps,
                desc="demo-teacher vae", disable=not progress)
     vae.train()
+    device = vae.device
     for step, idx in enumerate(bar):
-        x = _to_float(pixels[idx])
+        x = _to_float(pixels[idx].to(device))
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator)).sample
         loss = F.mse_loss(recon, x) + KL_WEIGHT * posterior.kl().mean()
@@ -117,7 +120,8 @@ def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, cfg: DemoTeacherConfig, 
 @torch.no_grad()
 def reconstruct(vae: AutoencoderKL, pixels: torch.Tensor, chunk: int = 250) -> torch.Tensor:
     """Posterior-mean reconstructions of pixels (N, 3, H, W) uint8, as (N, 3, H, W) float in [0, 1]."""
-    out = [vae.decode(vae.encode(_to_float(p)).latent_dist.mode()).sample for p in pixels.split(chunk)]
+    out = [vae.decode(vae.encode(_to_float(p.to(vae.device))).latent_dist.mode()).sample.cpu()
+           for p in pixels.split(chunk)]
     return (torch.cat(out) / 2 + 0.5).clamp(0, 1)
 
 
@@ -136,9 +140,9 @@ def encode_posteriors(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch
     once and sampling per step costs nothing and keeps the decoder-tolerated noise in the training data. The
     scaling factor is SD's: 1 / std of posterior samples over the training set, so latents have unit variance.
     """
-    dists = [vae.encode(_to_float(p)).latent_dist for p in pixels.split(chunk)]
+    dists = [vae.encode(_to_float(p.to(vae.device))).latent_dist for p in pixels.split(chunk)]
     mean, std = torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
-    sample = mean + std * torch.randn(mean.shape, generator=generator)
+    sample = mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)
     return mean, std, 1.0 / sample.std().item()
 
 
@@ -158,7 +162,8 @@ def _conditions(family: str, encoders: list, ids: torch.Tensor, drop: torch.Tens
     out_1 = encoders[0](ids, output_hidden_states=True)
     out_2 = encoders[1](ids, output_hidden_states=True)
     states = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1) * keep[:, None, None]
-    time_ids = torch.tensor([side, side, 0, 0, side, side], dtype=torch.float32).expand(len(ids), 6)
+    time_ids = torch.tensor([side, side, 0, 0, side, side], dtype=torch.float32, device=ids.device)
+    time_ids = time_ids.expand(len(ids), 6)
     return {"encoder_hidden_states": states,
             "added_cond_kwargs": {"text_embeds": out_2.text_embeds * keep[:, None], "time_ids": time_ids}}
 
@@ -172,8 +177,9 @@ def train_unet(parts: dict, latents: tuple, ids: torch.Tensor, cfg: DemoTeacherC
     unet, scheduler, family = parts["unet"], parts["scheduler"], cfg.family
     encoders = [parts[k] for k in ("text_encoder", "text_encoder_2") if parts.get(k) is not None]
     tokenizer = parts["tokenizer"]
+    device = unet.device
     empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                          return_tensors="pt").input_ids
+                          return_tensors="pt").input_ids.to(device)
     params = [p for m in [unet, *encoders] for p in m.parameters()]
     opt, sched = _optimizer(params, cfg, cfg.unet_steps)
     ema = EMA(params, cfg.ema_decay)
@@ -186,11 +192,13 @@ def train_unet(parts: dict, latents: tuple, ids: torch.Tensor, cfg: DemoTeacherC
         m.train()
     for step, idx in enumerate(bar):
         b = len(idx)
-        x_0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=generator)) * scaling
-        eps = torch.randn(x_0.shape, generator=generator)
-        t = torch.randint(0, T, (b,), generator=generator)
-        drop = torch.rand(b, generator=generator) < cfg.caption_dropout
-        cond = _conditions(family, encoders, ids[idx], drop, empty_ids, side)
+        # Every draw comes from the CPU generator and is then moved: the same sequence on every device.
+        noise = torch.randn(mean[idx].shape, generator=generator).to(device)
+        x_0 = (mean[idx] + std[idx] * noise) * scaling
+        eps = torch.randn(x_0.shape, generator=generator).to(device)
+        t = torch.randint(0, T, (b,), generator=generator).to(device)
+        drop = (torch.rand(b, generator=generator) < cfg.caption_dropout).to(device)
+        cond = _conditions(family, encoders, ids[idx].to(device), drop, empty_ids, side)
         eps_hat = unet(scheduler.add_noise(x_0, eps, t), t, **cond).sample
         loss = F.mse_loss(eps_hat, eps)
         opt.zero_grad(set_to_none=True)
@@ -232,7 +240,7 @@ def oracle_report(images: np.ndarray, captions: list[str]) -> dict:
 @torch.no_grad()
 def evaluate(pipeline_dir: Path, captions: list[str], cfg: Config, progress: bool, chunk: int = 50) -> dict:
     """Samples the captions with the saved pipeline (DDIM + CFG, one seed per prompt) and scores them."""
-    pipe = _family(cfg.demo_teacher.family)[1].from_pretrained(pipeline_dir)
+    pipe = _family(cfg.demo_teacher.family)[1].from_pretrained(pipeline_dir).to(_device(cfg.demo_teacher))
     pipe.set_progress_bar_config(disable=True)
     images = []
     for start in tqdm(range(0, len(captions), chunk), desc="demo-teacher eval", disable=not progress):
@@ -243,6 +251,14 @@ def evaluate(pipeline_dir: Path, captions: list[str], cfg: Config, progress: boo
                    guidance_scale=cfg.demo_teacher.eval_guidance_scale, output_type="np").images
         images.append(np.round(out * 255).astype(np.uint8))
     return oracle_report(np.concatenate(images), captions)
+
+
+def _device(c: DemoTeacherConfig) -> torch.device:
+    if c.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if c.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("demo_teacher.device=cuda but torch sees no CUDA device; use cpu or auto")
+    return torch.device(c.device)
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -262,9 +278,10 @@ def _build(cfg: Config, captions: list[str]) -> dict:
     # Captions need ~25 tokens where CLIP's 77 would be mostly padding that every cross-attention reads.
     tokenizer = build_tokenizer(captions, model_max_length=8 * math.ceil(longest / 8))
     factor = 2 ** (len(c.vae_channels) - 1)
-    sizes = TinySizes(unet_channels=c.unet_channels, attention_head_dim=8, cross_attention_dim=c.text_hidden,
-                      text_hidden=c.text_hidden, text_layers=c.text_layers, vae_channels=c.vae_channels,
-                      norm_groups=8, sample_size=cfg.data.resolution // factor)
+    sizes = TinySizes(unet_channels=c.unet_channels, attention_head_dim=c.attention_heads,
+                      attention_from=c.attention_from, cross_attention_dim=c.text_hidden, text_hidden=c.text_hidden,
+                      text_layers=c.text_layers,
+                      vae_channels=c.vae_channels, norm_groups=8, sample_size=cfg.data.resolution // factor)
     return _family(c.family)[0](tokenizer, sizes)
 
 
@@ -280,6 +297,10 @@ def train_demo_teacher(cfg: Config, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     parts = _build(cfg, captions + [""])
+    device = _device(c)
+    for part in parts.values():
+        if isinstance(part, torch.nn.Module):
+            part.to(device)
     seconds["data"], t0 = tick() - start, tick()
 
     vae_loss = train_vae(parts["vae"], train_px, c, generator, progress)

@@ -55,6 +55,7 @@ class TinySizes:
     vae_channels: tuple[int, ...] = (8, 16)  # downsampling factor 2 ** (len - 1)
     norm_groups: int = 8
     sample_size: int = 8  # latent side the UNet is configured for (informational for diffusers)
+    attention_from: int = 0  # first UNet level with cross-attention; 0 = SD1.5's layout, 1 = SDXL's
 
 
 def _text_config(tokenizer: CLIPTokenizer, sizes: TinySizes, hidden: int) -> CLIPTextConfig:
@@ -75,10 +76,15 @@ def tiny_vae(sizes: TinySizes) -> AutoencoderKL:
     )
 
 
-def _unet_blocks(n: int) -> dict:
-    """Cross-attention in every block but the deepest (SD's layout, shortened)."""
-    down = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
-    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
+def _unet_blocks(sizes: TinySizes) -> dict:
+    """Cross-attention in the blocks from level sizes.attention_from to the last but one (0 = full latent resolution):
+    from 0 is SD1.5's layout shortened, from 1 SDXL's (no attention at the highest resolution)."""
+    n, first = len(sizes.unet_channels), sizes.attention_from
+    if not 0 <= first < n - 1:
+        raise ValueError(f"attention_from={first}: must be in [0, {n - 2}] for {n} UNet levels (the deepest has none)")
+    attention = [first <= level < n - 1 for level in range(n)]
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention))
     return {"down_block_types": down, "up_block_types": up}
 
 
@@ -89,7 +95,7 @@ def tiny_sd15_components(tokenizer: CLIPTokenizer, sizes: TinySizes = TinySizes(
         sample_size=sizes.sample_size, in_channels=4, out_channels=4, block_out_channels=sizes.unet_channels,
         layers_per_block=sizes.layers_per_block, cross_attention_dim=sizes.text_hidden,
         attention_head_dim=sizes.attention_head_dim, norm_num_groups=sizes.norm_groups,
-        **_unet_blocks(len(sizes.unet_channels)),
+        **_unet_blocks(sizes),
     )
     return {
         "unet": unet, "vae": tiny_vae(sizes), "tokenizer": tokenizer,
@@ -109,7 +115,7 @@ def tiny_sdxl_components(tokenizer: CLIPTokenizer, sizes: TinySizes = TinySizes(
         layers_per_block=sizes.layers_per_block, cross_attention_dim=hidden_1 + hidden_2,
         attention_head_dim=sizes.attention_head_dim, norm_num_groups=sizes.norm_groups, use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=hidden_2 + 6 * time_dim, **_unet_blocks(len(sizes.unet_channels)),
+        projection_class_embeddings_input_dim=hidden_2 + 6 * time_dim, **_unet_blocks(sizes),
     )
     return {
         "unet": unet, "vae": tiny_vae(sizes), "scheduler": sd_scheduler(prediction_type),
