@@ -245,7 +245,8 @@ class DemoTeacherConfig:
     vae_batch_size: int = 32
     unet_steps: int = 2400  # UNet + text encoder optimizer steps
     unet_batch_size: int = 32
-    learning_rate: float = 2e-3  # AdamW, both phases
+    vae_learning_rate: float = 1e-3  # AdamW of the VAE phase (2e-3 ends 4 dB lower: 27 vs 31.8 dB after 800 steps)
+    learning_rate: float = 2e-3  # AdamW of the UNet + text encoder phase
     ema_decay: float = 0.995  # EMA of the UNet and text encoder weights that are saved
     caption_dropout: float = 0.1  # fraction of captions replaced by "" so CFG works
     holdout: int = 200  # prepared images kept out of training: VAE PSNR, and their captions are the eval prompts

@@ -87,17 +87,17 @@ def _lr_lambda(steps: int):
     return factor
 
 
-def _optimizer(params, cfg: DemoTeacherConfig, steps: int):
+def _optimizer(params, lr: float, steps: int):
     # beta2 = 0.99: the second-moment average spans ~100 steps instead of ~1000, so in runs of a few hundred steps
     # the step size follows the fast-shrinking gradients (the VAE learns the shape colours about twice as early).
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps))
 
 
 def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, cfg: DemoTeacherConfig, generator: torch.Generator,
               progress: bool) -> float:
     """Trains vae in place on pixels (N, 3, H, W) uint8; returns the last loss."""
-    opt, sched = _optimizer(vae.parameters(), cfg, cfg.vae_steps)
+    opt, sched = _optimizer(vae.parameters(), cfg.vae_learning_rate, cfg.vae_steps)
     bar = tqdm(_batches(len(pixels), cfg.vae_batch_size, cfg.vae_steps, generator), total=cfg.vae_steps,
                desc="demo-teacher vae", disable=not progress)
     vae.train()
@@ -181,7 +181,7 @@ def train_unet(parts: dict, latents: tuple, ids: torch.Tensor, cfg: DemoTeacherC
     empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                           return_tensors="pt").input_ids.to(device)
     params = [p for m in [unet, *encoders] for p in m.parameters()]
-    opt, sched = _optimizer(params, cfg, cfg.unet_steps)
+    opt, sched = _optimizer(params, cfg.learning_rate, cfg.unet_steps)
     ema = EMA(params, cfg.ema_decay)
     mean, std, scaling = latents
     side = mean.shape[-1] * 2 ** (len(parts["vae"].config.block_out_channels) - 1)
