@@ -40,6 +40,26 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class AdversarialConfig:
+    """The adversarial consistency loss (DESIGN.md §3 step 7): a discriminator on the teacher's encoder features."""
+
+    weight: float = 0.0  # lambda of the generator's hinge loss; 0 = off (the reference runs use 0.1)
+    schedule: Literal["joint", "alternate"] = "joint"  # joint: D and G updated every step (no teacher pass is
+    #   spent without a student update); alternate: the reference's D-only and G-only steps in turn
+    head_kernel: Literal[1, 3] = 1  # conv kernel of the heads: 1 as the SDXL reference, 3 as the SD1.5 reference
+    learning_rate: float = 1e-5  # AdamW of the heads
+    beta1: float = 0.0
+    beta2: float = 0.999
+    weight_decay: float = 1e-3
+
+    def __post_init__(self):
+        _require(self.weight >= 0, f"adversarial.weight={self.weight}: must be >= 0 (0 turns the loss off)")
+        _require(self.learning_rate > 0, f"adversarial.learning_rate={self.learning_rate}: must be > 0")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
+                 f"adversarial.beta1={self.beta1}, beta2={self.beta2}: each must be in [0, 1)")
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     """The consistency distillation method (DESIGN.md §3)."""
 
@@ -286,8 +306,12 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
     def __post_init__(self):
+        _require(self.adversarial.weight == 0 or self.distill.method == "pcm",
+                 f"adversarial.weight={self.adversarial.weight} needs distill.method=pcm (the LCM baseline has no "
+                 "phase edges to re-noise from); set adversarial.weight=0")
         T, N = self.schedule.num_train_timesteps, self.distill.num_solver_steps
         _require(T % N == 0, f"distill.num_solver_steps={N} must divide schedule.num_train_timesteps={T}; "
                              f"choose one of {_divisors(T)}")

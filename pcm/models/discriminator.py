@@ -99,9 +99,25 @@ class Discriminator(nn.Module):
     def unet(self) -> nn.Module:
         return self._unet[0]
 
-    def forward(self, x_r: torch.Tensor, r: torch.Tensor, cond: dict) -> torch.Tensor:
-        """Per-sample logits (B,): each head's mean over positions, averaged over heads."""
+    def forward(self, x_r: torch.Tensor, r: torch.Tensor, cond: dict, train_heads: bool = True) -> torch.Tensor:
+        """Per-sample logits (B,): each head's mean over positions, averaged over heads.
+
+        train_heads=False: the heads take part as constants, so the generator's loss sends no gradient to them."""
         with adapters_off(self.unet), _no_checkpointing(self.unet):
             features = encoder_features(self.unet, x_r, r, cond)
-        logits = [head(f).float().mean(dim=(1, 2, 3)) for head, f in zip(self.heads, features, strict=True)]
+        with _frozen(self.heads, not train_heads):
+            logits = [head(f).float().mean(dim=(1, 2, 3)) for head, f in zip(self.heads, features, strict=True)]
         return torch.stack(logits).mean(dim=0)
+
+
+@contextmanager
+def _frozen(module: nn.Module, frozen: bool) -> Iterator[None]:
+    """Within the block the module's parameters do not require grad (when frozen); restored afterwards."""
+    flags = [p.requires_grad for p in module.parameters()]
+    if frozen:
+        module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags, strict=True):
+            p.requires_grad_(flag)

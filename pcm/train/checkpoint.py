@@ -64,8 +64,10 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
 
 
 def save_checkpoint(folder: Path, step: int, lora: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    extra: dict, keep: int) -> Path:
-    """Writes checkpoints/step-XXXXXX atomically and prunes all but the newest `keep`; returns its path."""
+                    extra: dict, keep: int, others: dict[str, torch.optim.Optimizer] | None = None) -> Path:
+    """Writes checkpoints/step-XXXXXX atomically and prunes all but the newest `keep`; returns its path.
+
+    others: further optimizers by name (the discriminator's), each in NAME.safetensors + state.json[NAME]."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:06d}"
     tmp = folder / f".tmp-step-{step:06d}"
@@ -74,6 +76,10 @@ def save_checkpoint(folder: Path, step: int, lora: dict[str, torch.Tensor], opti
     save_file(lora, tmp / "lora.safetensors")
     tensors, rest = _split_optimizer(optimizer.state_dict())
     save_file(tensors, tmp / "optimizer.safetensors")
+    extra = dict(extra)
+    for name, other in (others or {}).items():
+        other_tensors, extra[name] = _split_optimizer(other.state_dict())
+        save_file(other_tensors, tmp / f"{name}.safetensors")
     rng = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["torch_cuda"] = torch.cuda.get_rng_state()
@@ -109,10 +115,16 @@ def resolve_resume(folder: Path, resume: str | None) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """(LoRA tensors, state.json) of a checkpoint; restores the optimizer and the torch RNG in place."""
+def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer,
+                    others: dict[str, torch.optim.Optimizer] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(LoRA tensors, state.json) of a checkpoint; restores the optimizers and the torch RNG in place."""
     state = json.loads((path / "state.json").read_text())
     optimizer.load_state_dict(_join_optimizer(load_file(path / "optimizer.safetensors"), state["optimizer"]))
+    for name, other in (others or {}).items():
+        if name not in state:
+            raise ValueError(f"{path} holds no {name} state: it was written by a run with other settings (e.g. "
+                             "adversarial.weight=0); resume with those settings or start a new train.output_dir")
+        other.load_state_dict(_join_optimizer(load_file(path / f"{name}.safetensors"), state[name]))
     rng = load_file(path / "rng.safetensors")
     torch.set_rng_state(rng["torch_cpu"])
     if "torch_cuda" in rng and torch.cuda.is_available():

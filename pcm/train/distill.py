@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from pcm.config import Config, ConfigError, config_to_dict
 from pcm.math import SolverGrid
+from pcm.models.discriminator import Discriminator
 from pcm.models.families import Teacher, load_teacher
 from pcm.models.lora import adapters_off, attach_lora, export_lora, load_lora_state_dict, lora_state_dict
 from pcm.sampling import pcm_timesteps
@@ -31,6 +32,7 @@ from pcm.train.step import Batch, method_loss
 from pcm.train.validation import write_validation_grid
 
 MAX_NONFINITE_IN_A_ROW = 10
+DISC_PREFIX = "disc."  # discriminator heads in a checkpoint's lora.safetensors
 
 
 class BatchSource(Protocol):
@@ -67,6 +69,8 @@ class Run:
     ema: EMA | None
     data: BatchSource
     micro_batch: int
+    disc: torch.nn.Module | None = None  # the discriminator (heads trainable) as prepared by accelerate
+    disc_optimizer: torch.optim.Optimizer | None = None
     step: int = 0
     position: tuple[int, int] = (0, 0)  # the next batch (epoch, index) of this process's data
     nonfinite_total: int = 0
@@ -82,6 +86,15 @@ def _optimizer(cfg: Config, params: list) -> torch.optim.Optimizer:
                               "install it or use train.optimizer=adamw") from err
         return bnb.optim.AdamW8bit(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+def _discriminator(cfg: Config, teacher: Teacher) -> tuple[Discriminator | None, torch.optim.Optimizer | None]:
+    a = cfg.adversarial
+    if a.weight == 0:
+        return None, None
+    disc = Discriminator(teacher.unet, a.head_kernel).to(teacher.device)  # heads in fp32, like the LoRA
+    return disc, torch.optim.AdamW(disc.parameters(), lr=a.learning_rate, betas=(a.beta1, a.beta2),
+                                   weight_decay=a.weight_decay)
 
 
 def setup(cfg: Config, make_data: DataFactory, resume: str | None) -> Run:
@@ -105,12 +118,17 @@ def setup(cfg: Config, make_data: DataFactory, resume: str | None) -> Run:
     optimizer = _optimizer(cfg, params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t))
     ema = EMA(params, cfg.distill.ema_decay) if cfg.distill.target_net == "ema" else None
+    disc, disc_optimizer = _discriminator(cfg, teacher)
+    others = {"disc_optimizer": disc_optimizer} if disc is not None else {}
     out = Path(t.output_dir)
     step, position, nonfinite = 0, (0, 0), 0
     checkpoint = resolve_resume(out / "checkpoints", resume)
     if checkpoint is not None:
-        lora, state = load_checkpoint(checkpoint, optimizer)
+        lora, state = load_checkpoint(checkpoint, optimizer, others)
         shadow = [lora.pop(k) for k in state["ema_keys"]]  # EMA copies ride along in the same file
+        heads = {k.removeprefix(DISC_PREFIX): lora.pop(k) for k in list(lora) if k.startswith(DISC_PREFIX)}
+        if disc is not None:
+            disc.load_state_dict(heads)  # the reference loses the heads on resume; we keep them
         load_lora_state_dict(teacher.unet, lora)
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None:
@@ -118,10 +136,12 @@ def setup(cfg: Config, make_data: DataFactory, resume: str | None) -> Run:
         step, position, nonfinite = state["step"], tuple(state["position"]), state["nonfinite_total"]
         accelerator.print(f"resumed from {checkpoint} at step {step}")
     student_unet, optimizer = accelerator.prepare(teacher.unet, optimizer)
+    if disc is not None:
+        disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
     micro = per_process // accelerator.num_processes
     data = make_data(micro, accelerator.process_index, accelerator.num_processes, position)
-    return Run(accelerator, teacher, student_unet, params, optimizer, scheduler, ema, data, micro, step,
-               position, nonfinite)
+    return Run(accelerator, teacher, student_unet, params, optimizer, scheduler, ema, data, micro, disc,
+               disc_optimizer, step, position, nonfinite)
 
 
 def _checkpoint(run: Run, cfg: Config) -> Path | None:
@@ -133,14 +153,31 @@ def _checkpoint(run: Run, cfg: Config) -> Path | None:
         names = [n for n, p in run.teacher.unet.named_parameters() if "lora_" in n]
         ema_keys = [f"ema.{n}" for n in names]
         lora.update({k: v.detach().cpu().contiguous() for k, v in zip(ema_keys, run.ema.shadow, strict=True)})
+    others = {}
+    if run.disc is not None:  # the heads ride along in the LoRA file, their optimizer in its own
+        heads = run.accelerator.unwrap_model(run.disc).state_dict()
+        lora.update({DISC_PREFIX + k: v.detach().cpu().contiguous() for k, v in heads.items()})
+        others["disc_optimizer"] = run.disc_optimizer
     extra = {"position": list(run.position), "scheduler": run.scheduler.state_dict(), "ema_keys": ema_keys,
              "nonfinite_total": run.nonfinite_total, "config": config_to_dict(cfg)}
     return save_checkpoint(Path(cfg.train.output_dir) / "checkpoints", run.step, lora, run.optimizer, extra,
-                           cfg.train.keep_checkpoints)
+                           cfg.train.keep_checkpoints, others)
 
 
-def _micro_loss(run: Run, cfg: Config, batch: dict, k: int) -> torch.Tensor:
-    """Loss of one micro-batch: encode images and prompts, then the method's step (DESIGN.md §3)."""
+def _phase(run: Run, cfg: Config) -> str:
+    """What this step updates: 'joint' (student and heads), or in the alternate schedule 'g' then 'd' in turn."""
+    if run.disc is None:
+        return "g"
+    if cfg.adversarial.schedule == "joint":
+        return "joint"
+    return "g" if run.step % 2 == 0 else "d"
+
+
+def _micro_losses(run: Run, cfg: Config, batch: dict, k: int) -> dict[str, torch.Tensor]:
+    """Losses of one micro-batch: encode images and prompts, then the method's step (DESIGN.md §3).
+
+    'total' is what this step back-propagates: the consistency loss (+ weight x the generator's hinge loss)
+    for the student, + the discriminator's hinge loss for the heads; the two never share a gradient."""
     teacher, acc = run.teacher, run.accelerator
     x_0 = teacher.vae.encode(batch["pixels"].to(acc.device, teacher.vae.dtype)).latent_dist.mean.float()
     x_0 = x_0 * teacher.vae.config.scaling_factor
@@ -151,8 +188,16 @@ def _micro_loss(run: Run, cfg: Config, batch: dict, k: int) -> torch.Tensor:
     first = (run.step * cfg.train.gradient_accumulation_steps + k) * world * m + acc.process_index * m
     ids = torch.arange(first, first + len(x_0))  # global sample ids: the key of every random draw
 
+    phase = _phase(run, cfg)
+
     def student(x_t, t, c):
-        return teacher.eps_fn(x_t, t, c, unet=run.student_unet)
+        with torch.no_grad() if phase == "d" else contextlib.nullcontext():
+            return teacher.eps_fn(x_t, t, c, unet=run.student_unet)
+
+    def disc(x_r, r, c, train_heads):
+        # gradients reach the heads only through the prepared (DDP) module, and only when this step updates them
+        module = run.disc if train_heads and phase != "g" else acc.unwrap_model(run.disc)
+        return module(x_r, r, c, train_heads=train_heads)
 
     def frozen_teacher(x_t, t, c):
         with adapters_off(teacher.unet):
@@ -160,10 +205,14 @@ def _micro_loss(run: Run, cfg: Config, batch: dict, k: int) -> torch.Tensor:
 
     grid = SolverGrid(len(teacher.abar), cfg.distill.num_solver_steps, cfg.distill.num_phases)
     with acc.autocast():
+        kwargs = {"disc": disc} if run.disc is not None else {}
         out = method_loss(cfg.distill.method)(student, frozen_teacher, target_net_for(student, run.ema),
                                               Batch(x_0, cond, uncond, ids), grid, teacher.abar, cfg.distill,
-                                              cfg.seed, run.step)
-    return out["loss"]
+                                              cfg.seed, run.step, **kwargs)
+    g_term = cfg.adversarial.weight * out["g_loss"] if "g_loss" in out else 0.0
+    d_term = out.get("d_loss", 0.0)
+    out["total"] = {"g": out["loss"] + g_term, "d": d_term, "joint": out["loss"] + g_term + d_term}[phase]
+    return out
 
 
 @contextlib.contextmanager
@@ -181,32 +230,36 @@ def _sigterm_flag():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _step(run: Run, cfg: Config, batches) -> tuple[torch.Tensor, bool]:
-    """One optimizer step over gradient_accumulation_steps micro-batches; (mean loss, finite on every rank)."""
-    acc, A = run.accelerator, cfg.train.gradient_accumulation_steps
+def _step(run: Run, cfg: Config, batches) -> tuple[dict[str, torch.Tensor], bool]:
+    """One optimizer step over gradient_accumulation_steps micro-batches; (mean losses, finite on every rank)."""
+    acc, A, phase = run.accelerator, cfg.train.gradient_accumulation_steps, _phase(run, cfg)
     losses = []
     for k in range(A):
         batch = next(batches)
         run.position = tuple(run.data.next_position(tuple(batch["position"])))
         sync = contextlib.nullcontext() if k == A - 1 else acc.no_sync(run.student_unet)
         with sync:
-            loss = _micro_loss(run, cfg, batch, k)
+            out = _micro_losses(run, cfg, batch, k)
             # every rank must agree to skip, or DDP's all-reduce would wait forever
-            finite = bool(acc.gather(torch.isfinite(loss).float().reshape(1)).min() > 0)
+            finite = bool(acc.gather(torch.isfinite(out["total"]).float().reshape(1)).min() > 0)
             if finite:
-                acc.backward(loss / A)
-        losses.append(loss.detach())
+                acc.backward(out["total"] / A)
+        losses.append({key: out[key].detach().float() for key in ("loss", "g_loss", "d_loss") if key in out})
         if not finite:
             break
-    if finite:
+    if finite and phase != "d":
         if cfg.train.max_grad_norm > 0:
             acc.clip_grad_norm_(run.params, cfg.train.max_grad_norm)
         run.optimizer.step()
         run.scheduler.step()
         if run.ema is not None:
             run.ema.update()
+    if finite and phase != "g":
+        run.disc_optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return torch.stack(losses).mean(), finite
+    if run.disc_optimizer is not None:
+        run.disc_optimizer.zero_grad(set_to_none=True)
+    return {key: torch.stack([m[key] for m in losses]).mean() for key in losses[0]}, finite
 
 
 def metadata(cfg: Config, teacher: Teacher) -> dict:
@@ -238,11 +291,11 @@ def _train(run: Run, cfg: Config, flag: dict, sink: Sink | None, progress: bool)
     acc, t, out = run.accelerator, cfg.train, Path(cfg.train.output_dir)
     sink = sink or (JsonlSink(out / "metrics.jsonl") if acc.is_main_process else None)
     batches = iter(run.data)
-    in_a_row, loss_sum, logged, tick = 0, torch.zeros(()), 0, time.perf_counter()
+    in_a_row, sums, logged, tick = 0, {}, 0, time.perf_counter()
     bar = tqdm(total=t.max_steps, initial=run.step, desc=f"distill {cfg.distill.method} M={cfg.distill.num_phases}",
                disable=not (progress and acc.is_main_process))
     while run.step < t.max_steps:
-        loss, finite = _step(run, cfg, batches)
+        losses, finite = _step(run, cfg, batches)
         run.step += 1
         bar.update()
         if not finite:
@@ -252,14 +305,16 @@ def _train(run: Run, cfg: Config, flag: dict, sink: Sink | None, progress: bool)
                 raise NonFiniteLoss(f"the loss was not finite for {in_a_row} steps in a row, the last at step "
                                     f"{run.step}; lower train.learning_rate or use train.mixed_precision=no")
         else:
-            in_a_row, loss_sum, logged = 0, loss_sum + loss.float().cpu(), logged + 1
+            in_a_row, logged = 0, logged + 1
+            for key, value in losses.items():  # one host sync per step; logging reads the sums every K steps
+                sums[key] = sums.get(key, 0.0) + value.cpu()
         if run.step % t.log_every == 0 and sink is not None and logged:
             rate = t.log_every / (time.perf_counter() - tick)
-            record = {"loss": float(loss_sum) / logged, "lr": run.scheduler.get_last_lr()[0], "it_per_s": rate,
-                      "nonfinite_steps": float(run.nonfinite_total)}
+            record = {**{k: float(v) / logged for k, v in sums.items()}, "lr": run.scheduler.get_last_lr()[0],
+                      "it_per_s": rate, "nonfinite_steps": float(run.nonfinite_total)}
             sink.log(run.step, record)
             bar.set_postfix(loss=f"{record['loss']:.4g}", it_s=f"{rate:.2f}")
-            loss_sum, logged, tick = torch.zeros(()), 0, time.perf_counter()
+            sums, logged, tick = {}, 0, time.perf_counter()
         if t.validate_every and run.step % t.validate_every == 0 and acc.is_main_process:
             write_validation_grid(run.teacher, cfg, run.step, out)
         stop = bool(acc.gather(torch.tensor([float(flag["stop"])], device=acc.device)).max() > 0)

@@ -5,6 +5,7 @@ with an MLP student are driven by the same code. Numbered comments follow DESIGN
 """
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -15,13 +16,22 @@ from pcm.math import (
     append_dims,
     consistency_distance,
     ddim_jump,
+    hinge_d_loss,
+    hinge_g_loss,
     lcm_boundary_scalings,
     lcm_prediction,
     phased_target,
+    renoise,
     teacher_solver_step,
 )
 from pcm.models.denoiser import Cond, EpsFn, cat_cond, where_cond
-from pcm.train.rng import U_DROP, U_GRID, U_W, Draws, keyed_draws
+from pcm.train.rng import U_DROP, U_GRID, U_R, U_W, Draws, keyed_draws
+
+
+class Discriminate(Protocol):
+    """D(x_r, r, cond) -> (B,) logits; train_heads=False runs the heads as constants (the generator's pass)."""
+
+    def __call__(self, x_r: torch.Tensor, r: torch.Tensor, cond: Cond, train_heads: bool) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -45,11 +55,12 @@ class SolverOutcome:
 
 
 def draw_and_solve(
-    teacher: EpsFn, batch: Batch, grid: SolverGrid, abar: torch.Tensor, cfg: DistillConfig, seed: int, step: int
+    teacher: EpsFn, batch: Batch, grid: SolverGrid, abar: torch.Tensor, cfg: DistillConfig, seed: int, step: int,
+    with_z: bool = False,
 ) -> tuple[SolverOutcome, Draws]:
-    """Steps 1, 2 and 4 of DESIGN.md §3 (plus caption dropout), with keyed randomness."""
+    """Steps 1, 2 and 4 of DESIGN.md §3 (plus caption dropout), with keyed randomness (z: re-noising noise)."""
     x_0 = batch.x_0
-    draws = keyed_draws(seed, step, batch.ids, tuple(x_0.shape[1:]))
+    draws = keyed_draws(seed, step, batch.ids, tuple(x_0.shape[1:]), with_z=with_z)
     u = draws.u.to(x_0.device)
     # 1. n ~ U{0..N-1}; t = tau_n, t' = tau_{n-1}
     n = (u[:, U_GRID] * grid.N).long().clamp(max=grid.N - 1).cpu()
@@ -73,10 +84,13 @@ def draw_and_solve(
 
 def pcm_loss(
     student: EpsFn, teacher: EpsFn, target_net: EpsFn, batch: Batch, grid: SolverGrid, abar: torch.Tensor,
-    cfg: DistillConfig, seed: int, step: int,
+    cfg: DistillConfig, seed: int, step: int, disc: Discriminate | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The phased consistency loss d(f, y) of one batch; 'loss' carries the student's gradient."""
-    o, _ = draw_and_solve(teacher, batch, grid, abar, cfg, seed, step)
+    """The phased consistency loss d(f, y) of one batch; 'loss' carries the student's gradient.
+
+    With a discriminator also the adversarial terms (step 7): 'g_loss' (student's gradient) and 'd_loss' (the
+    heads' gradient only)."""
+    o, draws = draw_and_solve(teacher, batch, grid, abar, cfg, seed, step, with_z=disc is not None)
     like = batch.x_0
     s = grid.s(o.n).to(like.device)
     abar_t, abar_prev, abar_s = abar_at(abar, o.t, like), abar_at(abar, o.t_prev, like), abar_at(abar, s, like)
@@ -89,7 +103,27 @@ def pcm_loss(
     f = ddim_jump(o.x_t, student(o.x_t, o.t, o.cond), abar_t, abar_s)
     # 6. consistency loss
     loss = consistency_distance(f, y, cfg.loss, cfg.huber_c)
-    return {"loss": loss, "t_mean": o.t.float().mean()}
+    out = {"loss": loss, "t_mean": o.t.float().mean()}
+    if disc is not None:
+        out |= adversarial_losses(disc, f, y, s, o.cond, draws, grid, abar)
+    return out
+
+
+def adversarial_losses(disc: Discriminate, f: torch.Tensor, y: torch.Tensor, s: torch.Tensor, cond: Cond,
+                       draws: Draws, grid: SolverGrid, abar: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Step 7: r ~ U{s, ..., min(s + T/M, T) - 1}; fake f and real y re-noised from s to r with the same z;
+    hinge losses. The D pass over real and detached fake is one batched call; the G pass is a second one."""
+    T = len(abar)
+    hi = (s + T // grid.M).clamp(max=T)
+    u = draws.u[:, U_R].to(s.device)
+    r = torch.minimum(s + (u * (hi - s)).long(), hi - 1)
+    abar_s, abar_r = abar_at(abar, s, f), abar_at(abar, r, f)
+    z = draws.z.to(device=f.device, dtype=f.dtype)
+    x_fake, x_real = renoise(f, z, abar_s, abar_r), renoise(y, z, abar_s, abar_r)
+    d_real, d_fake = disc(torch.cat([x_real, x_fake.detach()]), torch.cat([r, r]), cat_cond(cond, cond),
+                          train_heads=True).chunk(2)
+    g_fake = disc(x_fake, r, cond, train_heads=False)
+    return {"d_loss": hinge_d_loss(d_real, d_fake), "g_loss": hinge_g_loss(g_fake)}
 
 
 def lcm_loss(
