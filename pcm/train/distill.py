@@ -306,8 +306,8 @@ def _train(run: Run, cfg: Config, flag: dict, sink: Sink | None, progress: bool)
                                     f"{run.step}; lower train.learning_rate or use train.mixed_precision=no")
         else:
             in_a_row, logged = 0, logged + 1
-            for key, value in losses.items():  # one host sync per step; logging reads the sums every K steps
-                sums[key] = sums.get(key, 0.0) + value.cpu()
+            for key, value in losses.items():  # summed on the device; read (a host sync) every log_every steps
+                sums[key] = sums.get(key, 0.0) + value
         if run.step % t.log_every == 0 and sink is not None and logged:
             rate = t.log_every / (time.perf_counter() - tick)
             record = {**{k: float(v) / logged for k, v in sums.items()}, "lr": run.scheduler.get_last_lr()[0],
