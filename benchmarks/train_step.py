@@ -166,7 +166,8 @@ def floor(teacher, batch, distill: dict, disc, repeats: int) -> dict[str, float]
 
 
 def peak_rss_child(two_unets: bool, batch: int) -> float:
-    """Peak memory (MB; RSS on CPU, allocated GPU memory on CUDA) of a child process that runs 3 PCM steps, optionally holding a second UNet as teacher."""
+    """Peak memory (MB; RSS on CPU, allocated GPU memory on CUDA) of a child process that runs 3 PCM steps,
+    optionally holding a second UNet as the teacher."""
     out = subprocess.run([sys.executable, __file__, "--child", str(int(two_unets)), "--batch", str(batch),
                           "--device", DEVICE], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
