@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo bench lock clean
+.PHONY: setup test lint demo bench bench-step lock clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,9 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/toy_gmm.py
+
+bench-step: setup
+	$(PY) benchmarks/train_step.py
 
 # Regenerates requirements.lock from pyproject.toml in a throwaway venv.
 lock:
