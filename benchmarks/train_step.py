@@ -7,7 +7,8 @@ Everything is timed in one run (machines are noisy; ratios are what is reported)
   with the adversarial loss the D pass (real + fake, heads' backward) and the G pass (backward to the input);
 - batched vs separate teacher passes: the step with cond and uncond in one forward vs two;
 - adversarial alternate vs joint: student updates per second;
-- peak RSS of the one-UNet design vs a run that holds a second UNet copy as the teacher (child processes).
+- peak memory of the one-UNet design vs a run that holds a second UNet copy as the teacher (child processes,
+  with a wider UNet: 128/256/512 channels, so the copy is not lost in the runtime's own memory).
 Latents and text conditions are made once (as precomputed ones would be), so the VAE and encoders are not timed.
 
     python benchmarks/train_step.py [--batch 8] [--repeats 5]
@@ -39,6 +40,9 @@ from pcm.train.step import Batch, method_loss
 PROMPTS = ["a red circle in the center on a gray background", "a blue square at the top left on a white background"]
 SIZES = TinySizes(unet_channels=(32, 64, 128), attention_from=1, attention_head_dim=2, cross_attention_dim=32,
                   text_hidden=32, vae_channels=(16, 32), sample_size=16)
+# The memory comparison needs a UNet that is large beside the torch runtime (~0.5 GB resident on its own).
+MEMORY_SIZES = TinySizes(unet_channels=(128, 256, 512), attention_from=1, attention_head_dim=8, cross_attention_dim=32,
+                         text_hidden=32, vae_channels=(16, 32), sample_size=16)
 VARIANTS = {  # name: (distill section, adversarial schedule or None)
     "pcm small-cfg": ({"method": "pcm", "guidance": "small_cfg"}, None),
     "pcm normal-cfg": ({"method": "pcm", "guidance": "normal_cfg", "caption_dropout": 0.1}, None),
@@ -50,10 +54,10 @@ VARIANTS = {  # name: (distill section, adversarial schedule or None)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def build(folder: Path, batch: int):
+def build(folder: Path, batch: int, sizes: TinySizes = SIZES):
     """The tiny SDXL teacher saved and loaded back (no VAE, no encoders kept), a LoRA, a batch of latents."""
     tok = build_tokenizer(PROMPTS)
-    parts = tiny_sdxl_components(tok, SIZES)
+    parts = tiny_sdxl_components(tok, sizes)
     from diffusers import StableDiffusionXLPipeline
 
     StableDiffusionXLPipeline(**parts).save_pretrained(folder)
@@ -175,7 +179,7 @@ def peak_rss_child(two_unets: bool, batch: int) -> float:
 
 def child(two_unets: bool, batch: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        teacher, params, b = build(Path(tmp) / "teacher", batch)
+        teacher, params, b = build(Path(tmp) / "teacher", batch, MEMORY_SIZES)
         keep = copy.deepcopy(teacher.unet) if two_unets else None  # what the reference code holds
         step, _ = make_step(teacher, params, b, VARIANTS["pcm small-cfg"][0], None)
         for _ in range(3):
