@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo bench bench-step lock clean
+.PHONY: setup test lint demo bench bench-step bench-gpu lock clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ bench: setup
 
 bench-step: setup
 	$(PY) benchmarks/train_step.py
+
+# SDXL-size UNet on a GPU (bf16, gradient checkpointing, LoRA rank 64, batch 10); says so and exits 0 without CUDA.
+bench-gpu: setup
+	$(PY) benchmarks/sdxl_gpu.py
 
 # Regenerates requirements.lock from pyproject.toml in a throwaway venv.
 lock:

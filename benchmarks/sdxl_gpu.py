@@ -1,0 +1,144 @@
+"""`make bench-gpu`: PCM training steps on an SDXL-architecture UNet at full size, on a GPU.
+
+The UNet is built from SDXL's own configuration with random weights (nothing is downloaded): 1024×1024 images
+(128×128 latents), LoRA rank 64 on the reference target modules, bf16 autocast with fp32 LoRA weights, gradient
+checkpointing, SDPA attention, batch 10. Reported: steps/s and peak GPU memory of PCM (small CFG, batched
+cond + uncond teacher pass) with and without the adversarial loss (joint schedule). Text conditions are random
+tensors of SDXL's shapes (precomputed embeddings would look the same to the UNet).
+
+Without CUDA it says so and exits 0. `--tiny` runs the same code on a small UNet (CPU allowed): the smoke test.
+
+    python benchmarks/sdxl_gpu.py [--batch 10] [--steps 10] [--tiny]
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from pcm.config import LORA_TARGETS, config_from_dict
+from pcm.math import SolverGrid
+from pcm.models.discriminator import Discriminator
+from pcm.models.lora import adapters_off, attach_lora
+from pcm.models.tiny import sd_scheduler
+from pcm.train.step import Batch, pcm_loss
+
+SDXL_UNET = {  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280), "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20), "cross_attention_dim": 2048, "use_linear_projection": True,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "addition_embed_type": "text_time", "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
+}
+POOLED = 1280  # SDXL's pooled text embedding width (2816 = 1280 + 6 × 256)
+TINY_UNET = {**SDXL_UNET, "sample_size": 16, "layers_per_block": 1, "block_out_channels": (32, 64, 64),
+             "transformer_layers_per_block": (1, 1, 1), "attention_head_dim": (2, 4, 4), "cross_attention_dim": 64,
+             "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 32 + 6 * 8, "norm_num_groups": 8}
+TINY_POOLED = 32
+
+
+def build(tiny: bool, device: str, rank: int):
+    config, pooled = (TINY_UNET, TINY_POOLED) if tiny else (SDXL_UNET, POOLED)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    unet = UNet2DConditionModel(**config).to(device, dtype)  # frozen weights in the compute dtype
+    params = attach_lora(unet, rank, rank, LORA_TARGETS)
+    unet.enable_gradient_checkpointing()
+    unet.train()
+    return unet, params, pooled
+
+
+def conditions(batch: int, unet, pooled: int, device: str) -> tuple[dict, dict]:
+    side = unet.config.sample_size * 8
+    cond = {"encoder_hidden_states": torch.randn(batch, 77, unet.config.cross_attention_dim, device=device),
+            "text_embeds": torch.randn(batch, pooled, device=device),
+            "time_ids": torch.tensor([side, side, 0, 0, side, side], device=device,
+                                     dtype=torch.float32).repeat(batch, 1)}
+    uncond = {k: torch.zeros_like(v) if k != "time_ids" else v for k, v in cond.items()}  # SDXL: zeros
+    return cond, uncond
+
+
+def measure(unet, params, pooled: int, batch: int, steps: int, adversarial: bool, device: str) -> dict:
+    abar = sd_scheduler().alphas_cumprod.to(device)
+    cfg = config_from_dict({"distill": {"num_solver_steps": 40, "num_phases": 4, "w_min": 6.0, "w_max": 7.0}})
+    grid = SolverGrid(len(abar), 40, 4)
+    cond, uncond = conditions(batch, unet, pooled, device)
+    latents = torch.randn(batch, 4, unet.config.sample_size, unet.config.sample_size, device=device)
+    data = Batch(latents, cond, uncond, torch.arange(batch))
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    disc = Discriminator(unet, 1).to(device) if adversarial else None
+    d_opt = torch.optim.AdamW(disc.parameters(), lr=1e-5, betas=(0.0, 0.999), weight_decay=1e-3) if disc else None
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+
+    def eps(x, t, c):
+        added = {"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]}
+        return unet(x, t, encoder_hidden_states=c["encoder_hidden_states"], added_cond_kwargs=added).sample.float()
+
+    def teacher(x, t, c):
+        with adapters_off(unet):
+            return eps(x, t, c)
+
+    def disc_fn(x, r, c, train_heads):
+        return disc(x, r, c, train_heads=train_heads)
+
+    def step(k: int) -> float:
+        with autocast:
+            out = pcm_loss(eps, teacher, eps, data, grid, abar, cfg.distill, 0, k,
+                           **({"disc": disc_fn} if disc else {}))
+            total = out["loss"] + 0.1 * out["g_loss"] + out["d_loss"] if disc else out["loss"]
+        total.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if d_opt:
+            d_opt.step()
+            d_opt.zero_grad(set_to_none=True)
+        return total.detach()
+
+    for k in range(2):  # warm-up: kernels chosen, allocator grown
+        step(k)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    losses = [step(k) for k in range(2, 2 + steps)]
+    last = float(losses[-1])  # the one host sync of the timed loop
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    return {"steps_per_s": steps / seconds, "samples_per_s": steps * batch / seconds, "peak_gib": peak,
+            "last_loss": last}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--tiny", action="store_true", help="a small UNet; runs on CPU too (smoke test)")
+    ap.add_argument("--out", default="benchmarks/results/sdxl_gpu.json")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.tiny:
+        print("bench-gpu: no CUDA device here; it measures an SDXL-size UNet on a GPU. Nothing was run "
+              "(`python benchmarks/sdxl_gpu.py --tiny` runs the same code small on CPU).")
+        return
+    unet, params, pooled = build(args.tiny, device, args.rank)
+    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "batch": args.batch,
+               "lora_rank": args.rank, "tiny": args.tiny, "latent_side": unet.config.sample_size, "runs": {}}
+    print(f"{'variant':18s} {'steps/s':>8s} {'samples/s':>10s} {'peak GiB':>9s}")
+    for name, adversarial in (("pcm", False), ("pcm + adv joint", True)):
+        r = measure(unet, params, pooled, args.batch, args.steps, adversarial, device)
+        results["runs"][name] = r
+        print(f"{name:18s} {r['steps_per_s']:8.3f} {r['samples_per_s']:10.2f} {r['peak_gib']:9.2f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out} ({results['device']})")
+
+
+if __name__ == "__main__":
+    main()
