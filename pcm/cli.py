@@ -42,7 +42,10 @@ STAGES = {  # command -> (stages function, help)
     "demo-data": ("demo_data", "write the shapes demo world as input shards (demo.*)"),
     "prepare": ("prepare", "input shards -> filtered, resized, cropped prepared shards + stats.json (data.*)"),
     "demo-teacher": ("demo_teacher", "train the tiny demo teacher on the prepared shapes (demo_teacher.*)"),
-    "distill": ("distill", "distill the teacher into a PCM/LCM LoRA (teacher.*, lora.*, distill.*, train.*)"),
+    "precompute": ("precompute", "the teacher's VAE latents of the prepared samples, so distill loads no VAE "
+                                 "(teacher.*, data.*)"),
+    "distill": ("distill", "distill the teacher into a PCM/LCM LoRA (teacher.*, lora.*, distill.*, train.*); "
+                           "uses precomputed latents when present"),
 }
 
 

@@ -18,11 +18,21 @@ def demo_teacher(cfg: Config, progress: bool = True) -> dict:
 
 
 def distill(cfg: Config, resume: str | None = None, progress: bool = True) -> dict:
-    """The teacher (cfg.teacher) distilled into a PCM / LCM LoRA under cfg.train.output_dir."""
+    """The teacher (cfg.teacher) distilled into a PCM / LCM LoRA under cfg.train.output_dir; reads this teacher's
+    precomputed latents when `pcm precompute` wrote them, else encodes the prepared images on the fly."""
     from pcm.data.loader import loader_factory
+    from pcm.data.precompute import find_precomputed
     from pcm.train.distill import distill as run_distill
 
-    return run_distill(cfg, loader_factory(cfg), resume=resume, progress=progress)
+    folder = find_precomputed(cfg)
+    return run_distill(cfg, loader_factory(cfg, folder), resume=resume, progress=progress, latents=folder is not None)
+
+
+def precompute(cfg: Config, progress: bool = True) -> dict:
+    """The teacher's VAE latents of every prepared sample, under data.output_dir/precomputed/<teacher key>."""
+    from pcm.data.precompute import precompute as run_precompute
+
+    return run_precompute(cfg, progress)
 
 
 def prepare(cfg: Config, progress: bool = True) -> dict:

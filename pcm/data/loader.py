@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pcm.data.shards import RawSample, iter_tar
 
 IMAGE_KEYS = ("jpg", "png")
+LATENT_KEY = "latent.npy"  # written by pcm.data.precompute in place of the image
 
 
 class Position(NamedTuple):
@@ -141,23 +142,33 @@ def decode_batch(records: list[RawSample]) -> dict | None:
         try:
             if record.truncated:
                 raise ValueError("truncated record")
-            ext = next(e for e in IMAGE_KEYS if e in record.files)
-            image = Image.open(io.BytesIO(record.files[ext])).convert("RGB")
+            if LATENT_KEY in record.files:  # a `pcm precompute` record: the teacher's latent, no image
+                image = torch.from_numpy(np.load(io.BytesIO(record.files[LATENT_KEY]), allow_pickle=False))
+            else:
+                ext = next(e for e in IMAGE_KEYS if e in record.files)
+                image = Image.open(io.BytesIO(record.files[ext])).convert("RGB")
             meta = json.loads(record.files["json"])
             caption = record.files["txt"].decode("utf-8")
             size = (meta["original_height"], meta["original_width"])
             crop = (meta["crop_top"], meta["crop_left"])
         except (StopIteration, KeyError, OSError, ValueError, SyntaxError):
             continue
-        pixels.append(torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1))
+        if isinstance(image, torch.Tensor):
+            pixels.append(image)
+        else:
+            pixels.append(torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1))
         captions.append(caption)
         sizes.append(size)
         crops.append(crop)
         keys.append(record.key)
     if not pixels:
         return None
+    if len({p.dtype for p in pixels}) > 1:
+        raise ValueError("a shard mixes images and precomputed latents; re-run `pcm precompute`")
+    name = "latent" if pixels[0].dtype == torch.float16 else "pixels"
     return {
-        "pixels": torch.stack(pixels),  # (B, 3, H, W) uint8: 4x less to move between processes than float
+        # pixels: (B, 3, H, W) uint8, 4x less to move between processes than float; latent: (B, 4, h, w) fp16
+        name: torch.stack(pixels),
         "caption": captions,
         "original_size": torch.tensor(sizes, dtype=torch.int64),  # (B, 2) height, width
         "crop_top_left": torch.tensor(crops, dtype=torch.int64),  # (B, 2) top, left
@@ -177,7 +188,7 @@ class Loader:
 
     def __iter__(self) -> Iterator[dict]:
         for batch in self.loader:
-            yield {**batch, "pixels": batch["pixels"].float() / 127.5 - 1.0}
+            yield {**batch, "pixels": batch["pixels"].float() / 127.5 - 1.0} if "pixels" in batch else batch
 
     def next_position(self, position: tuple[int, int]) -> Position:
         return self.dataset.next_position(Position(*position))
@@ -192,11 +203,12 @@ def make_loader(folder: str | Path, batch_size: int, seed: int, rank: int = 0, w
     return Loader(dataset, num_workers)
 
 
-def loader_factory(cfg):
-    """make_data(micro_batch, rank, world_size, start) for pcm.train.distill, from cfg.data and cfg.train."""
+def loader_factory(cfg, folder: str | Path | None = None):
+    """make_data(micro_batch, rank, world_size, start) for pcm.train.distill, from cfg.data and cfg.train;
+    folder: another prepared-shards folder to read (precomputed latents), default cfg.data.output_dir."""
     def make_data(micro_batch: int, rank: int, world_size: int, start: tuple[int, int]) -> Loader:
         t = cfg.train
-        return make_loader(cfg.data.output_dir, micro_batch, cfg.seed, rank, world_size, t.num_workers,
+        return make_loader(folder or cfg.data.output_dir, micro_batch, cfg.seed, rank, world_size, t.num_workers,
                            Position(*start), t.shuffle_buffer, t.data_split)
 
     return make_data

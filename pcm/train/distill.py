@@ -97,8 +97,11 @@ def _discriminator(cfg: Config, teacher: Teacher) -> tuple[Discriminator | None,
                                    weight_decay=a.weight_decay)
 
 
-def setup(cfg: Config, make_data: DataFactory, resume: str | None) -> Run:
-    """Accelerator, teacher + LoRA, optimizer, schedule, EMA, data; restored from a checkpoint when resuming."""
+def setup(cfg: Config, make_data: DataFactory, resume: str | None, latents: bool = False) -> Run:
+    """Accelerator, teacher + LoRA, optimizer, schedule, EMA, data; restored from a checkpoint when resuming.
+
+    latents: the batches carry precomputed VAE latents (`pcm precompute`), so no VAE is loaded unless validation
+    grids need its decoder."""
     t = cfg.train
     if t.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA device; use bf16 or no on CPU")
@@ -107,7 +110,7 @@ def setup(cfg: Config, make_data: DataFactory, resume: str | None) -> Run:
     if per_process % accelerator.num_processes:
         raise ConfigError(f"train.batch_size={t.batch_size} / gradient_accumulation_steps does not split over "
                           f"{accelerator.num_processes} processes; use a multiple of {accelerator.num_processes}")
-    teacher = load_teacher(cfg.teacher, accelerator.device)
+    teacher = load_teacher(cfg.teacher, accelerator.device, with_vae=not latents or t.validate_every > 0)
     if len(teacher.abar) % cfg.distill.num_solver_steps:
         raise ConfigError(f"distill.num_solver_steps={cfg.distill.num_solver_steps} must divide the teacher's "
                           f"{len(teacher.abar)} training timesteps")
@@ -179,8 +182,11 @@ def _micro_losses(run: Run, cfg: Config, batch: dict, k: int) -> dict[str, torch
     'total' is what this step back-propagates: the consistency loss (+ weight x the generator's hinge loss)
     for the student, + the discriminator's hinge loss for the heads; the two never share a gradient."""
     teacher, acc = run.teacher, run.accelerator
-    x_0 = teacher.vae.encode(batch["pixels"].to(acc.device, teacher.vae.dtype)).latent_dist.mean.float()
-    x_0 = x_0 * teacher.vae.config.scaling_factor
+    if "latent" in batch:  # precomputed: posterior mean x scaling factor, stored fp16
+        x_0 = batch["latent"].to(acc.device).float()
+    else:
+        x_0 = teacher.vae.encode(batch["pixels"].to(acc.device, teacher.vae.dtype)).latent_dist.mean.float()
+        x_0 = x_0 * teacher.vae.config.scaling_factor
     cond = teacher.encode_prompts(batch["caption"], batch["original_size"], batch["crop_top_left"],
                                   cfg.data.resolution)
     uncond = teacher.uncond(len(x_0), like=cond)
@@ -278,9 +284,9 @@ def metadata(cfg: Config, teacher: Teacher) -> dict:
 
 
 def distill(cfg: Config, make_data: DataFactory, resume: str | None = None, sink: Sink | None = None,
-            progress: bool = True) -> dict:
+            progress: bool = True, latents: bool = False) -> dict:
     """Runs (or resumes) distillation to cfg.train.max_steps; exports the LoRA; returns a summary."""
-    run = setup(cfg, make_data, resume)
+    run = setup(cfg, make_data, resume, latents)
     with _sigterm_flag() as flag:
         _train(run, cfg, flag, sink, progress)
     return _finish(run, cfg)

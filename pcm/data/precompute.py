@@ -1,0 +1,120 @@
+"""`pcm precompute`: the teacher's VAE latents of every prepared sample, written once so training needs no VAE.
+
+The output is a prepared-shards folder of its own (index.json + shards with the same names, sample counts and
+order as the source, so the loader's plan and a resumed position mean the same samples): each sample keeps its
+caption and json and carries `latent.npy` (fp16, VAE posterior mean x scaling factor, (4, h, w)) in place of the
+image. It lives under data.output_dir/precomputed/<key>, where the key hashes what the latents depend on: the
+teacher's family, model reference, revision, variant and separate VAE, the VAE weights themselves for a local
+directory, and the resolution. A different teacher or resolution therefore never reuses them.
+"""
+
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pcm.config import Config
+from pcm.data.loader import LATENT_KEY, decode_batch
+from pcm.data.shards import RawSample, ShardWriter, iter_tar
+from pcm.models.families import load_teacher
+
+
+def _vae_files(cfg: Config) -> list[Path]:
+    """The local files that define the VAE (a hub id contributes its name and revision only)."""
+    root = Path(cfg.teacher.vae or cfg.teacher.model)
+    folder = root if cfg.teacher.vae else root / "vae"
+    return sorted(p for p in folder.glob("*") if p.is_file()) if folder.is_dir() else []
+
+
+def teacher_key(cfg: Config) -> str:
+    """16 hex digits identifying the latents: teacher reference, VAE weights, resolution."""
+    t = cfg.teacher
+    h = hashlib.sha256(json.dumps([t.family, t.model, t.revision, t.variant, t.vae, cfg.data.resolution]).encode())
+    for path in _vae_files(cfg):
+        h.update(path.name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def precomputed_dir(cfg: Config) -> Path:
+    return Path(cfg.data.output_dir) / "precomputed" / teacher_key(cfg)
+
+
+def find_precomputed(cfg: Config) -> Path | None:
+    """The precomputed folder for this teacher and resolution if a complete one exists (index.json is written
+    last), else None."""
+    folder = precomputed_dir(cfg)
+    return folder if (folder / "index.json").is_file() else None
+
+
+def _npy(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, array, allow_pickle=False)
+    return out.getvalue()
+
+
+@torch.no_grad()
+def _latents(teacher, pixels: torch.Tensor, chunk: int) -> np.ndarray:
+    vae = teacher.vae
+    out = []
+    for part in pixels.split(chunk):
+        x = (part.float() / 127.5 - 1.0).to(teacher.device, vae.dtype)
+        out.append((vae.encode(x).latent_dist.mean.float() * vae.config.scaling_factor).half().cpu())
+    return torch.cat(out).numpy()
+
+
+def precompute(cfg: Config, progress: bool = True, chunk: int = 64) -> dict:
+    """Writes data.output_dir/precomputed/<key>/ from the prepared shards; returns its meta.json content."""
+    source = Path(cfg.data.output_dir)
+    index_path = source / "index.json"
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{index_path} not found: run `pcm prepare` for data.output_dir={source} first")
+    index = json.loads(index_path.read_text())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    teacher = load_teacher(cfg.teacher, device, with_vae=True, with_text=False)
+    out = precomputed_dir(cfg)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    encoded, passed_through = 0, 0
+    for shard in tqdm(index["shards"], desc="precompute", unit="shard", disable=not progress):
+        with open(source / shard["name"], "rb") as f:
+            records = list(iter_tar(f))
+        batch = decode_batch(records)  # corrupt records are left out here
+        latents = dict(zip(batch["key"], _latents(teacher, batch["pixels"], chunk), strict=True)) if batch else {}
+        stem = shard["name"].removesuffix(".tar")
+        writer = ShardWriter(tmp, shard_size=max(1, len(records)), prefix=f".{stem}")
+        for record in records:  # every record, in order: corrupt ones pass through and are skipped at load
+            writer.write(record.key, _latent_record(record, latents.get(record.key)))
+        writer.close()
+        encoded, passed_through = encoded + len(latents), passed_through + len(records) - len(latents)
+        part = tmp / writer.names[0] if writer.names else None
+        if part is None:  # an empty source shard stays an empty (valid) tar
+            tmp.mkdir(parents=True, exist_ok=True)
+            tarfile.open(tmp / shard["name"], "w").close()
+        else:
+            part.rename(tmp / shard["name"])
+    meta = {"key": teacher_key(cfg), "teacher": {"family": cfg.teacher.family, "model": cfg.teacher.model,
+                                                  "revision": cfg.teacher.revision, "variant": cfg.teacher.variant,
+                                                  "vae": cfg.teacher.vae},
+            "resolution": cfg.data.resolution, "scaling_factor": teacher.vae.config.scaling_factor,
+            "latent_dtype": "float16", "samples": encoded, "passed_through_unreadable": passed_through}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (tmp / "index.json").write_text(json.dumps({**index, "latents": True}, indent=2) + "\n")  # last: complete
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return {**meta, "output_dir": str(out)}
+
+
+def _latent_record(record: RawSample, latent: np.ndarray | None) -> dict[str, bytes]:
+    if latent is None:
+        return dict(record.files)
+    files = {k: v for k, v in record.files.items() if k in ("txt", "json")}
+    return {**files, LATENT_KEY: _npy(latent)}

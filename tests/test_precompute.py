@@ -1,0 +1,65 @@
+"""`pcm precompute`: latents keyed to the teacher, and a distillation that reads them matches the on-the-fly one."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from pcm import stages
+from pcm.data.loader import loader_factory
+from pcm.data.precompute import find_precomputed, precomputed_dir, teacher_key
+from pcm.train.distill import setup
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_distill import _cfg, fresh_accelerate_state, world  # noqa: E402, F401  (fixtures)
+
+
+def _losses(out) -> list[float]:
+    return [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def own_world(world, tmp_path):  # noqa: F811  (the imported fixture)
+    """A copy of the prepared data, so precomputed latents stay out of the shared world."""
+    root, base = world
+    shutil.copytree(base["data"]["output_dir"], tmp_path / "prepared")
+    return {**base, "data": {**base["data"], "output_dir": str(tmp_path / "prepared")}}
+
+
+def test_precomputed_latents_give_the_same_losses_and_no_vae_is_loaded(own_world, tmp_path):
+    train = {"max_steps": 5, "log_every": 1, "checkpoint_every": 100}
+    fly = _cfg(own_world, tmp_path / "fly", train=train)
+    assert find_precomputed(fly) is None
+    stages.distill(fly, progress=False)
+
+    meta = stages.precompute(fly, progress=False)
+    assert meta["samples"] == 32 and meta["passed_through_unreadable"] == 0
+    folder = find_precomputed(fly)
+    assert folder == precomputed_dir(fly) and json.loads((folder / "index.json").read_text())["latents"]
+    pre = _cfg(own_world, tmp_path / "pre", train=train)
+    stages.distill(pre, progress=False)
+    assert _losses(tmp_path / "pre") == pytest.approx(_losses(tmp_path / "fly"), abs=1e-4)
+
+    run = setup(pre, loader_factory(pre, folder), None, latents=True)
+    assert run.teacher.vae is None  # validate_every=0: nothing needs the decoder
+    assert "latent" in next(iter(run.data)) and "pixels" not in next(iter(run.data))
+
+
+def test_the_key_changes_with_resolution_and_teacher_weights(own_world, tmp_path):
+    cfg = _cfg(own_world, tmp_path / "run")
+    key = teacher_key(cfg)
+    assert teacher_key(_cfg(own_world, tmp_path / "other")) == key  # the output folder does not matter
+    other_res = _cfg(own_world, tmp_path / "run", data={"resolution": 32})
+    assert teacher_key(other_res) != key
+    teacher = Path(tmp_path / "teacher")
+    shutil.copytree(cfg.teacher.model, teacher)
+    moved = _cfg(own_world, tmp_path / "run", teacher={"model": str(teacher)})
+    assert teacher_key(moved) != key  # another reference
+    before = teacher_key(moved)
+    weights = next((teacher / "vae").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # retrained in place
+    weights.write_bytes(bytes(data))
+    assert teacher_key(moved) != before
