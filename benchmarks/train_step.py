@@ -9,7 +9,8 @@ Everything is timed in one run (machines are noisy; ratios are what is reported)
 - adversarial alternate vs joint: student updates per second;
 - peak memory of the one-UNet design vs a run that holds a second UNet copy as the teacher (child processes,
   with a wider UNet: 128/256/512 channels, so the copy is not lost in the runtime's own memory).
-Latents and text conditions are made once (as precomputed ones would be), so the VAE and encoders are not timed.
+Latents and text conditions are made once (as precomputed ones would be); one comparison adds the VAE encoder
+pass that a step without `pcm precompute` makes, and one child process runs without the VAE loaded.
 
     python benchmarks/train_step.py [--batch 8] [--repeats 5]
 """
@@ -54,7 +55,7 @@ VARIANTS = {  # name: (distill section, adversarial schedule or None)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def build(folder: Path, batch: int, sizes: TinySizes = SIZES):
+def build(folder: Path, batch: int, sizes: TinySizes = SIZES, with_vae: bool = True):
     """The tiny SDXL teacher saved and loaded back (no VAE, no encoders kept), a LoRA, a batch of latents."""
     tok = build_tokenizer(PROMPTS)
     parts = tiny_sdxl_components(tok, sizes)
@@ -62,7 +63,7 @@ def build(folder: Path, batch: int, sizes: TinySizes = SIZES):
 
     StableDiffusionXLPipeline(**parts).save_pretrained(folder)
     cfg = config_from_dict({"teacher": {"family": "sdxl", "model": str(folder)}, "data": {"resolution": 32}})
-    teacher = load_teacher(cfg.teacher, DEVICE)
+    teacher = load_teacher(cfg.teacher, DEVICE, with_vae=with_vae)
     cond = teacher.encode_prompts([PROMPTS[i % 2] for i in range(batch)], target_size=32)
     torch.manual_seed(0)
     params = attach_lora(teacher.unet, 16, 16, ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "ff.net.0.proj",
@@ -169,17 +170,18 @@ def floor(teacher, batch, distill: dict, disc, repeats: int) -> dict[str, float]
     return passes
 
 
-def peak_rss_child(two_unets: bool, batch: int) -> float:
+def peak_rss_child(two_unets: bool, batch: int, vae: bool = True) -> float:
     """Peak memory (MB; RSS on CPU, allocated GPU memory on CUDA) of a child process that runs 3 PCM steps,
     optionally holding a second UNet as the teacher."""
     out = subprocess.run([sys.executable, __file__, "--child", str(int(two_unets)), "--batch", str(batch),
-                          "--device", DEVICE], capture_output=True, text=True, check=True)
+                          "--device", DEVICE, "--child-vae", str(int(vae))], capture_output=True, text=True,
+                         check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def child(two_unets: bool, batch: int) -> None:
+def child(two_unets: bool, batch: int, vae: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        teacher, params, b = build(Path(tmp) / "teacher", batch, MEMORY_SIZES)
+        teacher, params, b = build(Path(tmp) / "teacher", batch, MEMORY_SIZES, with_vae=vae)
         keep = copy.deepcopy(teacher.unet) if two_unets else None  # what the reference code holds
         step, _ = make_step(teacher, params, b, VARIANTS["pcm small-cfg"][0], None)
         for _ in range(3):
@@ -198,11 +200,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default=DEVICE, choices=["cpu", "cuda"])
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-vae", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--out", default="benchmarks/results/train_step.json")
     args = ap.parse_args()
     DEVICE = args.device
     if args.child is not None:
-        child(bool(args.child), args.batch)
+        child(bool(args.child), args.batch, bool(args.child_vae))
         return
     torch.manual_seed(0)
     results = {"batch": args.batch, "device": DEVICE, "torch_threads": torch.get_num_threads(),
@@ -220,6 +223,14 @@ def main() -> None:
         batched, _ = make_step(teacher, params, batch, VARIANTS["pcm small-cfg"][0], None)
         separate, _ = make_step(teacher, params, batch, VARIANTS["pcm small-cfg"][0], None, separate=True)
         results["separate_over_batched"] = timed(separate, args.repeats) / timed(batched, args.repeats)
+        pixels = torch.rand(args.batch, 3, 32, 32, device=DEVICE) * 2 - 1
+
+        def on_the_fly():  # what a step adds without `pcm precompute`: the VAE encoder pass
+            with torch.no_grad():
+                latents = teacher.vae.encode(pixels).latent_dist.mean  # noqa: F841  (timed, not used)
+            batched()
+
+        results["on_the_fly_over_precomputed"] = timed(on_the_fly, args.repeats) / timed(batched, args.repeats)
         joint, _ = make_step(teacher, params, batch, VARIANTS["pcm small-cfg"][0], "joint")
         g_step, _ = make_step(teacher, params, batch, VARIANTS["pcm small-cfg"][0], "alternate", phase="g")
         d_step, _ = make_step(teacher, params, batch, VARIANTS["pcm small-cfg"][0], "alternate", phase="d")
@@ -227,11 +238,15 @@ def main() -> None:
         alternate_ups = 1 / (timed(g_step, args.repeats) + timed(d_step, args.repeats))  # one update per G+D pair
         results["student_updates_per_s"] = {"joint": joint_ups, "alternate": alternate_ups}
     one, two = peak_rss_child(False, args.batch), peak_rss_child(True, args.batch)
-    results["peak_rss_mb"] = {"one_unet": one, "two_unets": two, "ratio_two_over_one": two / one}
+    no_vae = peak_rss_child(False, args.batch, vae=False)
+    results["peak_rss_mb"] = {"one_unet": one, "two_unets": two, "ratio_two_over_one": two / one,
+                              "precomputed_no_vae": no_vae}
     print(f"teacher cond+uncond separate / batched step time: {results['separate_over_batched']:.2f}")
     print(f"student updates/s: joint {joint_ups:.2f}, alternate {alternate_ups:.2f} "
           f"(joint / alternate {joint_ups / alternate_ups:.2f})")
-    print(f"peak RSS: one UNet {one:.0f} MB, two UNets {two:.0f} MB (ratio {two / one:.3f})")
+    print(f"step with the VAE encoder pass / with precomputed latents: {results['on_the_fly_over_precomputed']:.2f}")
+    print(f"peak RSS: one UNet {one:.0f} MB, two UNets {two:.0f} MB (ratio {two / one:.3f}); "
+          f"precomputed latents, no VAE loaded: {no_vae:.0f} MB")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
