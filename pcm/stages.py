@@ -1,5 +1,7 @@
 """One function per pipeline stage: the only entry that DVC, the CLI and the Kubeflow components use."""
 
+from pathlib import Path
+
 from pcm.config import Config
 from pcm.data.prepare import prepare as prepare_shards
 from pcm.demo.dataset import write_shapes_shards
@@ -21,11 +23,12 @@ def distill(cfg: Config, resume: str | None = None, progress: bool = True) -> di
     """The teacher (cfg.teacher) distilled into a PCM / LCM LoRA under cfg.train.output_dir; reads this teacher's
     precomputed latents when `pcm precompute` wrote them, else encodes the prepared images on the fly."""
     from pcm.data.loader import loader_factory
-    from pcm.data.precompute import find_precomputed
+    from pcm.data.precompute import find_precomputed, holds_latents_for
     from pcm.train.distill import distill as run_distill
 
-    folder = find_precomputed(cfg)
-    return run_distill(cfg, loader_factory(cfg, folder), resume=resume, progress=progress, latents=folder is not None)
+    folder = find_precomputed(cfg) or Path(cfg.data.output_dir)
+    latents = holds_latents_for(folder, cfg)  # also refuses latents of another teacher
+    return run_distill(cfg, loader_factory(cfg, folder), resume=resume, progress=progress, latents=latents)
 
 
 def precompute(cfg: Config, progress: bool = True) -> dict:

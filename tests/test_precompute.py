@@ -63,3 +63,14 @@ def test_the_key_changes_with_resolution_and_teacher_weights(own_world, tmp_path
     data[-1] ^= 0xFF  # retrained in place
     weights.write_bytes(bytes(data))
     assert teacher_key(moved) != before
+
+
+def test_latents_of_another_teacher_are_refused(own_world, tmp_path):
+    cfg = _cfg(own_world, tmp_path / "run", train={"max_steps": 1})
+    folder = Path(stages.precompute(cfg, progress=False)["output_dir"])
+    other_teacher = tmp_path / "teacher"
+    shutil.copytree(cfg.teacher.model, other_teacher)
+    wrong = _cfg(own_world, tmp_path / "run", train={"max_steps": 1},
+                 teacher={"model": str(other_teacher)}, data={"output_dir": str(folder)})
+    with pytest.raises(ValueError, match="run `pcm precompute` for this teacher"):
+        stages.distill(wrong, progress=False)

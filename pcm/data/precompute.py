@@ -55,6 +55,22 @@ def find_precomputed(cfg: Config) -> Path | None:
     return folder if (folder / "index.json").is_file() else None
 
 
+def holds_latents_for(folder: Path, cfg: Config) -> bool:
+    """Whether folder holds precomputed latents (else prepared images); raises ValueError if they belong to
+    another teacher or resolution, so latents are never trained against the wrong teacher."""
+    index = folder / "index.json"
+    if not index.is_file() or not json.loads(index.read_text()).get("latents"):
+        return False
+    meta = json.loads((folder / "meta.json").read_text())
+    if meta["key"] != teacher_key(cfg):
+        raise ValueError(
+            f"{folder} holds latents of teacher {meta['teacher']['model']!r} at resolution {meta['resolution']} "
+            f"(key {meta['key']}), not of teacher.model={cfg.teacher.model!r} at data.resolution="
+            f"{cfg.data.resolution} (key {teacher_key(cfg)}); run `pcm precompute` for this teacher, or point "
+            "data.output_dir at the prepared shards")
+    return True
+
+
 def _npy(array: np.ndarray) -> bytes:
     out = io.BytesIO()
     np.save(out, array, allow_pickle=False)
