@@ -34,8 +34,12 @@ def sample_student(teacher: Teacher, cfg: Config, prompts: list[str], seeds: lis
     return teacher.decode_latents(x_0)
 
 
+MIN_TILE = 128  # small tiles (the 32 px demo) are enlarged, pixel for pixel, to at least this side
+
+
 def save_grid(images: torch.Tensor, rows: int, path: Path) -> Path:
-    """images (R * C, 3, H, W) in [0, 1] -> one PNG with R rows and C columns, 2-pixel gaps."""
+    """images (R * C, 3, H, W) in [0, 1] -> one PNG with R rows and C columns, 2-pixel gaps; tiles smaller than
+    MIN_TILE are scaled up by a whole factor with nearest-neighbour sampling, so every pixel stays visible."""
     n, _, h, w = images.shape
     cols = n // rows
     canvas = np.full((rows * (h + 2), cols * (w + 2), 3), 255, dtype=np.uint8)
@@ -44,7 +48,11 @@ def save_grid(images: torch.Tensor, rows: int, path: Path) -> Path:
         r, c = divmod(i, cols)
         canvas[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = pixels[i]
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(path)
+    scale = max(1, -(-MIN_TILE // max(h, w)))
+    grid = Image.fromarray(canvas)
+    if scale > 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+    grid.save(path)
     return path
 
 
