@@ -116,12 +116,12 @@ def make_step(teacher, params, batch, distill: dict, schedule, separate=False, p
     counter = {"k": 0}
 
     def step():
-        kwargs = {"disc": disc_fn} if disc else {}
+        kwargs = {"disc": disc_fn, "disc_terms": phase} if disc else {}
         out = method_loss(cfg.distill.method)(student, frozen, target, batch, grid, teacher.abar, cfg.distill, 0,
                                               counter["k"], **kwargs)
         counter["k"] += 1
-        g = out["loss"] + 0.1 * out["g_loss"] if disc else out["loss"]
-        total = {"joint": g + out["d_loss"] if disc else g, "g": g, "d": out.get("d_loss")}[phase]
+        g = out["loss"] + 0.1 * out["g_loss"] if "g_loss" in out else out["loss"]
+        total = out["d_loss"] if phase == "d" else g + out["d_loss"] if "d_loss" in out else g
         total.backward()
         if phase != "d":
             opt.step()

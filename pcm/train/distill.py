@@ -201,8 +201,8 @@ def _micro_losses(run: Run, cfg: Config, batch: dict, k: int) -> dict[str, torch
             return teacher.eps_fn(x_t, t, c, unet=run.student_unet)
 
     def disc(x_r, r, c, train_heads):
-        # gradients reach the heads only through the prepared (DDP) module, and only when this step updates them
-        module = run.disc if train_heads and phase != "g" else acc.unwrap_model(run.disc)
+        # gradients reach the heads only through the prepared (DDP) module; the G pass treats them as constants
+        module = run.disc if train_heads else acc.unwrap_model(run.disc)
         return module(x_r, r, c, train_heads=train_heads)
 
     def frozen_teacher(x_t, t, c):
@@ -211,12 +211,12 @@ def _micro_losses(run: Run, cfg: Config, batch: dict, k: int) -> dict[str, torch
 
     grid = SolverGrid(len(teacher.abar), cfg.distill.num_solver_steps, cfg.distill.num_phases)
     with acc.autocast():
-        kwargs = {"disc": disc} if run.disc is not None else {}
+        kwargs = {"disc": disc, "disc_terms": phase} if run.disc is not None else {}
         out = method_loss(cfg.distill.method)(student, frozen_teacher, target_net_for(student, run.ema),
                                               Batch(x_0, cond, uncond, ids), grid, teacher.abar, cfg.distill,
                                               cfg.seed, run.step, **kwargs)
     g_term = cfg.adversarial.weight * out["g_loss"] if "g_loss" in out else 0.0
-    d_term = out.get("d_loss", 0.0)
+    d_term = out.get("d_loss", 0.0)  # the alternate schedule's G steps compute no D loss, D steps no G loss
     out["total"] = {"g": out["loss"] + g_term, "d": d_term, "joint": out["loss"] + g_term + d_term}[phase]
     return out
 
@@ -313,10 +313,11 @@ def _train(run: Run, cfg: Config, flag: dict, sink: Sink | None, progress: bool)
         else:
             in_a_row, logged = 0, logged + 1
             for key, value in losses.items():  # summed on the device; read (a host sync) every log_every steps
-                sums[key] = sums.get(key, 0.0) + value
+                total, count = sums.get(key, (0.0, 0))
+                sums[key] = (total + value, count + 1)  # alternate: g_loss and d_loss come on different steps
         if run.step % t.log_every == 0 and sink is not None and logged:
             rate = t.log_every / (time.perf_counter() - tick)
-            record = {**{k: float(v) / logged for k, v in sums.items()}, "lr": run.scheduler.get_last_lr()[0],
+            record = {**{k: float(v) / n for k, (v, n) in sums.items()}, "lr": run.scheduler.get_last_lr()[0],
                       "it_per_s": rate, "nonfinite_steps": float(run.nonfinite_total)}
             sink.log(run.step, record)
             bar.set_postfix(loss=f"{record['loss']:.4g}", it_s=f"{rate:.2f}")

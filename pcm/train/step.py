@@ -84,12 +84,12 @@ def draw_and_solve(
 
 def pcm_loss(
     student: EpsFn, teacher: EpsFn, target_net: EpsFn, batch: Batch, grid: SolverGrid, abar: torch.Tensor,
-    cfg: DistillConfig, seed: int, step: int, disc: Discriminate | None = None,
+    cfg: DistillConfig, seed: int, step: int, disc: Discriminate | None = None, disc_terms: str = "joint",
 ) -> dict[str, torch.Tensor]:
     """The phased consistency loss d(f, y) of one batch; 'loss' carries the student's gradient.
 
     With a discriminator also the adversarial terms (step 7): 'g_loss' (student's gradient) and 'd_loss' (the
-    heads' gradient only)."""
+    heads' gradient only); disc_terms 'g' or 'd' computes just that one (the alternate schedule's steps)."""
     o, draws = draw_and_solve(teacher, batch, grid, abar, cfg, seed, step, with_z=disc is not None)
     like = batch.x_0
     s = grid.s(o.n).to(like.device)
@@ -105,12 +105,13 @@ def pcm_loss(
     loss = consistency_distance(f, y, cfg.loss, cfg.huber_c)
     out = {"loss": loss, "t_mean": o.t.float().mean()}
     if disc is not None:
-        out |= adversarial_losses(disc, f, y, s, o.cond, draws, grid, abar)
+        out |= adversarial_losses(disc, f, y, s, o.cond, draws, grid, abar, disc_terms)
     return out
 
 
 def adversarial_losses(disc: Discriminate, f: torch.Tensor, y: torch.Tensor, s: torch.Tensor, cond: Cond,
-                       draws: Draws, grid: SolverGrid, abar: torch.Tensor) -> dict[str, torch.Tensor]:
+                       draws: Draws, grid: SolverGrid, abar: torch.Tensor, terms: str = "joint"
+                       ) -> dict[str, torch.Tensor]:
     """Step 7: r ~ U{s, ..., min(s + T/M, T) - 1}; fake f and real y re-noised from s to r with the same z;
     hinge losses. The D pass over real and detached fake is one batched call; the G pass is a second one."""
     T = len(abar)
@@ -120,10 +121,16 @@ def adversarial_losses(disc: Discriminate, f: torch.Tensor, y: torch.Tensor, s: 
     abar_s, abar_r = abar_at(abar, s, f), abar_at(abar, r, f)
     z = draws.z.to(device=f.device, dtype=f.dtype)
     x_fake, x_real = renoise(f, z, abar_s, abar_r), renoise(y, z, abar_s, abar_r)
-    d_real, d_fake = disc(torch.cat([x_real, x_fake.detach()]), torch.cat([r, r]), cat_cond(cond, cond),
-                          train_heads=True).chunk(2)
-    g_fake = disc(x_fake, r, cond, train_heads=False)
-    return {"d_loss": hinge_d_loss(d_real, d_fake), "g_loss": hinge_g_loss(g_fake)}
+    if terms not in ("joint", "g", "d"):
+        raise ValueError(f"unknown adversarial terms {terms!r}; allowed: joint, g, d")
+    out = {}
+    if terms != "g":
+        d_real, d_fake = disc(torch.cat([x_real, x_fake.detach()]), torch.cat([r, r]), cat_cond(cond, cond),
+                              train_heads=True).chunk(2)
+        out["d_loss"] = hinge_d_loss(d_real, d_fake)
+    if terms != "d":
+        out["g_loss"] = hinge_g_loss(disc(x_fake, r, cond, train_heads=False))
+    return out
 
 
 def lcm_loss(
