@@ -1,6 +1,5 @@
 """One function per pipeline stage: the only entry that DVC, the CLI and the Kubeflow components use."""
 
-from pathlib import Path
 
 from pcm.config import Config
 from pcm.data.prepare import prepare as prepare_shards
@@ -23,12 +22,11 @@ def distill(cfg: Config, resume: str | None = None, progress: bool = True) -> di
     """The teacher (cfg.teacher) distilled into a PCM / LCM LoRA under cfg.train.output_dir; reads this teacher's
     precomputed latents when `pcm precompute` wrote them, else encodes the prepared images on the fly."""
     from pcm.data.loader import loader_factory
-    from pcm.data.precompute import find_precomputed, holds_latents_for
+    from pcm.data.precompute import find_latents
     from pcm.train.distill import distill as run_distill
 
-    folder = find_precomputed(cfg) or Path(cfg.data.output_dir)
-    latents = holds_latents_for(folder, cfg)  # also refuses latents of another teacher
-    return run_distill(cfg, loader_factory(cfg, folder), resume=resume, progress=progress, latents=latents)
+    folder = find_latents(cfg)  # also refuses latents of another teacher
+    return run_distill(cfg, loader_factory(cfg, folder), resume=resume, progress=progress, latents=folder is not None)
 
 
 def precompute(cfg: Config, progress: bool = True) -> dict:

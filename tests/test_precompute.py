@@ -9,7 +9,7 @@ import pytest
 
 from pcm import stages
 from pcm.data.loader import loader_factory
-from pcm.data.precompute import find_precomputed, precomputed_dir, teacher_key
+from pcm.data.precompute import find_latents, precomputed_dir, teacher_key
 from pcm.train.distill import setup
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -31,12 +31,12 @@ def own_world(world, tmp_path):  # noqa: F811  (the imported fixture)
 def test_precomputed_latents_give_the_same_losses_and_no_vae_is_loaded(own_world, tmp_path):
     train = {"max_steps": 5, "log_every": 1, "checkpoint_every": 100}
     fly = _cfg(own_world, tmp_path / "fly", train=train)
-    assert find_precomputed(fly) is None
+    assert find_latents(fly) is None
     stages.distill(fly, progress=False)
 
     meta = stages.precompute(fly, progress=False)
     assert meta["samples"] == 32 and meta["passed_through_unreadable"] == 0
-    folder = find_precomputed(fly)
+    folder = find_latents(fly)
     assert folder == precomputed_dir(fly) and json.loads((folder / "index.json").read_text())["latents"]
     pre = _cfg(own_world, tmp_path / "pre", train=train)
     stages.distill(pre, progress=False)

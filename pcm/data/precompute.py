@@ -44,31 +44,29 @@ def teacher_key(cfg: Config) -> str:
     return h.hexdigest()[:16]
 
 
-def precomputed_dir(cfg: Config) -> Path:
-    return Path(cfg.data.output_dir) / "precomputed" / teacher_key(cfg)
+def precomputed_dir(cfg: Config, key: str | None = None) -> Path:
+    """data.output_dir/precomputed/<key>; key: teacher_key(cfg) when already computed (it hashes the VAE)."""
+    return Path(cfg.data.output_dir) / "precomputed" / (key or teacher_key(cfg))
 
 
-def find_precomputed(cfg: Config) -> Path | None:
-    """The precomputed folder for this teacher and resolution if a complete one exists (index.json is written
-    last), else None."""
-    folder = precomputed_dir(cfg)
-    return folder if (folder / "index.json").is_file() else None
-
-
-def holds_latents_for(folder: Path, cfg: Config) -> bool:
-    """Whether folder holds precomputed latents (else prepared images); raises ValueError if they belong to
-    another teacher or resolution, so latents are never trained against the wrong teacher."""
-    index = folder / "index.json"
-    if not index.is_file() or not json.loads(index.read_text()).get("latents"):
-        return False
-    meta = json.loads((folder / "meta.json").read_text())
-    if meta["key"] != teacher_key(cfg):
-        raise ValueError(
-            f"{folder} holds latents of teacher {meta['teacher']['model']!r} at resolution {meta['resolution']} "
-            f"(key {meta['key']}), not of teacher.model={cfg.teacher.model!r} at data.resolution="
-            f"{cfg.data.resolution} (key {teacher_key(cfg)}); run `pcm precompute` for this teacher, or point "
-            "data.output_dir at the prepared shards")
-    return True
+def find_latents(cfg: Config) -> Path | None:
+    """The folder of this teacher's latents: its complete precomputed folder (index.json is written last), or
+    data.output_dir itself when that holds latents; None when training reads the prepared images.
+    Raises ValueError when data.output_dir holds latents of another teacher or resolution."""
+    key = teacher_key(cfg)
+    for folder in (precomputed_dir(cfg, key), Path(cfg.data.output_dir)):
+        index = folder / "index.json"
+        if not index.is_file() or not json.loads(index.read_text()).get("latents"):
+            continue
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta["key"] != key:
+            raise ValueError(
+                f"{folder} holds latents of teacher {meta['teacher']['model']!r} at resolution "
+                f"{meta['resolution']} (key {meta['key']}), not of teacher.model={cfg.teacher.model!r} at "
+                f"data.resolution={cfg.data.resolution} (key {key}); run `pcm precompute` for this teacher, or "
+                "point data.output_dir at the prepared shards")
+        return folder
+    return None
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -96,7 +94,8 @@ def precompute(cfg: Config, progress: bool = True, chunk: int = 64) -> dict:
     index = json.loads(index_path.read_text())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     teacher = load_teacher(cfg.teacher, device, with_vae=True, with_text=False)
-    out = precomputed_dir(cfg)
+    key = teacher_key(cfg)
+    out = precomputed_dir(cfg, key)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     encoded, passed_through = 0, 0
@@ -117,7 +116,7 @@ def precompute(cfg: Config, progress: bool = True, chunk: int = 64) -> dict:
             tarfile.open(tmp / shard["name"], "w").close()
         else:
             part.rename(tmp / shard["name"])
-    meta = {"key": teacher_key(cfg), "teacher": {"family": cfg.teacher.family, "model": cfg.teacher.model,
+    meta = {"key": key, "teacher": {"family": cfg.teacher.family, "model": cfg.teacher.model,
                                                   "revision": cfg.teacher.revision, "variant": cfg.teacher.variant,
                                                   "vae": cfg.teacher.vae},
             "resolution": cfg.data.resolution, "scaling_factor": teacher.vae.config.scaling_factor,
