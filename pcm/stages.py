@@ -1,6 +1,5 @@
 """One function per pipeline stage: the only entry that DVC, the CLI and the Kubeflow components use."""
 
-
 from pcm.config import Config
 from pcm.data.prepare import prepare as prepare_shards
 from pcm.demo.dataset import write_shapes_shards
