@@ -236,23 +236,24 @@ def _sigterm_flag():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _step(run: Run, cfg: Config, batches) -> tuple[dict[str, torch.Tensor], bool]:
-    """One optimizer step over gradient_accumulation_steps micro-batches; (mean losses, finite on every rank)."""
+def _step(run: Run, cfg: Config, batches, stop_requested: bool) -> tuple[dict[str, torch.Tensor], bool, bool]:
+    """One optimizer step over gradient_accumulation_steps micro-batches: (mean losses, finite on every rank, stop
+    requested on any rank). One host sync per step: every rank must agree whether to apply the update (or DDP's
+    next all-reduce would wait forever) and whether to stop, so both flags travel in one gather after backward."""
     acc, A, phase = run.accelerator, cfg.train.gradient_accumulation_steps, _phase(run, cfg)
-    losses = []
+    losses, nonfinite = [], torch.zeros((), device=acc.device)
     for k in range(A):
         batch = next(batches)
         run.position = tuple(run.data.next_position(tuple(batch["position"])))
         sync = contextlib.nullcontext() if k == A - 1 else acc.no_sync(run.student_unet)
         with sync:
             out = _micro_losses(run, cfg, batch, k)
-            # every rank must agree to skip, or DDP's all-reduce would wait forever
-            finite = bool(acc.gather(torch.isfinite(out["total"]).float().reshape(1)).min() > 0)
-            if finite:
-                acc.backward(out["total"] / A)
+            acc.backward(out["total"] / A)  # also when not finite: the gradients are then dropped, not applied
+        nonfinite = nonfinite + (~torch.isfinite(out["total"].detach())).float()
         losses.append({key: out[key].detach().float() for key in ("loss", "g_loss", "d_loss") if key in out})
-        if not finite:
-            break
+    flags = torch.stack([nonfinite, torch.tensor(float(stop_requested), device=acc.device)])
+    any_nonfinite, stop = (bool(v > 0) for v in acc.gather(flags.reshape(1, 2)).amax(dim=0).tolist())
+    finite = not any_nonfinite
     if finite and phase != "d":
         if cfg.train.max_grad_norm > 0:
             acc.clip_grad_norm_(run.params, cfg.train.max_grad_norm)
@@ -265,7 +266,7 @@ def _step(run: Run, cfg: Config, batches) -> tuple[dict[str, torch.Tensor], bool
     run.optimizer.zero_grad(set_to_none=True)
     if run.disc_optimizer is not None:
         run.disc_optimizer.zero_grad(set_to_none=True)
-    return {key: torch.stack([m[key] for m in losses]).mean() for key in losses[0]}, finite
+    return {key: torch.stack([m[key] for m in losses]).mean() for key in losses[0]}, finite, stop
 
 
 def metadata(cfg: Config, teacher: Teacher) -> dict:
@@ -301,7 +302,7 @@ def _train(run: Run, cfg: Config, flag: dict, sink: Sink | None, progress: bool)
     bar = tqdm(total=t.max_steps, initial=run.step, desc=f"distill {cfg.distill.method} M={cfg.distill.num_phases}",
                disable=not (progress and acc.is_main_process))
     while run.step < t.max_steps:
-        losses, finite = _step(run, cfg, batches)
+        losses, finite, stop = _step(run, cfg, batches, flag["stop"])
         run.step += 1
         bar.update()
         if not finite:
@@ -324,7 +325,6 @@ def _train(run: Run, cfg: Config, flag: dict, sink: Sink | None, progress: bool)
             sums, logged, tick = {}, 0, time.perf_counter()
         if t.validate_every and run.step % t.validate_every == 0 and acc.is_main_process:
             write_validation_grid(run.teacher, cfg, run.step, out)
-        stop = bool(acc.gather(torch.tensor([float(flag["stop"])], device=acc.device)).max() > 0)
         if stop or run.step % t.checkpoint_every == 0 or run.step == t.max_steps:
             _checkpoint(run, cfg)
             acc.wait_for_everyone()
