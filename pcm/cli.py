@@ -31,8 +31,11 @@ def _stage(name: str):
 
         kwargs = {"resume": args.resume} if getattr(args, "resume", None) else {}
         result = getattr(stages, name)(load_config(args.params, args.overrides), **kwargs)
+        table = result.pop("table", None)  # a markdown step table reads better as itself than inside JSON
         summary = {k: v for k, v in result.items() if not isinstance(v, list) or len(v) <= 8}
         print(json.dumps(summary, indent=2))
+        if table:
+            print(table, end="")
         return 0
 
     return run
@@ -46,7 +49,16 @@ STAGES = {  # command -> (stages function, help)
                                  "(teacher.*, data.*)"),
     "distill": ("distill", "distill the teacher into a PCM/LCM LoRA (teacher.*, lora.*, distill.*, train.*); "
                            "uses precomputed latents when present"),
+    "evaluate": ("evaluate", "score the teacher's DDIM and every LoRA at several step counts; writes metrics.json, "
+                             "steps.csv, plots and report.html (eval.*)"),
 }
+
+
+def _convert_inception(args) -> int:
+    from pcm.eval.inception import convert_weights
+
+    print(convert_weights(args.source, args.target))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
             stage.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint "
                                "under train.output_dir/checkpoints (latest) or from a checkpoint folder")
         stage.set_defaults(func=_stage(function))
+    convert = commands.add_parser("convert-inception", help="pytorch-fid's FID Inception .pth -> safetensors "
+                                  "(for eval.inception_weights; read with weights_only, no pickled code runs)")
+    convert.add_argument("source", help="pt_inception-2015-12-05-6726825d.pth")
+    convert.add_argument("target", help="output .safetensors file")
+    convert.set_defaults(func=_convert_inception)
     return parser
 
 

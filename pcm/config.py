@@ -292,6 +292,52 @@ class DemoTeacherConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """`pcm evaluate`: the teacher's DDIM and every LoRA sampled at several step counts from the same noises, scored
+    and reported (metrics.json, steps.csv, steps.md, plots, grids, report.html under output_dir)."""
+
+    loras: tuple[str, ...] = ("models/pcm/lora",)  # exported LoRA folders (`pcm distill` writes train.output_dir/lora)
+    prompts: str = ""  # UTF-8 text file, one prompt per line (empty lines and undecodable ones are skipped and
+    #   counted); empty = the captions of the last num_prompts prepared samples (the demo teacher's held-out ones)
+    num_prompts: int = 200  # the first this many prompts are used
+    seeds: tuple[int, ...] = (0,)  # initial noises per prompt: one sample per (prompt, seed), the same for every row
+    steps: tuple[int, ...] = (1, 2, 4, 8, 16)  # sampling steps of every row
+    guidance_scales: tuple[float, ...] = (1.0,)  # inference CFG of the LoRA rows, one row set per scale
+    teacher_guidance_scale: float = 5.5  # CFG of the teacher's DDIM rows and of its reference samples: the scale the
+    #   students were distilled towards (1 + the mean solver w for small_cfg: 1 + 4.5)
+    reference_steps: int = 50  # teacher DDIM steps of the reference samples (FID-teacher, trajectory error)
+    reference_images: str = ""  # prepared-shards folder of the FID reference images; empty = data.output_dir
+    num_reference: int = 1000  # reference images read (the first ones in index order)
+    features: Literal["inception", "shapes"] = "shapes"  # FID features: Inception-v3 pool3 (real data) or the
+    #   small shapes CNN (the demo world), trained once and cached under cache_dir
+    inception_weights: str = ""  # pytorch-fid's Inception weights as safetensors (`pcm convert-inception` makes it)
+    clip_model: str = ""  # local CLIP model directory (transformers); empty = no CLIP score
+    oracle: bool = True  # the shapes oracle's per-attribute adherence (demo prompts only)
+    batch_size: int = 50  # samples generated and scored per batch
+    grid_prompts: int = 6  # prompts (rows) in each model's sample grid (columns: step counts), the first seed
+    shapes_net_steps: int = 600  # optimizer steps of the shapes feature CNN (trained once per prepared dataset)
+    output_dir: str = "reports/eval"  # the report
+    cache_dir: str = "models/eval-cache"  # teacher reference samples, reference statistics, the shapes CNN
+    device: Literal["cpu", "cuda", "auto"] = "cpu"  # where generation and features run; auto = cuda if available
+
+    def __post_init__(self):
+        _require(len(self.steps) > 0 and all(k >= 1 for k in self.steps),
+                 f"eval.steps={list(self.steps)}: list at least one step count, each >= 1")
+        _require(len(self.seeds) > 0, "eval.seeds: list at least one seed")
+        _require(len(self.guidance_scales) > 0 and all(g >= 0 for g in self.guidance_scales),
+                 f"eval.guidance_scales={list(self.guidance_scales)}: list at least one scale, each >= 0")
+        _require(self.teacher_guidance_scale >= 0, "eval.teacher_guidance_scale must be >= 0")
+        _require(self.reference_steps >= 1, f"eval.reference_steps={self.reference_steps}: must be >= 1")
+        _require(self.num_prompts >= 2, f"eval.num_prompts={self.num_prompts}: must be >= 2 (FID needs a covariance)")
+        _require(self.num_reference >= 2, f"eval.num_reference={self.num_reference}: must be >= 2")
+        _require(self.batch_size >= 1 and self.grid_prompts >= 1, "eval.batch_size and eval.grid_prompts must be >= 1")
+        _require(self.shapes_net_steps >= 1, "eval.shapes_net_steps must be >= 1")
+        _require(self.features != "inception" or bool(self.inception_weights),
+                 "eval.features=inception needs eval.inception_weights: the path of pytorch-fid's weights as "
+                 "safetensors (convert pt_inception-2015-12-05-6726825d.pth with `pcm convert-inception`)")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole params.yaml."""
 
@@ -307,6 +353,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         _require(self.adversarial.weight == 0 or self.distill.method == "pcm",

@@ -28,6 +28,14 @@ def distill(cfg: Config, resume: str | None = None, progress: bool = True) -> di
     return run_distill(cfg, loader_factory(cfg, folder), resume=resume, progress=progress, latents=folder is not None)
 
 
+def evaluate(cfg: Config, progress: bool = True) -> dict:
+    """The teacher's DDIM and each LoRA in eval.loras at eval.steps, scored (FID, FID-teacher, trajectory error, step
+    consistency, CLIP score, oracle) and reported under eval.output_dir (metrics.json, steps.csv, report.html)."""
+    from pcm.eval.evaluate import evaluate as run_evaluate
+
+    return run_evaluate(cfg, progress)
+
+
 def precompute(cfg: Config, progress: bool = True) -> dict:
     """The teacher's VAE latents of every prepared sample, under data.output_dir/precomputed/<teacher key>."""
     from pcm.data.precompute import precompute as run_precompute

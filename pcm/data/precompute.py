@@ -8,7 +8,6 @@ teacher's family, model reference, revision, variant and separate VAE, the VAE w
 directory, and the resolution. A different teacher or resolution therefore never reuses them.
 """
 
-import hashlib
 import io
 import json
 import shutil
@@ -20,28 +19,18 @@ import torch
 from tqdm import tqdm
 
 from pcm.config import Config
+from pcm.data.digest import digest, model_files
 from pcm.data.loader import LATENT_KEY, decode_batch
 from pcm.data.shards import RawSample, ShardWriter, iter_tar
 from pcm.models.families import load_teacher
 
 
-def _vae_files(cfg: Config) -> list[Path]:
-    """The local files that define the VAE (a hub id contributes its name and revision only)."""
-    root = Path(cfg.teacher.vae or cfg.teacher.model)
-    folder = root if cfg.teacher.vae else root / "vae"
-    return sorted(p for p in folder.glob("*") if p.is_file()) if folder.is_dir() else []
-
-
 def teacher_key(cfg: Config) -> str:
-    """16 hex digits identifying the latents: teacher reference, VAE weights, resolution."""
+    """16 hex digits identifying the latents: teacher reference, VAE weights (a local directory's), resolution."""
     t = cfg.teacher
-    h = hashlib.sha256(json.dumps([t.family, t.model, t.revision, t.variant, t.vae, cfg.data.resolution]).encode())
-    for path in _vae_files(cfg):
-        h.update(path.name.encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
+    files = model_files(t.vae) if t.vae else model_files(t.model, ("vae",))
+    return digest([t.family, t.model, t.revision, t.variant, t.vae, cfg.data.resolution],
+                  [p for p in files if p.parent == Path(t.vae or Path(t.model) / "vae")])
 
 
 def precomputed_dir(cfg: Config, key: str | None = None) -> Path:

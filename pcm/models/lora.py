@@ -94,3 +94,14 @@ def read_metadata(path: str | Path) -> dict:
     """The 'pcm' metadata of an exported LoRA file."""
     with safe_open(path, framework="pt") as f:
         return json.loads((f.metadata() or {}).get("pcm", "{}"))
+
+
+def load_lora(unet: torch.nn.Module, folder: str | Path, adapter_name: str) -> None:
+    """Loads an exported LoRA folder onto unet as adapter `adapter_name`, at the alpha stored in its metadata (the
+    same path as `pipe.load_lora_weights`); the adapter becomes active."""
+    path = Path(folder) / DIFFUSERS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a LoRA folder exported by `pcm distill`")
+    state, alphas, adapter_metadata = StableDiffusionPipeline.lora_state_dict(Path(folder), return_lora_metadata=True)
+    unet.load_lora_adapter(state, prefix="unet", network_alphas=alphas, adapter_name=adapter_name,
+                           metadata=adapter_metadata)

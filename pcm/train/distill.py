@@ -281,6 +281,7 @@ def metadata(cfg: Config, teacher: Teacher) -> dict:
         "recommended_guidance_scale": 1.0 if d.guidance == "small_cfg" else 5.0,
         "recommended_scheduler": "TCDScheduler with these sampling_timesteps (gamma 0 = deterministic PCM)"
         if d.method == "pcm" else "LCMScheduler", "resolution": cfg.data.resolution,
+        "lcm_sigma_data": d.lcm_sigma_data, "lcm_timestep_scaling": d.lcm_timestep_scaling,
     }
 
 

@@ -1,0 +1,25 @@
+"""Content digests that key caches: what a cached result depends on, hashed (sha256, 16 hex digits)."""
+
+import hashlib
+import json
+from pathlib import Path
+
+
+def model_files(reference: str, subfolders: tuple[str, ...] = ()) -> list[Path]:
+    """The files under a local model directory (only the given subfolders, when listed); a hub id has none."""
+    root = Path(reference)
+    if not root.is_dir():
+        return []
+    folders = [root / s for s in subfolders] if subfolders else [root]
+    return sorted(p for folder in folders if folder.is_dir() for p in folder.rglob("*") if p.is_file())
+
+
+def digest(values, files: list[Path] = ()) -> str:
+    """16 hex digits of sha256 over JSON-encoded values and then each file's name and bytes."""
+    h = hashlib.sha256(json.dumps(values, sort_keys=True).encode())
+    for path in files:
+        h.update(path.name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]

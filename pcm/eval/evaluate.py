@@ -1,0 +1,202 @@
+"""`pcm evaluate`: every model at every step count from the same noises, scored against references, reported.
+
+Rows: the teacher's DDIM at eval.steps and at eval.reference_steps (the reference), and each LoRA at eval.steps
+per inference guidance scale. Per row (all means over the samples, one sample per (prompt, seed)):
+  fid               FID against the reference images (eval.features: Inception pool3, or the demo's shapes CNN)
+  fid_teacher       FID against the teacher's reference-step samples of the same prompts and seeds ("FID-SD")
+  trajectory_error  RMS latent distance to the teacher's reference-step DDIM result from the same x_T
+  step_consistency  mean cosine similarity of the model's final latents at this step count and at each other one
+  clip_score        100 * max(cos, 0) with eval.clip_model (when set)
+  oracle_*          the shapes oracle's per-attribute adherence (eval.oracle, demo prompts)
+Generation is batched; features are streamed into running sums; the teacher's reference samples and the reference
+images' statistics are cached under eval.cache_dir, keyed by everything they depend on.
+"""
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pcm.config import Config
+from pcm.eval.fid import FeatureStats, fid
+from pcm.eval.generate import Sampler, initial_noise, load_samplers, sample_latents, teacher_sampler, to_uint8, use
+from pcm.eval.prompts import load_prompts
+from pcm.eval.references import feature_function, reference_stats, teacher_reference
+from pcm.eval.report import write_report
+from pcm.models.families import load_teacher
+
+
+@dataclass
+class Row:
+    """Running sums of one (model, step count) row."""
+
+    label: str
+    method: str
+    steps: int
+    guidance_scale: float
+    features: FeatureStats = field(default_factory=FeatureStats)
+    sums: dict = field(default_factory=dict)  # metric -> (sum, count)
+
+    def add(self, metric: str, values: torch.Tensor | np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        total, count = self.sums.get(metric, (0.0, 0))
+        self.sums[metric] = (total + values.sum(), count + values.size)
+
+    def result(self, reference: FeatureStats, teacher: FeatureStats) -> dict:
+        nfe = self.steps * (2 if self.guidance_scale != 1.0 else 1)
+        out = {"model": self.label, "method": self.method, "steps": self.steps, "guidance_scale": self.guidance_scale,
+               "nfe": nfe, "samples": self.features.count,
+               "fid": fid(self.features, reference), "fid_teacher": fid(self.features, teacher)}
+        return out | {k: total / count for k, (total, count) in self.sums.items()}
+
+
+class Scorers:
+    """Everything computed from a batch of images: features for FID, CLIP score, oracle adherence."""
+
+    ORACLE = ("colour", "kind", "position", "background", "overall")
+
+    def __init__(self, cfg: Config, device: torch.device, progress: bool):
+        e = cfg.eval
+        self.features = feature_function(cfg, device, progress)
+        self.clip = None
+        if e.clip_model:
+            from pcm.eval.clip_score import ClipScorer
+            self.clip = ClipScorer(e.clip_model, device)
+        self.oracle = e.oracle
+
+    def score(self, row: Row, images: np.ndarray, prompts: list[str]) -> None:
+        row.features.update(self.features(images))
+        if self.clip is not None:
+            row.add("clip_score", self.clip(images, prompts))
+        if self.oracle:
+            from pcm.demo import oracle
+            scores = [oracle.score(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
+            for k in self.ORACLE:
+                row.add(f"oracle_{k}", [s[k] for s in scores])
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("eval.device=cuda but torch sees no CUDA device; use cpu or auto")
+    return torch.device(name)
+
+
+def check_inputs(cfg: Config) -> None:
+    """Fails before any work when a file or directory the evaluation needs is missing, naming the key to set."""
+    from pcm.eval.clip_score import check_clip_dir
+    from pcm.eval.generate import read_lora_config
+    from pcm.models.families import check_model_reference
+
+    e = cfg.eval
+    check_model_reference(cfg.teacher.model)
+    if not e.loras:
+        raise ValueError("eval.loras is empty: list the LoRA folders to evaluate (pcm distill writes "
+                         "train.output_dir/lora)")
+    for folder in e.loras:
+        read_lora_config(folder)
+    if e.features == "inception" and not Path(e.inception_weights).is_file():
+        raise FileNotFoundError(f"eval.inception_weights={e.inception_weights}: no such file (pytorch-fid's "
+                                "weights converted with `pcm convert-inception`)")
+    if e.clip_model:
+        check_clip_dir(e.clip_model)
+    if e.prompts and not Path(e.prompts).is_file():
+        raise FileNotFoundError(f"eval.prompts={e.prompts}: no such file")
+
+
+class Batches:
+    """The samples (prompt index, seed), prompt-major, in batches with their x_T and conditions."""
+
+    def __init__(self, teacher, prompts: list[str], seeds: tuple[int, ...], batch_size: int, resolution: int):
+        self.teacher, self.prompts, self.batch_size, self.resolution = teacher, prompts, batch_size, resolution
+        self.samples = [(p, s) for p in range(len(prompts)) for s in seeds]
+        side = resolution // teacher.vae_factor
+        self.shape = (teacher.unet.config.in_channels, side, side)
+
+    def __len__(self) -> int:
+        return -(-len(self.samples) // self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.samples), self.batch_size):
+            part = self.samples[start:start + self.batch_size]
+            prompts = [self.prompts[p] for p, _ in part]
+            x_T = torch.stack([initial_noise(self.shape, s, p) for p, s in part]).to(self.teacher.device)
+            cond = self.teacher.encode_prompts(prompts, target_size=self.resolution)
+            yield start, prompts, x_T, cond, self.teacher.uncond(len(prompts), like=cond)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.flatten(1).double(), b.flatten(1).double(), dim=1)
+
+
+def _rms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.double() - b.double()).pow(2).flatten(1).mean(1).sqrt()
+
+
+def evaluate_sampler(teacher, sampler: Sampler, batches: Batches, reference: torch.Tensor, scorers: Scorers,
+                     steps: tuple[int, ...], grid_rows: list[int], progress: bool) -> tuple[list[Row], dict]:
+    """Rows of one sampler at every step count, and its grid tiles {(sample index, K): image uint8}."""
+    use(teacher, sampler)
+    rows = {K: Row(sampler.label, sampler.method, K, sampler.guidance_scale) for K in steps}
+    tiles = {}
+    for start, prompts, x_T, cond, neg in tqdm(batches, desc=f"evaluate {sampler.label}", disable=not progress):
+        latents = {}
+        for K in steps:
+            generator = torch.Generator().manual_seed(start)  # LCM's re-noising draws
+            x_0 = sample_latents(teacher, sampler, x_T, cond, neg, K, generator).float()
+            latents[K] = x_0.cpu()
+            images = to_uint8(teacher.decode_latents(x_0))
+            scorers.score(rows[K], images, prompts)
+            rows[K].add("trajectory_error", _rms(latents[K], reference[start:start + len(prompts)]))
+            tiles |= {(i, K): images[i - start] for i in grid_rows if start <= i < start + len(prompts)}
+        for K in steps:
+            others = [_cosine(latents[K], latents[J]) for J in steps if J != K]
+            if others:
+                rows[K].add("step_consistency", torch.stack(others).mean(0))
+    return list(rows.values()), tiles
+
+
+def evaluate(cfg: Config, progress: bool = True) -> dict:
+    """Runs the whole evaluation and writes the report under eval.output_dir; returns the summary."""
+    e, start = cfg.eval, time.perf_counter()
+    check_inputs(cfg)
+    device = _device(e.device)
+    prompts, skipped = load_prompts(e.prompts, cfg.data.output_dir, e.num_prompts)
+    if len(prompts) * len(e.seeds) < 2:
+        raise ValueError(f"{len(prompts)} prompt(s) x {len(e.seeds)} seed(s): FID needs at least 2 samples")
+    teacher = load_teacher(cfg.teacher, device)
+    samplers = [teacher_sampler(e.teacher_guidance_scale), *load_samplers(teacher, e.loras, e.guidance_scales)]
+    scorers = Scorers(cfg, device, progress)
+    reference_images = reference_stats(cfg, scorers.features, progress)
+    batches = Batches(teacher, prompts, e.seeds, e.batch_size, cfg.data.resolution)
+    use(teacher, samplers[0])
+    reference, cache_hit = teacher_reference(teacher, cfg, batches, progress)
+
+    ref_row = Row("teacher-ddim", "ddim", e.reference_steps, e.teacher_guidance_scale)
+    grid_rows = [p * len(e.seeds) for p in range(min(e.grid_prompts, len(prompts)))]
+    tiles = {}
+    for b_start, b_prompts, *_ in batches:
+        x_0 = reference[b_start:b_start + len(b_prompts)].to(device)
+        images = to_uint8(teacher.decode_latents(x_0))
+        scorers.score(ref_row, images, b_prompts)
+        ref_row.add("trajectory_error", np.zeros(len(b_prompts)))  # the reference itself
+        tiles |= {("teacher-ddim", i, e.reference_steps): images[i - b_start] for i in grid_rows
+                  if b_start <= i < b_start + len(b_prompts)}
+    rows = []
+    for sampler in samplers:
+        sampler_rows, sampler_tiles = evaluate_sampler(teacher, sampler, batches, reference, scorers, e.steps,
+                                                       grid_rows, progress)
+        rows += sampler_rows
+        tiles |= {(sampler.label, i, K): image for (i, K), image in sampler_tiles.items()}
+    results = [row.result(reference_images, ref_row.features) for row in [*rows, ref_row]]
+    info = {"prompts": len(prompts), "seeds": list(e.seeds), "samples": len(batches.samples),
+            "skipped_prompt_lines": skipped, "teacher_reference_cached": cache_hit, "features": scorers.features.name,
+            "reference_images": reference_images.count, "teacher": cfg.teacher.model, "loras": list(e.loras),
+            "teacher_guidance_scale": e.teacher_guidance_scale, "reference_steps": e.reference_steps,
+            "seconds": round(time.perf_counter() - start, 1)}
+    grid_prompts = [prompts[i // len(e.seeds)] for i in grid_rows]
+    return write_report(Path(e.output_dir), results, info, tiles, grid_prompts)

@@ -1,0 +1,114 @@
+"""What every evaluated model is and how it samples: the teacher's DDIM, PCM and LCM LoRAs, on one UNet.
+
+A Sampler names a row source: the teacher (adapters off, DDIM with "trailing" spacing) or one loaded LoRA adapter
+(PCM: DDIM jumps over its trained edges, sub-divided or skipped for other step counts; LCM: LCMScheduler's
+multistep rule). Initial noises are a function of (seed, prompt index) only, so every row starts from the same ones.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pcm.math import SolverGrid
+from pcm.models.families import ModelLoadError, Teacher
+from pcm.models.lora import CONFIG_FILE, load_lora
+from pcm.sampling import ddim_timesteps, lcm_timesteps, pcm_timesteps, sample_lcm, sample_pcm
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """One row source: label, adapter (None = the teacher), method and its grid, inference CFG."""
+
+    label: str
+    adapter: str | None
+    method: str  # ddim | pcm | lcm
+    guidance_scale: float
+    num_solver_steps: int = 0  # N of a LoRA (pcm, lcm)
+    num_phases: int = 0  # M of a PCM LoRA
+    sigma_data: float = 0.5  # LCM boundary scalings
+    timestep_scaling: float = 10.0
+
+    def timesteps(self, T: int, K: int) -> list[int]:
+        if self.method == "ddim":
+            return ddim_timesteps(T, K)
+        if self.method == "pcm":
+            return pcm_timesteps(SolverGrid(T, self.num_solver_steps, self.num_phases), K)
+        if self.method == "lcm":
+            return lcm_timesteps(T, self.num_solver_steps, K)
+        raise ValueError(f"unknown sampling method {self.method!r}; allowed: ddim, pcm, lcm")
+
+
+def teacher_sampler(guidance_scale: float) -> Sampler:
+    return Sampler("teacher-ddim", None, "ddim", guidance_scale)
+
+
+def lora_sampler(meta: dict, adapter: str, guidance_scale: float, label: str) -> Sampler:
+    """A LoRA's sampler from its exported metadata (pcm_config.json)."""
+    return Sampler(label, adapter, meta["method"], guidance_scale, meta["num_solver_steps"], meta["num_phases"],
+                   meta.get("lcm_sigma_data", 0.5), meta.get("lcm_timestep_scaling", 10.0))
+
+
+def read_lora_config(folder: str | Path) -> dict:
+    """pcm_config.json of an exported LoRA folder; fails naming eval.loras when it is not one."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"eval.loras entry {folder}: no {CONFIG_FILE} there (not a folder written by "
+                             "`pcm distill`, which exports to train.output_dir/lora)")
+    return json.loads(path.read_text())
+
+
+def load_samplers(teacher: Teacher, folders: tuple[str, ...], guidance_scales: tuple[float, ...]) -> list[Sampler]:
+    """Loads every LoRA folder onto teacher.unet as an adapter; one Sampler per (LoRA, guidance scale).
+
+    Labels: '<method>-M<phases>' ('lcm' for LCM), the folder's parent name appended when two LoRAs share one, and
+    '-cfg<scale>' when several scales are evaluated."""
+    metas = [read_lora_config(f) for f in folders]
+    names = [m["method"] if m["method"] == "lcm" else f"pcm-M{m['num_phases']}" for m in metas]
+    names = [n if names.count(n) == 1 else f"{n}-{Path(f).resolve().parent.name}" for n, f in zip(names, folders,
+                                                                                                   strict=True)]
+    if len(set(names)) != len(names):
+        raise ValueError(f"eval.loras={list(folders)}: two entries give the same row label {names}; list each once")
+    samplers = []
+    for i, (folder, meta, name) in enumerate(zip(folders, metas, names, strict=True)):
+        load_lora(teacher.unet, folder, adapter_name=f"eval{i}")
+        for g in guidance_scales:
+            label = name if len(guidance_scales) == 1 else f"{name}-cfg{g:g}"
+            samplers.append(lora_sampler(meta, f"eval{i}", g, label))
+    return samplers
+
+
+def initial_noise(shape: tuple[int, ...], seed: int, index: int) -> torch.Tensor:
+    """x_T of sample `index` under `seed`: the same for every model, step count and batch layout."""
+    state = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+    return torch.randn(shape, generator=torch.Generator().manual_seed(state))
+
+
+def use(teacher: Teacher, sampler: Sampler) -> None:
+    """Sets the UNet's adapter state for this sampler."""
+    if sampler.adapter is None:
+        if getattr(teacher.unet, "peft_config", None):
+            teacher.unet.disable_adapters()
+    else:
+        teacher.unet.set_adapters([sampler.adapter])
+        teacher.unet.enable_adapters()
+
+
+@torch.no_grad()
+def sample_latents(teacher: Teacher, sampler: Sampler, x_T: torch.Tensor, cond: dict, neg: dict, K: int,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """x_0 (B, 4, h, w) after K steps of the sampler from x_T (adapter state set by `use`)."""
+    path = sampler.timesteps(len(teacher.abar), K)
+    if sampler.method == "lcm":
+        return sample_lcm(teacher.eps_fn, x_T, cond, teacher.abar, path, sigma_data=sampler.sigma_data,
+                          timestep_scaling=sampler.timestep_scaling, guidance_scale=sampler.guidance_scale,
+                          neg_cond=neg, generator=generator)
+    return sample_pcm(teacher.eps_fn, x_T, cond, teacher.abar, path, guidance_scale=sampler.guidance_scale,
+                      neg_cond=neg)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Images (B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8, rounded (what a saved PNG holds)."""
+    return (images.permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
