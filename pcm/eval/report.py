@@ -30,7 +30,7 @@ def _present(rows: list[dict]) -> list[str]:
 
 def flat_metrics(rows: list[dict]) -> dict[str, float]:
     """{'<model>/k<steps>/<metric>': value}: flat keys, so `dvc metrics diff` lines up rows across runs."""
-    return {f"{r['model']}/k{r['steps']}/{m}": round(float(r[m]), 6) for r in rows for m in _present(rows) if m in r}
+    return {f"{r['model']}/k{r['steps']}/{m}": float(r[m]) for r in rows for m in _present(rows) if m in r}
 
 
 def _fmt(value) -> str:

@@ -9,6 +9,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -129,3 +130,21 @@ def sd_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
     """SD's training schedule (scaled_linear 0.00085..0.012, T = 1000) as a DDIM scheduler config."""
     return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                          set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+
+
+def save_tiny_clip(path: str | Path, corpus: Iterable[str], image_size: int = 32, hidden: int = 32) -> Path:
+    """A random CLIP model (text + vision towers, projections), its tokenizer and PIL image processor saved to a
+    directory that `transformers` loads like openai/clip-vit-*: what tests use for eval.clip_model."""
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    tokenizer = build_tokenizer(corpus)
+    text = _text_config(tokenizer, TinySizes(), hidden)
+    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=image_size, patch_size=image_size // 4)
+    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                          crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
+    return Path(path)

@@ -1,0 +1,141 @@
+"""`pcm evaluate` end to end on a tiny teacher with a PCM and an LCM LoRA: rows, outputs, cache, bad inputs."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pcm import stages
+from pcm.cli import main
+from pcm.config import config_from_dict
+from pcm.data.loader import loader_factory
+from pcm.models.tiny import save_tiny_clip
+from pcm.train.distill import distill
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_families import CAPTIONS, save_tiny  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Shapes data, a tiny SD1.5 teacher, a PCM (M = 2) and an LCM LoRA after 2 steps each, a tiny CLIP."""
+    from accelerate.state import AcceleratorState
+
+    root = tmp_path_factory.mktemp("evaluate")
+    base = {"demo": {"output_dir": str(root / "shapes"), "num_images": 24, "shard_size": 8},
+            "data": {"inputs": [str(root / "shapes" / "shard-{00000..00002}.tar")],
+                     "output_dir": str(root / "prepared"), "shard_size": 8, "resolution": 16, "min_side": 16},
+            "teacher": {"model": str(save_tiny(root / "teacher", "sd15"))},
+            "lora": {"rank": 4, "alpha": 4.0},
+            "train": {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-3, "validate_every": 0,
+                      "shuffle_buffer": 8}}
+    stages.demo_data(config_from_dict(base), progress=False)
+    stages.prepare(config_from_dict(base), progress=False)
+    for name, method in (("pcm", {"method": "pcm", "num_solver_steps": 20, "num_phases": 2}),
+                         ("lcm", {"method": "lcm", "num_solver_steps": 20, "num_phases": 1})):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        cfg = config_from_dict({**base, "distill": method, "train": {**base["train"], "output_dir": str(root / name)}})
+        distill(cfg, loader_factory(cfg), progress=False)
+    base["eval"] = {"loras": [str(root / "pcm" / "lora"), str(root / "lcm" / "lora")], "num_prompts": 3,
+                    "seeds": [0, 1], "steps": [1, 4], "reference_steps": 4, "batch_size": 4, "num_reference": 12,
+                    "shapes_net_steps": 10, "grid_prompts": 2, "clip_model": str(save_tiny_clip(root / "clip",
+                                                                                                  CAPTIONS))}
+    return root, base
+
+
+def _cfg(base, tmp_path, **eval_overrides):
+    e = {**base["eval"], "output_dir": str(tmp_path / "report"), "cache_dir": str(tmp_path / "cache"),
+         **eval_overrides}
+    return config_from_dict({**base, "eval": e})
+
+
+def test_report_rows_outputs_and_the_teacher_cache(world, tmp_path):
+    root, base = world
+    cfg = _cfg(base, tmp_path)
+    summary = stages.evaluate(cfg, progress=False)
+    out = Path(summary["output_dir"])
+    rows = list(csv.DictReader(open(out / "steps.csv")))
+    assert [(r["model"], int(r["steps"])) for r in rows] == [
+        ("teacher-ddim", 1), ("teacher-ddim", 4), ("pcm-M2", 1), ("pcm-M2", 4), ("lcm", 1), ("lcm", 4),
+        ("teacher-ddim", 4)]  # the last: the reference row (eval.reference_steps)
+    assert all(int(r["samples"]) == 6 for r in rows)
+    by_key = {(r["model"], int(r["steps"]), r["nfe"]): r for r in rows}
+    # eval.reference_steps = 4 is also a teacher row: generated in another pass over the same noises and prompts, it
+    # must land exactly on the cached reference
+    teacher_4 = by_key[("teacher-ddim", 4, "8")]
+    assert float(teacher_4["trajectory_error"]) == 0.0 and float(teacher_4["fid_teacher"]) < 1e-6
+    assert float(by_key[("pcm-M2", 1, "1")]["trajectory_error"]) > 0
+    for r in rows:
+        assert 0 <= float(r["clip_score"]) <= 100 and 0 <= float(r["oracle_overall"]) <= 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["pcm-M2/k4/fid_teacher"] == pytest.approx(float(by_key[("pcm-M2", 4, "4")]["fid_teacher"]),
+                                                             rel=1e-5)
+    assert all(isinstance(v, float) for v in metrics.values())  # flat: `dvc metrics show` reads it as is
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(list((out / "plots").glob("*.png"))) + 3  # + 3 grids
+    assert {p.name for p in (out / "grids").iterdir()} == {"teacher-ddim.png", "pcm-M2.png", "lcm.png"}
+    assert "| pcm-M2 | pcm |" in (out / "steps.md").read_text()
+    info = json.loads((out / "info.json").read_text())
+    assert info["teacher_reference_cached"] is False and info["samples"] == 6
+
+    again = stages.evaluate(_cfg(base, tmp_path, output_dir=str(tmp_path / "report2")), progress=False)
+    assert json.loads((Path(again["output_dir"]) / "info.json").read_text())["teacher_reference_cached"] is True
+    # the same numbers; FID against the cached reference statistics differs by round-off only (sums rebuilt from the
+    # stored mean and covariance)
+    assert json.loads((Path(again["output_dir"]) / "metrics.json").read_text()) == pytest.approx(metrics, rel=1e-8)
+    changed = stages.evaluate(_cfg(base, tmp_path, output_dir=str(tmp_path / "r3"), seeds=[0, 2]), progress=False)
+    assert json.loads((Path(changed["output_dir"]) / "info.json").read_text())["teacher_reference_cached"] is False
+
+
+def test_prompt_file_lines_that_are_empty_or_not_utf8_are_skipped_and_counted(world, tmp_path):
+    root, base = world
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"a red circle in the center on a gray background\n\n   \n\xff\xfe broken\n"
+                        b"a blue square at the top left on a white background\n")
+    cfg = _cfg(base, tmp_path, prompts=str(prompts), loras=[base["eval"]["loras"][0]], steps=[1], seeds=[0],
+               clip_model="")
+    out = Path(stages.evaluate(cfg, progress=False)["output_dir"])
+    info = json.loads((out / "info.json").read_text())
+    assert info["prompts"] == 2 and info["skipped_prompt_lines"] == {"empty": 2, "not_utf8": 1}
+    assert "clip_score" not in (out / "steps.csv").read_text()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("eval.loras=['{root}/nowhere']", "eval.loras entry .*nowhere"),
+    ("eval.clip_model={root}/no-clip", "eval.clip_model=.*no-clip"),
+    ("eval.prompts={root}/no-prompts.txt", "eval.prompts=.*no-prompts.txt"),
+])
+def test_missing_inputs_fail_at_start_with_the_key(world, tmp_path, capsys, override, message):
+    root, base = world
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({**base, "eval": {**base["eval"], "cache_dir": str(tmp_path / "cache")}}))
+    assert main(["evaluate", "--params", str(params), override.format(root=root)]) == 1
+    import re
+
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "cache").exists()  # failed before any work
+
+
+def test_the_shapes_feature_net_is_trained_once_then_read_from_the_cache(world, tmp_path, monkeypatch):
+    from pcm.demo import features
+
+    root, base = world
+    net, key = features.cached_shapes_net(root / "prepared", tmp_path, steps=5, seed=0, progress=False)
+    monkeypatch.setattr(features, "train_shapes_net", lambda *a, **k: pytest.fail("trained again"))
+    again, same_key = features.cached_shapes_net(root / "prepared", tmp_path, steps=5, seed=0, progress=False)
+    assert same_key == key and (tmp_path / f"shapes-net-{key}.safetensors").is_file()
+    for a, b in zip(net.state_dict().values(), again.state_dict().values(), strict=True):
+        assert bool((a == b).all())
+    with pytest.raises(pytest.fail.Exception, match="trained again"):  # other settings: another key, a new net
+        features.cached_shapes_net(root / "prepared", tmp_path, steps=6, seed=0, progress=False)
