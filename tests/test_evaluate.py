@@ -139,3 +139,23 @@ def test_the_shapes_feature_net_is_trained_once_then_read_from_the_cache(world, 
         assert bool((a == b).all())
     with pytest.raises(pytest.fail.Exception, match="trained again"):  # other settings: another key, a new net
         features.cached_shapes_net(root / "prepared", tmp_path, steps=6, seed=0, progress=False)
+
+
+def test_inception_features_from_converted_weights(world, tmp_path):
+    """eval.features=inception: the FID Inception (random weights here) from a converted safetensors file."""
+    import torch
+
+    from pcm.eval.inception import FIDInception, convert_weights
+
+    root, base = world
+    torch.manual_seed(0)
+    torch.save(FIDInception().state_dict(), tmp_path / "pt_inception.pth")
+    weights = convert_weights(tmp_path / "pt_inception.pth", tmp_path / "inception.safetensors")
+    cfg = _cfg(base, tmp_path, features="inception", inception_weights=str(weights), loras=[base["eval"]["loras"][0]],
+               steps=[2], num_prompts=2, seeds=[0], num_reference=4, clip_model="", oracle=False)
+    out = Path(stages.evaluate(cfg, progress=False)["output_dir"])
+    info = json.loads((out / "info.json").read_text())
+    assert info["features"] == "inception" and info["reference_images"] == 4
+    rows = list(csv.DictReader(open(out / "steps.csv")))
+    assert len(rows) == 3 and all(float(r["fid"]) > 0 for r in rows)
+    assert not any(k.startswith("oracle") for k in rows[0])

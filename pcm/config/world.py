@@ -1,0 +1,153 @@
+"""Config sections of the data, the demo world and the evaluation (`data`, `demo`, `demo_teacher`, `eval`)."""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pcm.config.errors import require
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Input shards and their preparation (`pcm prepare`, DESIGN.md §5)."""
+
+    inputs: tuple[str, ...] = ("data/shapes/shard-{00000..00003}.tar",)  # shard URLs, brace patterns, folders
+    output_dir: str = "data/prepared"  # prepared shards, index.json and stats.json go here (and only here)
+    resolution: int = 32  # training image side in pixels: shorter side resized to it, then a square crop
+    crop: Literal["center", "random"] = "center"  # random crops store their box for SDXL micro-conditioning
+    min_side: int = 32  # skip images whose original shorter side is below this (pixels)
+    min_aspect: float = 0.25  # skip images with width / height outside [min_aspect, max_aspect]
+    max_aspect: float = 4.0
+    min_caption_chars: int = 1  # skip captions shorter than this after stripping whitespace
+    max_caption_chars: int = 1000  # skip captions longer than this (characters)
+    require_json: dict[str, str] = field(default_factory=dict)  # KEY.json fields that must equal these
+    shard_size: int = 1000  # samples per prepared shard (the last one may hold fewer)
+    num_workers: int = 0  # processes working on input shards in parallel; 0 = one per CPU core
+    image_format: Literal["jpg", "png"] = "jpg"  # encoding of prepared images (png is lossless)
+    jpeg_quality: int = 95  # when image_format = jpg
+    max_pixels: int = 89_478_485  # decompression-bomb guard: larger images are skipped unread (PIL's default)
+    allow_pipe_urls: bool = False  # pipe: URLs run shell commands; refused unless set explicitly
+
+    def __post_init__(self):
+        require(self.resolution >= 8 and self.resolution % 8 == 0,
+                 f"data.resolution={self.resolution}: must be a positive multiple of 8 (the VAE factor)")
+        require(0 < self.min_aspect <= self.max_aspect,
+                 f"data.min_aspect={self.min_aspect}, data.max_aspect={self.max_aspect}: need 0 < min <= max")
+        require(0 <= self.min_caption_chars <= self.max_caption_chars,
+                 f"data.min_caption_chars={self.min_caption_chars}, data.max_caption_chars="
+                 f"{self.max_caption_chars}: need 0 <= min <= max")
+        require(self.shard_size >= 1, f"data.shard_size={self.shard_size}: must be >= 1")
+        require(self.num_workers >= 0, f"data.num_workers={self.num_workers}: must be >= 0 (0 = all cores)")
+        require(1 <= self.jpeg_quality <= 100, f"data.jpeg_quality={self.jpeg_quality}: must be in 1..100")
+        require(self.max_pixels >= 1, f"data.max_pixels={self.max_pixels}: must be >= 1")
+        require(self.min_side >= 1, f"data.min_side={self.min_side}: must be >= 1 pixel")
+        require(bool(self.output_dir), "data.output_dir must not be empty")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The shapes demo world (`pcm demo-data`, DESIGN.md §6), written as img2dataset-layout input shards."""
+
+    output_dir: str = "data/shapes"  # input shards shard-00000.tar, ... (data.inputs points here)
+    num_images: int = 4000  # captioned images to generate
+    image_size: int = 64  # generated side in pixels; `pcm prepare` resizes to data.resolution
+    min_shapes: int = 1  # objects per image, in distinct cells of a 3x3 grid
+    max_shapes: int = 1  # one object: the tiny teacher learns colour and kind of 6-9 px shapes in a CPU budget;
+    # 2+ objects exercise multi-object prompts but need several times the teacher's training
+    shard_size: int = 1000  # images per input shard
+
+    def __post_init__(self):
+        require(self.num_images >= 1, f"demo.num_images={self.num_images}: must be >= 1")
+        require(self.image_size >= 24, f"demo.image_size={self.image_size}: must be >= 24 pixels")
+        require(1 <= self.min_shapes <= self.max_shapes <= 9,
+                 f"demo.min_shapes={self.min_shapes}, demo.max_shapes={self.max_shapes}: need 1 <= min <= max <= 9")
+        require(self.shard_size >= 1, f"demo.shard_size={self.shard_size}: must be >= 1")
+
+
+@dataclass(frozen=True)
+class DemoTeacherConfig:
+    """Training of the tiny demo teacher on the prepared shapes shards (`pcm demo-teacher`, DESIGN.md §6)."""
+
+    family: Literal["sd15", "sdxl"] = "sd15"  # SD1.5-shaped (the demo) or SDXL-shaped (exercises the SDXL family)
+    output_dir: str = "models/demo-teacher"  # the saved diffusers pipeline (save_pretrained, safetensors)
+    vae_channels: tuple[int, ...] = (16, 32)  # VAE widths; downsampling factor 2 ** (len - 1)
+    unet_channels: tuple[int, ...] = (32, 64, 128)  # UNet widths, one level each; the deepest has no attention
+    attention_heads: int = 2  # UNet attention heads per block (diffusers' attention_head_dim); few, wide heads are
+    # fast on CPU
+    attention_from: int = 1  # first UNet level with cross-attention (0 = full latent resolution, SD1.5's layout);
+    # 1 is SDXL's layout and trains ~1.6x faster on CPU: attention over all 16x16 positions is the costliest layer
+    text_hidden: int = 64  # text encoder width
+    text_layers: int = 2  # text encoder depth
+    vae_steps: int = 800  # VAE optimizer steps
+    vae_batch_size: int = 32
+    unet_steps: int = 2400  # UNet + text encoder optimizer steps
+    unet_batch_size: int = 32
+    vae_learning_rate: float = 1e-3  # AdamW of the VAE phase (2e-3 ends 4 dB lower: 27 vs 31.8 dB after 800 steps)
+    learning_rate: float = 2e-3  # AdamW of the UNet + text encoder phase
+    ema_decay: float = 0.995  # EMA of the UNet and text encoder weights that are saved
+    caption_dropout: float = 0.1  # fraction of captions replaced by "" so CFG works
+    holdout: int = 200  # prepared images kept out of training: VAE PSNR, and their captions are the eval prompts
+    eval_prompts: int = 200  # held-out captions scored by the oracle after training (DDIM with CFG), <= holdout
+    eval_steps: int = 50  # DDIM steps of the evaluation sampler
+    eval_guidance_scale: float = 4.0  # CFG scale of the evaluation sampler
+    device: Literal["cpu", "cuda", "auto"] = "cpu"  # where to train; auto = cuda when available. Random draws come
+    # from a CPU generator either way, so a run is the same draw sequence on every device
+
+    def __post_init__(self):
+        require(all(c % 8 == 0 for c in self.vae_channels + self.unet_channels),
+                 "demo_teacher.vae_channels and unet_channels must be multiples of 8 (GroupNorm with 8 groups)")
+        require(0 <= self.attention_from < len(self.unet_channels) - 1,
+                 f"demo_teacher.attention_from={self.attention_from}: must be in [0, {len(self.unet_channels) - 2}] "
+                 f"for unet_channels={list(self.unet_channels)} (the deepest level has no attention)")
+        require(self.vae_steps >= 1 and self.unet_steps >= 1, "demo_teacher.vae_steps and unet_steps must be >= 1")
+        require(1 <= self.eval_prompts <= self.holdout,
+                 f"demo_teacher.eval_prompts={self.eval_prompts}: must be in [1, demo_teacher.holdout={self.holdout}] "
+                 "(the prompts are held-out captions)")
+        require(self.eval_steps >= 1, f"demo_teacher.eval_steps={self.eval_steps}: must be >= 1")
+        require(0 <= self.caption_dropout < 1, f"demo_teacher.caption_dropout={self.caption_dropout}: in [0, 1)")
+        require(0 <= self.ema_decay < 1, f"demo_teacher.ema_decay={self.ema_decay}: must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """`pcm evaluate`: the teacher's DDIM and every LoRA sampled at several step counts from the same noises, scored
+    and reported (metrics.json, steps.csv, steps.md, plots, grids, report.html under output_dir)."""
+
+    loras: tuple[str, ...] = ("models/pcm/lora",)  # exported LoRA folders (`pcm distill` writes train.output_dir/lora)
+    prompts: str = ""  # UTF-8 text file, one prompt per line (empty lines and undecodable ones are skipped and
+    #   counted); empty = the captions of the last num_prompts prepared samples (the demo teacher's held-out ones)
+    num_prompts: int = 200  # the first this many prompts are used
+    seeds: tuple[int, ...] = (0,)  # initial noises per prompt: one sample per (prompt, seed), the same for every row
+    steps: tuple[int, ...] = (1, 2, 4, 8, 16)  # sampling steps of every row
+    guidance_scales: tuple[float, ...] = (1.0,)  # inference CFG of the LoRA rows, one row set per scale
+    teacher_guidance_scale: float = 5.5  # CFG of the teacher's DDIM rows and of its reference samples: the scale the
+    #   students were distilled towards (1 + the mean solver w for small_cfg: 1 + 4.5)
+    reference_steps: int = 50  # teacher DDIM steps of the reference samples (FID-teacher, trajectory error)
+    reference_images: str = ""  # prepared-shards folder of the FID reference images; empty = data.output_dir
+    num_reference: int = 1000  # reference images read (the first ones in index order)
+    features: Literal["inception", "shapes"] = "shapes"  # FID features: Inception-v3 pool3 (real data) or the
+    #   small shapes CNN (the demo world), trained once and cached under cache_dir
+    inception_weights: str = ""  # pytorch-fid's Inception weights as safetensors (`pcm convert-inception` makes it)
+    clip_model: str = ""  # local CLIP model directory (transformers); empty = no CLIP score
+    oracle: bool = True  # the shapes oracle's per-attribute adherence (demo prompts only)
+    batch_size: int = 50  # samples generated and scored per batch
+    grid_prompts: int = 6  # prompts (rows) in each model's sample grid (columns: step counts), the first seed
+    shapes_net_steps: int = 600  # optimizer steps of the shapes feature CNN (trained once per prepared dataset)
+    output_dir: str = "reports/eval"  # the report
+    cache_dir: str = "models/eval-cache"  # teacher reference samples, reference statistics, the shapes CNN
+    device: Literal["cpu", "cuda", "auto"] = "cpu"  # where generation and features run; auto = cuda if available
+
+    def __post_init__(self):
+        require(len(self.steps) > 0 and all(k >= 1 for k in self.steps),
+                 f"eval.steps={list(self.steps)}: list at least one step count, each >= 1")
+        require(len(self.seeds) > 0, "eval.seeds: list at least one seed")
+        require(len(self.guidance_scales) > 0 and all(g >= 0 for g in self.guidance_scales),
+                 f"eval.guidance_scales={list(self.guidance_scales)}: list at least one scale, each >= 0")
+        require(self.teacher_guidance_scale >= 0, "eval.teacher_guidance_scale must be >= 0")
+        require(self.reference_steps >= 1, f"eval.reference_steps={self.reference_steps}: must be >= 1")
+        require(self.num_prompts >= 2, f"eval.num_prompts={self.num_prompts}: must be >= 2 (FID needs a covariance)")
+        require(self.num_reference >= 2, f"eval.num_reference={self.num_reference}: must be >= 2")
+        require(self.batch_size >= 1 and self.grid_prompts >= 1, "eval.batch_size and eval.grid_prompts must be >= 1")
+        require(self.shapes_net_steps >= 1, "eval.shapes_net_steps must be >= 1")
+        require(self.features != "inception" or bool(self.inception_weights),
+                 "eval.features=inception needs eval.inception_weights: the path of pytorch-fid's weights as "
+                 "safetensors (convert pt_inception-2015-12-05-6726825d.pth with `pcm convert-inception`)")
