@@ -51,7 +51,35 @@ STAGES = {  # command -> (stages function, help)
                            "uses precomputed latents when present"),
     "evaluate": ("evaluate", "score the teacher's DDIM and every LoRA at several step counts; writes metrics.json, "
                              "steps.csv, plots and report.html (eval.*)"),
+    "register": ("register", "register the LoRA in the MLflow model registry: candidate alias, champion when the gate "
+                             "passes (register.*, tracking.*)"),
 }
+
+
+def _sample(args) -> int:
+    from pcm import stages
+
+    result = stages.sample(load_config(args.params, args.overrides), args.prompt, args.out, model=args.model or "",
+                           lora=args.lora or "", negative_prompt=args.negative_prompt, steps=args.steps,
+                           guidance_scale=args.guidance_scale, seed=args.seed)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _add_sample(commands) -> None:
+    sample = commands.add_parser("sample", help="images from a registered model or a LoRA folder (the base model "
+                                 "from teacher.*), sampled over the LoRA's trained edges")
+    _add_params(sample)
+    source = sample.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a registered model URI, e.g. models:/pcm-demo-sd15-4phase@champion")
+    source.add_argument("--lora", help="an exported LoRA folder, e.g. models/pcm/lora")
+    sample.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several images)")
+    sample.add_argument("--negative-prompt", default="", help="replaces the empty condition of CFG")
+    sample.add_argument("--steps", type=int, help="sampling steps (default: the LoRA's recommended, M)")
+    sample.add_argument("--guidance-scale", type=float, help="inference CFG (default: the LoRA's recommended)")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    sample.add_argument("--out", default="sample.png", help="output PNG; several prompts give OUT-0.png, ...")
+    sample.set_defaults(func=_sample)
 
 
 def _convert_inception(args) -> int:
@@ -79,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
             stage.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint "
                                "under train.output_dir/checkpoints (latest) or from a checkpoint folder")
         stage.set_defaults(func=_stage(function))
+    _add_sample(commands)
     convert = commands.add_parser("convert-inception", help="pytorch-fid's FID Inception .pth -> safetensors "
                                   "(for eval.inception_weights; read with weights_only, no pickled code runs)")
     convert.add_argument("source", help="pt_inception-2015-12-05-6726825d.pth")

@@ -1,48 +1,103 @@
-"""One function per pipeline stage: the only entry that DVC, the CLI and the Kubeflow components use."""
+"""One function per pipeline stage: the only entry that DVC, the CLI and the Kubeflow components use.
+
+Every stage runs inside an MLflow run (pcm.tracking): the resolved config as params, lineage tags, the stage's
+numbers as metrics, its files as artifacts, and <output>/mlflow_run.json naming the run.
+"""
+
+from pathlib import Path
 
 from pcm.config import Config
-from pcm.data.prepare import prepare as prepare_shards
-from pcm.demo.dataset import write_shapes_shards
+from pcm.tracking import track
+
+
+def _log(tracker, result: dict, *artifacts: tuple) -> dict:
+    """The stage's numbers as metrics and (path, artifact folder) pairs as artifacts, when tracking."""
+    if tracker is not None:
+        tracker.log_result(result)
+        for path, folder in artifacts:
+            tracker.artifact(path, folder)
+    return result
 
 
 def demo_data(cfg: Config, progress: bool = True) -> dict:
     """The shapes demo world as input shards under cfg.demo.output_dir."""
-    return write_shapes_shards(cfg.demo, cfg.seed, progress)
+    from pcm.demo.dataset import write_shapes_shards
+
+    with track(cfg, "demo-data", cfg.demo.output_dir) as tracker:
+        return _log(tracker, write_shapes_shards(cfg.demo, cfg.seed, progress))
+
+
+def prepare(cfg: Config, progress: bool = True) -> dict:
+    """Input shards (cfg.data.inputs) -> prepared shards, index.json and stats.json in cfg.data.output_dir."""
+    from pcm.data.prepare import prepare as prepare_shards
+
+    with track(cfg, "prepare", cfg.data.output_dir) as tracker:
+        result = prepare_shards(cfg.data, cfg.seed, progress)
+        return _log(tracker, result, (Path(cfg.data.output_dir) / "stats.json", None))
 
 
 def demo_teacher(cfg: Config, progress: bool = True) -> dict:
     """Trains the tiny demo teacher on the prepared shapes shards; saves a diffusers pipeline + metrics.json."""
     from pcm.demo.teacher import train_demo_teacher
 
-    return train_demo_teacher(cfg, progress)
-
-
-def distill(cfg: Config, resume: str | None = None, progress: bool = True) -> dict:
-    """The teacher (cfg.teacher) distilled into a PCM / LCM LoRA under cfg.train.output_dir; reads this teacher's
-    precomputed latents when `pcm precompute` wrote them, else encodes the prepared images on the fly."""
-    from pcm.data.loader import loader_factory
-    from pcm.data.precompute import find_latents
-    from pcm.train.distill import distill as run_distill
-
-    folder = find_latents(cfg)  # also refuses latents of another teacher
-    return run_distill(cfg, loader_factory(cfg, folder), resume=resume, progress=progress, latents=folder is not None)
-
-
-def evaluate(cfg: Config, progress: bool = True) -> dict:
-    """The teacher's DDIM and each LoRA in eval.loras at eval.steps, scored (FID, FID-teacher, trajectory error, step
-    consistency, CLIP score, oracle) and reported under eval.output_dir (metrics.json, steps.csv, report.html)."""
-    from pcm.eval.evaluate import evaluate as run_evaluate
-
-    return run_evaluate(cfg, progress)
+    out = Path(cfg.demo_teacher.output_dir)
+    with track(cfg, "demo-teacher", out) as tracker:  # its first write comes after the pipeline is saved
+        return _log(tracker, train_demo_teacher(cfg, progress), (out / "metrics.json", None))
 
 
 def precompute(cfg: Config, progress: bool = True) -> dict:
     """The teacher's VAE latents of every prepared sample, under data.output_dir/precomputed/<teacher key>."""
     from pcm.data.precompute import precompute as run_precompute
 
-    return run_precompute(cfg, progress)
+    with track(cfg, "precompute", Path(cfg.data.output_dir) / "precomputed") as tracker:
+        return _log(tracker, run_precompute(cfg, progress))
 
 
-def prepare(cfg: Config, progress: bool = True) -> dict:
-    """Input shards (cfg.data.inputs) -> prepared shards, index.json and stats.json in cfg.data.output_dir."""
-    return prepare_shards(cfg.data, cfg.seed, progress)
+def distill(cfg: Config, resume: str | None = None, progress: bool = True) -> dict:
+    """The teacher (cfg.teacher) distilled into a PCM / LCM LoRA under cfg.train.output_dir; reads this teacher's
+    precomputed latents when `pcm precompute` wrote them, else encodes the prepared images on the fly. A resumed
+    run continues its MLflow run."""
+    from pcm.data.loader import loader_factory
+    from pcm.data.precompute import find_latents
+    from pcm.train.distill import distill as run_distill
+
+    out = Path(cfg.train.output_dir)
+    with track(cfg, "distill", out, resume=resume is not None) as tracker:
+        folder = find_latents(cfg)  # also refuses latents of another teacher
+        result = run_distill(cfg, loader_factory(cfg, folder), resume=resume, sink=tracker, progress=progress,
+                             latents=folder is not None)
+        return _log(tracker, result, (out / "samples", "samples"), (out / "metrics.jsonl", None),
+                    (out / "lora" / "pcm_config.json", "lora"))
+
+
+def evaluate(cfg: Config, progress: bool = True) -> dict:
+    """The teacher's DDIM and each LoRA in eval.loras at eval.steps, scored (FID, FID-teacher, trajectory error, step
+    consistency, CLIP score, oracle) and reported under eval.output_dir (metrics.json, steps.csv, report.html)."""
+    import json
+
+    from pcm.eval.evaluate import evaluate as run_evaluate
+
+    out = Path(cfg.eval.output_dir)
+    with track(cfg, "evaluate", out) as tracker:
+        result = run_evaluate(cfg, progress)
+        if tracker is not None:
+            tracker.log(0, json.loads((out / "metrics.json").read_text()))  # keys model/k<steps>/metric
+        return _log(tracker, result, (out, "report"))
+
+
+def register(cfg: Config) -> dict:
+    """register.lora as a new version of register.model_name in the MLflow registry (candidate alias; champion
+    when the gate passes); the same LoRA registered again returns its existing version."""
+    from pcm.registry import register as run_register
+
+    return run_register(cfg)
+
+
+def sample(cfg: Config, prompts: list[str], out: str, model: str = "", lora: str = "", negative_prompt: str = "",
+           steps: int | None = None, guidance_scale: float | None = None, seed: int = 0) -> dict:
+    """PNG files of prompts from a registered model (model: models:/NAME@ALIAS) or a LoRA folder on cfg.teacher
+    (lora); steps and guidance_scale default to the LoRA's recommended ones. One file per prompt: out, or
+    out-<i>.png when there are several."""
+    from pcm.inference import sample_pngs
+
+    return sample_pngs(cfg, prompts, out, model, lora, negative_prompt, steps, guidance_scale, seed)

@@ -1,6 +1,17 @@
+import os
+
+import pytest
 import torch
 from hypothesis import settings
 
 settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True)
 settings.load_profile("ci")
 torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def mlflow_store(tmp_path_factory):
+    """Every stage tracks to MLflow: in tests, to one throwaway SQLite store (never the repo's mlflow/)."""
+    path = tmp_path_factory.mktemp("mlflow")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{path}/mlflow.db"
+    yield path

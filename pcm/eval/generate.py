@@ -112,3 +112,50 @@ def sample_latents(teacher: Teacher, sampler: Sampler, x_T: torch.Tensor, cond: 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Images (B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8, rounded (what a saved PNG holds)."""
     return (images.permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """An image (H, W, 3) uint8 as PNG bytes."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="PNG")
+    return out.getvalue()
+
+
+@torch.no_grad()
+def generate(teacher: Teacher, sampler: Sampler, prompt: str, negative_prompt: str, steps: int, seed: int,
+             resolution: int) -> np.ndarray:
+    """One image (H, W, 3) uint8: x_T from torch.Generator().manual_seed(seed), `steps` steps of the sampler (its
+    guidance_scale; the negative prompt replaces the empty condition). What `pcm sample` and the registered MLflow
+    model both call, one prompt at a time, so an image does not depend on what else was asked for."""
+    use(teacher, sampler)
+    side = resolution // teacher.vae_factor
+    x_T = torch.randn(1, teacher.unet.config.in_channels, side, side,
+                      generator=torch.Generator().manual_seed(seed)).to(teacher.device)
+    cond = teacher.encode_prompts([prompt], target_size=resolution)
+    neg = teacher.encode_prompts([negative_prompt], target_size=resolution) if negative_prompt else \
+        teacher.uncond(1, like=cond)
+    x_0 = sample_latents(teacher, sampler, x_T, cond, neg, steps, torch.Generator().manual_seed(seed))
+    return to_uint8(teacher.decode_latents(x_0.float()))[0]
+
+
+def _given(row: dict, key: str, default):
+    value = row.get(key)
+    return default if value is None or (isinstance(value, float) and np.isnan(value)) else value
+
+
+def generate_pngs(teacher: Teacher, meta: dict, adapter: str, rows: list[dict]) -> list[bytes]:
+    """PNG bytes for rows {prompt, negative_prompt?, steps?, guidance_scale?, seed?} with the LoRA loaded as
+    `adapter`; a missing (None / NaN) value takes the LoRA's recommended steps and CFG, no negative prompt, seed 0."""
+    images = []
+    for row in rows:
+        scale = float(_given(row, "guidance_scale", meta["recommended_guidance_scale"]))
+        sampler = lora_sampler(meta, adapter, scale, "generate")
+        image = generate(teacher, sampler, str(row["prompt"]), str(_given(row, "negative_prompt", "")),
+                         int(_given(row, "steps", meta["recommended_steps"])), int(_given(row, "seed", 0)),
+                         meta["resolution"])
+        images.append(png_bytes(image))
+    return images

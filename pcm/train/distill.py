@@ -27,7 +27,7 @@ from pcm.sampling import pcm_timesteps
 from pcm.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from pcm.train.ema import EMA
 from pcm.train.loop import lr_factor, target_net_for
-from pcm.train.sink import JsonlSink, Sink
+from pcm.train.sink import JsonlSink, MultiSink, Sink
 from pcm.train.step import Batch, method_loss
 from pcm.train.validation import write_validation_grid
 
@@ -297,7 +297,8 @@ def distill(cfg: Config, make_data: DataFactory, resume: str | None = None, sink
 def _train(run: Run, cfg: Config, flag: dict, sink: Sink | None, progress: bool) -> None:
     """The loop: steps, logging, validation grids, checkpoints; raises Preempted / NonFiniteLoss."""
     acc, t, out = run.accelerator, cfg.train, Path(cfg.train.output_dir)
-    sink = sink or (JsonlSink(out / "metrics.jsonl") if acc.is_main_process else None)
+    # metrics.jsonl always; `sink` (the MLflow tracker, a test's probe) in addition
+    sink = MultiSink(JsonlSink(out / "metrics.jsonl"), *([sink] if sink else [])) if acc.is_main_process else None
     batches = iter(run.data)
     in_a_row, sums, logged, tick = 0, {}, 0, time.perf_counter()
     bar = tqdm(total=t.max_steps, initial=run.step, desc=f"distill {cfg.distill.method} M={cfg.distill.num_phases}",
