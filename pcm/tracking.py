@@ -138,7 +138,7 @@ class Tracker:
         """Sends what is queued (one more try) and ends the run; returns the run id (None if it never started)."""
         self.pending.append(("end", status))
         self.flush(force=True)
-        if self.pending and not self.given_up:
+        if self.pending:  # still failing, or given up earlier and more came since: saved, not dropped
             self._give_up()
         return self.run_id
 

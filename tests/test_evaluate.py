@@ -11,12 +11,11 @@ import yaml
 from pcm import stages
 from pcm.cli import main
 from pcm.config import config_from_dict
-from pcm.data.loader import loader_factory
 from pcm.models.tiny import save_tiny_clip
-from pcm.train.distill import distill
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_families import CAPTIONS, save_tiny  # noqa: E402
+from test_families import CAPTIONS  # noqa: E402
+from worlds import tiny_world  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -30,23 +29,8 @@ def fresh_accelerate_state():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Shapes data, a tiny SD1.5 teacher, a PCM (M = 2) and an LCM LoRA after 2 steps each, a tiny CLIP."""
-    from accelerate.state import AcceleratorState
-
     root = tmp_path_factory.mktemp("evaluate")
-    base = {"demo": {"output_dir": str(root / "shapes"), "num_images": 24, "shard_size": 8},
-            "data": {"inputs": [str(root / "shapes" / "shard-{00000..00002}.tar")],
-                     "output_dir": str(root / "prepared"), "shard_size": 8, "resolution": 16, "min_side": 16},
-            "teacher": {"model": str(save_tiny(root / "teacher", "sd15"))},
-            "lora": {"rank": 4, "alpha": 4.0},
-            "train": {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-3, "validate_every": 0,
-                      "shuffle_buffer": 8}}
-    stages.demo_data(config_from_dict(base), progress=False)
-    stages.prepare(config_from_dict(base), progress=False)
-    for name, method in (("pcm", {"method": "pcm", "num_solver_steps": 20, "num_phases": 2}),
-                         ("lcm", {"method": "lcm", "num_solver_steps": 20, "num_phases": 1})):
-        AcceleratorState._reset_state(reset_partial_state=True)
-        cfg = config_from_dict({**base, "distill": method, "train": {**base["train"], "output_dir": str(root / name)}})
-        distill(cfg, loader_factory(cfg), progress=False)
+    base = tiny_world(root, ("pcm", "lcm"))
     base["eval"] = {"loras": [str(root / "pcm" / "lora"), str(root / "lcm" / "lora")], "num_prompts": 3,
                     "seeds": [0, 1], "steps": [1, 4], "reference_steps": 4, "batch_size": 4, "num_reference": 12,
                     "shapes_net_steps": 10, "grid_prompts": 2, "clip_model": str(save_tiny_clip(root / "clip",

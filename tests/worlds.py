@@ -1,0 +1,34 @@
+"""Small worlds several test modules share: shapes data, a tiny SD1.5 teacher, LoRAs distilled for a few steps."""
+
+from pathlib import Path
+
+from accelerate.state import AcceleratorState
+from test_families import save_tiny
+
+from pcm import stages
+from pcm.config import config_from_dict
+from pcm.data.loader import loader_factory
+from pcm.train.distill import distill
+
+METHODS = {"pcm": {"method": "pcm", "num_solver_steps": 20, "num_phases": 2},
+           "lcm": {"method": "lcm", "num_solver_steps": 20, "num_phases": 1}}
+
+
+def tiny_world(root: Path, methods: tuple[str, ...] = ("pcm",)) -> dict:
+    """Params (as a dict) of a world under root: 24 shapes images at 16 px, a tiny teacher, and a LoRA per method
+    under root/<method>/lora after 2 distillation steps."""
+    base = {"demo": {"output_dir": str(root / "shapes"), "num_images": 24, "shard_size": 8},
+            "data": {"inputs": [str(root / "shapes" / "shard-{00000..00002}.tar")],
+                     "output_dir": str(root / "prepared"), "shard_size": 8, "resolution": 16, "min_side": 16},
+            "teacher": {"model": str(save_tiny(root / "teacher", "sd15"))},
+            "lora": {"rank": 4, "alpha": 4.0},
+            "train": {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-3, "validate_every": 0,
+                      "shuffle_buffer": 8}}
+    stages.demo_data(config_from_dict(base), progress=False)
+    stages.prepare(config_from_dict(base), progress=False)
+    for name in methods:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        cfg = config_from_dict({**base, "distill": METHODS[name],
+                                "train": {**base["train"], "output_dir": str(root / name)}})
+        distill(cfg, loader_factory(cfg), progress=False)
+    return base
