@@ -143,8 +143,8 @@ def register(cfg: Config) -> dict:
     client = _client(cfg)
     existing = [v for v in client.search_model_versions(f"name='{r.model_name}'")
                 if v.tags.get("pcm.lora_sha256") == sha]
-    if existing:
-        version = existing[0]
+    if existing:  # search results carry no aliases: read the version itself
+        version = client.get_model_version(r.model_name, existing[0].version)
         return {"model_name": r.model_name, "version": int(version.version), "created": False,
                 "aliases": sorted(version.aliases), "gate": version.tags.get("pcm.gate", "")}
     version = _log_version(cfg, meta, metrics, sha)

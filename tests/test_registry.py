@@ -97,7 +97,7 @@ def test_register_tags_card_load_by_alias_and_an_idempotent_rerun(world, tmp_pat
     _same_as_direct(cfg, "models:/tiny-pcm@champion", lora, tmp_path)
     # the same LoRA again: no second version
     again = stages.register(cfg)
-    assert not again["created"] and again["version"] == 1
+    assert not again["created"] and again["version"] == 1 and again["aliases"] == ["candidate", "champion"]
     assert len(client.search_model_versions("name='tiny-pcm'")) == 1
     # the LoRA in the mlflow.diffusers flavor, in the same run
     adapter = mlflow.diffusers.load_model(f"runs:/{version.run_id}/diffusers-lora")

@@ -108,3 +108,34 @@ def test_tracking_can_be_turned_off(tmp_path):
     with track(_cfg(tmp_path, enabled=False), "unit", tmp_path / "out") as tracker:
         assert tracker is None
     assert not (tmp_path / "out").exists()
+
+
+def test_distill_logs_its_losses_by_step_and_a_resumed_run_continues_its_mlflow_run(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from accelerate.state import AcceleratorState
+
+    from pcm import stages
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from worlds import METHODS, tiny_world
+
+    base = tiny_world(tmp_path, methods=())
+    train = {**base["train"], "max_steps": 2, "log_every": 1, "output_dir": str(tmp_path / "run")}
+    params = {**base, "distill": METHODS["pcm"], "train": train, "tracking": {"experiment": "tracking-test"}}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    stages.distill(config_from_dict(params), progress=False)
+    first = json.loads((tmp_path / "run" / RUN_FILE).read_text())
+    AcceleratorState._reset_state(reset_partial_state=True)
+    stages.distill(config_from_dict({**params, "train": {**train, "max_steps": 4}}), resume="latest", progress=False)
+    info = json.loads((tmp_path / "run" / RUN_FILE).read_text())
+    assert info["run_id"] == first["run_id"]  # the resumed training continues its run
+    client = MlflowClient(info["tracking_uri"])
+    logged = [(m.step, m.value) for m in client.get_metric_history(info["run_id"], "loss")]
+    jsonl = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [(r["step"], r["loss"]) for r in jsonl] and [s for s, _ in logged] == [1, 2, 3, 4]
+    artifacts = {a.path for a in client.list_artifacts(info["run_id"])}
+    assert {"lora", "metrics.jsonl"} <= artifacts
+    run = client.get_run(info["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["pcm.data_hash"].startswith("index:")
