@@ -15,6 +15,7 @@ file digest) returns the existing version instead of a duplicate.
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -70,8 +71,23 @@ def _client(cfg: Config):
                            f"was registered; the LoRA ({cfg.register.lora}) and the evaluation metrics "
                            f"({cfg.register.eval_metrics}) are unchanged on disk. Start the server (or fix "
                            "tracking.uri / MLFLOW_TRACKING_URI) and run `pcm register` again") from err
-    mlflow.set_tracking_uri(uri)
     return client
+
+
+@contextmanager
+def tracking_store(uri: str):
+    """MLflow's fluent API (start_run, log_model, load_model) pointed at uri inside the block only:
+    mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI, which must not outlive the call."""
+    previous_env, previous_uri = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 def _base_model(model: str) -> str:
@@ -147,7 +163,8 @@ def register(cfg: Config) -> dict:
         version = client.get_model_version(r.model_name, existing[0].version)
         return {"model_name": r.model_name, "version": int(version.version), "created": False,
                 "aliases": sorted(version.aliases), "gate": version.tags.get("pcm.gate", "")}
-    version = _log_version(cfg, meta, metrics, sha)
+    with tracking_store(tracking_uri(cfg.tracking)):
+        version = _log_version(cfg, meta, metrics, sha)
     client.set_registered_model_alias(r.model_name, "candidate", version)
     promote, reason, value = _gate(client, cfg, metrics)
     for key, tag in {"pcm.gate": ("promoted: " if promote else "not promoted: ") + reason,
@@ -206,4 +223,5 @@ def _requirements() -> list[str]:
 def load_registered(cfg: Config, uri: str):
     """The registered pyfunc (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/...), generating on register.device."""
     _client(cfg)
-    return mlflow.pyfunc.load_model(uri, model_config={"device": cfg.register.device})
+    with tracking_store(tracking_uri(cfg.tracking)):
+        return mlflow.pyfunc.load_model(uri, model_config={"device": cfg.register.device})

@@ -25,6 +25,7 @@ from pcm import stages
 from pcm.cli import main
 from pcm.config import config_from_dict
 from pcm.models.lora import DIFFUSERS_FILE
+from pcm.registry import load_registered, tracking_store
 
 sys.path.insert(0, str(Path(__file__).parent))
 from worlds import tiny_world  # noqa: E402
@@ -71,7 +72,7 @@ def _decode(png: bytes) -> np.ndarray:
 
 def _same_as_direct(cfg, uri_of_model, lora, tmp_path):
     """The registered model and the direct path produce the same image, bit for bit."""
-    model = mlflow.pyfunc.load_model(uri_of_model)
+    model = load_registered(cfg, uri_of_model)
     png = model.predict(pd.DataFrame({"prompt": [PROMPT], "seed": [3], "steps": [2]}))["image"][0]
     direct = stages.sample(cfg, [PROMPT], str(tmp_path / "direct.png"), lora=str(lora), steps=2, seed=3)
     assert np.array_equal(_decode(png), _decode(Path(direct["images"][0]).read_bytes()))
@@ -83,7 +84,9 @@ def test_register_tags_card_load_by_alias_and_an_idempotent_rerun(world, tmp_pat
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     lora = root / "pcm" / "lora"
     cfg = _cfg(base, tmp_path, uri, lora, 50.0)
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     first = stages.register(cfg)
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before  # the store of this call does not leak into the process
     assert first["created"] and first["version"] == 1 and first["aliases"] == ["candidate", "champion"]
     client = MlflowClient(uri)
     version = client.get_model_version("tiny-pcm", "1")
@@ -93,14 +96,14 @@ def test_register_tags_card_load_by_alias_and_an_idempotent_rerun(world, tmp_pat
     assert tags["eval.k2/fid_teacher"] == "50.0" and tags["pcm.gate"].startswith("promoted")
     assert tags["pcm.git_commit"] and tags["pcm.params_hash"]
     assert "load_lora_weights" in version.description and "TCDScheduler" in version.description
-    mlflow.set_tracking_uri(uri)
     _same_as_direct(cfg, "models:/tiny-pcm@champion", lora, tmp_path)
     # the same LoRA again: no second version
     again = stages.register(cfg)
     assert not again["created"] and again["version"] == 1 and again["aliases"] == ["candidate", "champion"]
     assert len(client.search_model_versions("name='tiny-pcm'")) == 1
     # the LoRA in the mlflow.diffusers flavor, in the same run
-    adapter = mlflow.diffusers.load_model(f"runs:/{version.run_id}/diffusers-lora")
+    with tracking_store(uri):
+        adapter = mlflow.diffusers.load_model(f"runs:/{version.run_id}/diffusers-lora")
     assert Path(adapter.base_model) == Path(base["teacher"]["model"]).resolve()
     pipe = adapter.load_pipeline(device="cpu")
     assert pipe.unet.peft_config
@@ -164,7 +167,6 @@ def test_a_real_server_and_one_that_is_down(world, tmp_path, capsys):
         lora = root / "pcm" / "lora"
         cfg = _cfg(base, tmp_path, uri, lora, 50.0)
         assert stages.register(cfg)["aliases"] == ["candidate", "champion"]
-        mlflow.set_tracking_uri(uri)
         _same_as_direct(cfg, "models:/tiny-pcm@champion", lora, tmp_path)
     finally:
         _stop(server)
