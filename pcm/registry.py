@@ -162,7 +162,8 @@ def register(cfg: Config) -> dict:
     if existing:  # search results carry no aliases: read the version itself
         version = client.get_model_version(r.model_name, existing[0].version)
         return {"model_name": r.model_name, "version": int(version.version), "created": False,
-                "aliases": sorted(version.aliases), "gate": version.tags.get("pcm.gate", "")}
+                "aliases": sorted(version.aliases), "gate": version.tags.get("pcm.gate", ""), "run_id": version.run_id,
+                "model_uri": f"models:/{r.model_name}/{version.version}", "tracking_uri": tracking_uri(cfg.tracking)}
     with tracking_store(tracking_uri(cfg.tracking)):
         version = _log_version(cfg, meta, metrics, sha)
     client.set_registered_model_alias(r.model_name, "candidate", version)
@@ -173,9 +174,10 @@ def register(cfg: Config) -> dict:
         client.set_model_version_tag(r.model_name, version, key, tag)
     if promote:
         client.set_registered_model_alias(r.model_name, "champion", version)
-    aliases = client.get_model_version(r.model_name, version).aliases
-    return {"model_name": r.model_name, "version": int(version), "created": True, "aliases": sorted(aliases),
-            "gate": reason, "promoted": promote, "model_uri": f"models:/{r.model_name}/{version}"}
+    registered = client.get_model_version(r.model_name, version)
+    return {"model_name": r.model_name, "version": int(version), "created": True, "aliases": sorted(registered.aliases),
+            "gate": reason, "promoted": promote, "run_id": registered.run_id,
+            "model_uri": f"models:/{r.model_name}/{version}", "tracking_uri": tracking_uri(cfg.tracking)}
 
 
 def _log_version(cfg: Config, meta: dict, metrics: dict, sha: str) -> str:

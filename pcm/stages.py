@@ -88,9 +88,15 @@ def evaluate(cfg: Config, progress: bool = True) -> dict:
 def register(cfg: Config) -> dict:
     """register.lora as a new version of register.model_name in the MLflow registry (candidate alias; champion
     when the gate passes); the same LoRA registered again returns its existing version."""
+    import json
+
     from pcm.registry import register as run_register
 
-    return run_register(cfg)
+    result = run_register(cfg)
+    out = Path(cfg.register.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def sample(cfg: Config, prompts: list[str], out: str, model: str = "", lora: str = "", negative_prompt: str = "",

@@ -14,7 +14,7 @@ from typing import Literal
 import yaml
 
 from pcm.config.errors import ConfigError, require
-from pcm.config.mlops import RegisterConfig, TrackingConfig
+from pcm.config.mlops import DistillRun, PipelineConfig, RegisterConfig, TrackingConfig
 from pcm.config.world import DataConfig, DemoConfig, DemoTeacherConfig, EvalConfig
 
 
@@ -205,6 +205,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def __post_init__(self):
         require(self.adversarial.weight == 0 or self.distill.method == "pcm",
@@ -321,6 +322,6 @@ def _deep_copy(data):
 
 
 __all__ = ["AdversarialConfig", "Config", "ConfigError", "DataConfig", "DemoConfig", "DemoTeacherConfig",
-           "DistillConfig", "EvalConfig", "LORA_TARGETS", "LoraConfig", "RegisterConfig", "SampleConfig",
-           "ScheduleConfig", "TeacherConfig", "TrackingConfig", "TrainConfig", "ValidationConfig", "config_from_dict",
-           "config_to_dict", "config_to_yaml", "load_config"]
+           "DistillConfig", "DistillRun", "EvalConfig", "LORA_TARGETS", "LoraConfig", "PipelineConfig",
+           "RegisterConfig", "SampleConfig", "ScheduleConfig", "TeacherConfig", "TrackingConfig", "TrainConfig",
+           "ValidationConfig", "config_from_dict", "config_to_dict", "config_to_yaml", "load_config"]

@@ -1,6 +1,7 @@
-"""Config sections of MLflow tracking and the model registry (`tracking`, `register`)."""
+"""Config sections of the pipelines, MLflow tracking and the model registry (`pipeline`, `tracking`, `register`)."""
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pcm.config.errors import require
@@ -36,6 +37,38 @@ class RegisterConfig:
     gate_direction: Literal["lower", "higher"] = "lower"  # which way is better for gate_metric
     gate_threshold: float = 100.0  # champion only if gate_metric is at most (lower) / at least (higher) this
     device: Literal["cpu", "cuda", "auto"] = "cpu"  # where a loaded model generates (pcm sample, the pyfunc)
+    output: str = "models/registered.json"  # what `pcm register` did (version, aliases, gate, run), for pipelines
 
     def __post_init__(self):
         require(bool(self.model_name), "register.model_name must not be empty (e.g. pcm-sdxl-4phase)")
+
+
+@dataclass(frozen=True)
+class DistillRun:
+    """One distillation of the pipeline: its method and phase count (the rest comes from distill.*)."""
+
+    method: Literal["pcm", "lcm"] = "pcm"
+    num_phases: int = 4
+
+    def __post_init__(self):
+        require(self.num_phases >= 1, f"pipeline.distill_runs: num_phases={self.num_phases} must be >= 1")
+        require(self.method != "lcm" or self.num_phases == 1, "pipeline.distill_runs: an lcm run has num_phases: 1")
+
+
+def _default_runs() -> dict:
+    return {"pcm-m1": DistillRun("pcm", 1), "pcm-m2": DistillRun("pcm", 2), "pcm-m4": DistillRun("pcm", 4),
+            "lcm": DistillRun("lcm", 1)}
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The DVC and Kubeflow pipelines: one distill stage per entry, writing models/<name>/ (DESIGN.md §4)."""
+
+    distill_runs: dict[str, DistillRun] = field(default_factory=_default_runs)  # name -> method and M
+
+    def __post_init__(self):
+        require(len(self.distill_runs) > 0, "pipeline.distill_runs: list at least one run")
+        for name in self.distill_runs:
+            require(re.fullmatch(r"[a-z0-9][a-z0-9-]*", name) is not None,
+                    f"pipeline.distill_runs: run name {name!r} must be lower-case letters, digits and '-' (it names a "
+                    "folder, a DVC stage and a Kubeflow task)")

@@ -1,0 +1,127 @@
+"""dvc.yaml: its params keys resolve to config fields, and `dvc repro` runs, caches and re-runs what changed."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pcm.config import config_to_dict, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _stages() -> dict:
+    """dvc.yaml's stages with foreach expanded over params.yaml's pipeline.distill_runs."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    runs = load_config(ROOT / "params.yaml").pipeline.distill_runs
+    out = {}
+    for name, stage in stages.items():
+        if "foreach" not in stage:
+            out[name] = stage
+            continue
+        assert stage["foreach"] == "${pipeline.distill_runs}"
+        for key, run in runs.items():
+            text = yaml.safe_dump(stage["do"]).replace("${key}", key)
+            text = text.replace("${item.method}", run.method).replace("${item.num_phases}", str(run.num_phases))
+            out[f"{name}@{key}"] = yaml.safe_load(text)
+    return out
+
+
+def _resolves(tree: dict, dotted: str) -> bool:
+    node = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def test_every_params_key_of_every_stage_resolves_to_a_config_field():
+    tree = config_to_dict(load_config(ROOT / "params.yaml"))
+    keys = [(name, key) for name, stage in _stages().items() for key in stage.get("params", [])]
+    assert len(keys) > 20
+    assert [(name, key) for name, key in keys if not _resolves(tree, key)] == []
+
+
+def test_the_evaluation_reads_exactly_the_distilled_loras_and_registers_the_m4_one():
+    cfg = load_config(ROOT / "params.yaml")
+    stages = _stages()
+    produced = {out for name, stage in stages.items() if name.startswith("distill@") for out in stage["outs"]}
+    assert produced == {f"models/{name}" for name in cfg.pipeline.distill_runs}
+    assert {str(Path(p).parent) for p in cfg.eval.loras} == produced
+    assert set(cfg.eval.loras) <= set(stages["evaluate"]["deps"])
+    assert cfg.register.lora in stages["register"]["deps"] and cfg.register.lora in cfg.eval.loras
+    for name, stage in stages.items():  # every stage is a pcm command on the params file
+        assert stage["cmd"].startswith(f"pcm {name.split('@')[0]} --params params.yaml"), name
+
+
+TINY = {  # the demo pipeline at toy sizes: every stage runs in seconds
+    "demo": {"num_images": 40, "shard_size": 20},
+    "data": {"shard_size": 20, "inputs": ["data/shapes/shard-{00000..00001}.tar"]},
+    "demo_teacher": {"vae_channels": [8, 16], "unet_channels": [16, 32], "attention_from": 0, "text_hidden": 16,
+                     "vae_steps": 2, "unet_steps": 2, "holdout": 8, "eval_prompts": 2, "eval_steps": 2,
+                     "vae_batch_size": 4, "unet_batch_size": 4},
+    "distill": {"num_solver_steps": 20},
+    "train": {"batch_size": 4, "max_steps": 2, "lr_warmup_steps": 0, "checkpoint_every": 2, "validate_every": 0,
+              "log_every": 1, "shuffle_buffer": 8},
+    "lora": {"rank": 2, "alpha": 2},
+    "eval": {"num_prompts": 3, "steps": [1, 2], "reference_steps": 2, "num_reference": 8, "shapes_net_steps": 5,
+             "batch_size": 4, "grid_prompts": 2},
+    "register": {"gate_metric": "pcm-M4/k2/fid_teacher", "gate_threshold": 1.0e9},
+}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def _repro(clone: Path) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the clone's own embedded store
+    result = subprocess.run([str(Path(sys.executable).with_name("dvc")), "repro"], cwd=clone, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def _ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.mark.slow
+def test_dvc_repro_in_a_clone_caches_and_reruns_only_what_a_param_change_touches(tmp_path):
+    clone = tmp_path / "clone"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    for name in filter(None, files):
+        source = ROOT / name.decode()
+        if source.is_file():
+            (clone / name.decode()).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, clone / name.decode())
+    for extra in ("dvc.yaml", "params.yaml", ".dvc/config"):  # present even before they are committed
+        (clone / extra).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / extra, clone / extra)
+    params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    (clone / "params.yaml").write_text(yaml.safe_dump(params))
+    subprocess.run(["git", "init", "-q"], cwd=clone, check=True)
+
+    first = _repro(clone)
+    runs = load_config(ROOT / "params.yaml").pipeline.distill_runs
+    everything = {"demo-data", "prepare", "demo-teacher", "evaluate", "register", *(f"distill@{k}" for k in runs)}
+    assert _ran(first) == everything
+    rows = (clone / "reports" / "eval" / "steps.csv").read_text()
+    assert "teacher-ddim" in rows and "pcm-M4" in rows and "lcm" in rows
+    assert '"version": 1' in (clone / "models" / "registered.json").read_text()
+
+    assert _ran(_repro(clone)) == set()  # nothing changed: nothing runs
+
+    params["train"]["learning_rate"] = 2e-3
+    (clone / "params.yaml").write_text(yaml.safe_dump(params))
+    assert _ran(_repro(clone)) == {*(f"distill@{k}" for k in runs), "evaluate", "register"}
