@@ -41,11 +41,13 @@ def _resolves(tree: dict, dotted: str) -> bool:
     return True
 
 
-def test_every_params_key_of_every_stage_resolves_to_a_config_field():
+def test_every_params_key_of_every_stage_resolves_to_a_config_field_and_is_in_params_yaml():
     tree = config_to_dict(load_config(ROOT / "params.yaml"))
+    written = yaml.safe_load((ROOT / "params.yaml").read_text())  # DVC reads the file itself: the key must be there
     keys = [(name, key) for name, stage in _stages().items() for key in stage.get("params", [])]
     assert len(keys) > 20
     assert [(name, key) for name, key in keys if not _resolves(tree, key)] == []
+    assert [(name, key) for name, key in keys if not _resolves(written, key)] == []
 
 
 def test_the_evaluation_reads_exactly_the_distilled_loras_and_registers_the_m4_one():

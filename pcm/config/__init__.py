@@ -287,6 +287,16 @@ def config_from_dict(data: dict, overrides: typing.Sequence[str] = ()) -> Config
         raise ConfigError(str(err)) from err
 
 
+def config_from_yaml(text: str, overrides: typing.Sequence[str] = ()) -> Config:
+    """Config from the text of a params file plus overrides (what pipeline components receive)."""
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"the params text is not valid YAML: {err}") from err
+    require(isinstance(data, dict), "the params text: the top level must be a mapping")
+    return config_from_dict(data, overrides)
+
+
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
     """Config from a params.yaml file (None: the defaults) plus overrides."""
     data = {}
@@ -324,4 +334,5 @@ def _deep_copy(data):
 __all__ = ["AdversarialConfig", "Config", "ConfigError", "DataConfig", "DemoConfig", "DemoTeacherConfig",
            "DistillConfig", "DistillRun", "EvalConfig", "LORA_TARGETS", "LoraConfig", "PipelineConfig",
            "RegisterConfig", "SampleConfig", "ScheduleConfig", "TeacherConfig", "TrackingConfig", "TrainConfig",
-           "ValidationConfig", "config_from_dict", "config_to_dict", "config_to_yaml", "load_config"]
+           "ValidationConfig", "config_from_dict", "config_from_yaml", "config_to_dict", "config_to_yaml",
+           "load_config"]
