@@ -107,3 +107,30 @@ def sample(cfg: Config, prompts: list[str], out: str, model: str = "", lora: str
     from pcm.inference import sample_pngs
 
     return sample_pngs(cfg, prompts, out, model, lora, negative_prompt, steps, guidance_scale, seed)
+
+
+def distill_job(cfg: Config, num_processes: int, export_dir: str) -> dict:
+    """What a pipeline's distill task does: resume from the newest checkpoint under train.output_dir when there is
+    one (a retried task continues), run on num_processes GPUs (`accelerate launch --multi_gpu` when > 1), then copy
+    the exported LoRA folder to export_dir."""
+    import shutil
+    import subprocess
+    import sys
+
+    from pcm.config import config_to_yaml
+
+    out = Path(cfg.train.output_dir)
+    resume = "latest" if any((out / "checkpoints").glob("step-*")) else None
+    if num_processes > 1:
+        out.mkdir(parents=True, exist_ok=True)
+        params = out / "resolved-params.yaml"
+        params.write_text(config_to_yaml(cfg))
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                   str(num_processes), "--num_machines", "1", "--mixed_precision", cfg.train.mixed_precision,
+                   "--dynamo_backend", "no", "-m", "pcm.cli", "distill", "--params", str(params)]
+        subprocess.run(command + (["--resume", resume] if resume else []), check=True)
+        result = {"processes": num_processes, "resumed": resume is not None}
+    else:
+        result = {**distill(cfg, resume=resume, progress=False), "resumed": resume is not None}
+    shutil.copytree(out / "lora", export_dir, dirs_exist_ok=True)
+    return result

@@ -6,6 +6,7 @@ data, demo world and evaluation live in `pcm.config.world`; all are importable f
 """
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,14 +288,15 @@ def config_from_dict(data: dict, overrides: typing.Sequence[str] = ()) -> Config
         raise ConfigError(str(err)) from err
 
 
-def config_from_yaml(text: str, overrides: typing.Sequence[str] = ()) -> Config:
-    """Config from the text of a params file plus overrides (what pipeline components receive)."""
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"the params text is not valid YAML: {err}") from err
+def config_from_yaml(text: str, overrides: typing.Sequence[str] = (), tracking_uri: str = "") -> Config:
+    """Config from the text of a params file (YAML, or JSON as the pipelines pass it) plus overrides (what pipeline
+    components receive); a non-empty tracking_uri sets tracking.uri."""
+    try:  # JSON first: PyYAML reads JSON's 2e-06 (no decimal point) as a string
+        data = json.loads(text) if text.lstrip().startswith("{") else (yaml.safe_load(text) or {})
+    except (ValueError, yaml.YAMLError) as err:
+        raise ConfigError(f"the params text is neither JSON nor valid YAML: {err}") from err
     require(isinstance(data, dict), "the params text: the top level must be a mapping")
-    return config_from_dict(data, overrides)
+    return config_from_dict(data, [*overrides, *([f"tracking.uri={tracking_uri}"] if tracking_uri else [])])
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:

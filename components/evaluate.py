@@ -1,0 +1,32 @@
+"""The evaluation component: the step table as Metrics, the report as HTML, the table as Markdown."""
+
+from typing import List
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE)
+def evaluate(params: str, overrides: list, mlflow_uri: str, teacher_model: str, eval_steps: list, work_root: str,
+             prepared: Input[Dataset], loras: Input[List[Model]], results: Output[Artifact], metrics: Output[Metrics],
+             report: Output[HTML], table: Output[Markdown], teacher: Input[Model] = None):
+    """Every LoRA and the teacher's DDIM (pcm.stages.evaluate; eval_steps, when given, replaces eval.steps); the
+    teacher reference cache lives under work_root (a PVC in a cluster), so re-evaluations reuse it."""
+    import json
+    import shutil
+
+    from pcm import stages
+    from pcm.config import config_from_yaml
+
+    cfg = config_from_yaml(params, [*overrides, f"teacher.model={teacher.path if teacher else teacher_model}",
+                                    f"data.output_dir={prepared.path}", f"eval.output_dir={results.path}",
+                                    f"eval.cache_dir={work_root or results.path + '-work'}/eval-cache",
+                                    f"eval.loras={json.dumps([m.path for m in loras])}",
+                                    *([f"eval.steps={json.dumps(eval_steps)}"] if eval_steps else [])], mlflow_uri)
+    stages.evaluate(cfg, progress=False)
+    for key, value in json.loads(open(f"{results.path}/metrics.json").read()).items():
+        metrics.log_metric(key, value)
+    shutil.copy(f"{results.path}/report.html", report.path)
+    shutil.copy(f"{results.path}/steps.md", table.path)

@@ -1,0 +1,25 @@
+"""The registration component: one of the distilled LoRAs into the MLflow model registry."""
+
+from typing import List
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Model, Output
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE)
+def register(params: str, overrides: list, mlflow_uri: str, method: str, num_phases: int,
+             loras: Input[List[Model]], results: Input[Artifact], registered: Output[Artifact]):
+    """Registers the LoRA of the given method and phase count (pcm.stages.register) with the evaluation's metrics;
+    the output records the version, aliases, gate decision and MLflow run."""
+    from pcm import stages
+    from pcm.config import config_from_yaml
+
+    chosen = [m.path for m in loras if (m.metadata.get("method"), m.metadata.get("num_phases")) == (method, num_phases)]
+    if not chosen:
+        raise ValueError(f"no distilled LoRA with method={method} num_phases={num_phases}; check the pipeline's runs")
+    cfg = config_from_yaml(params, [*overrides, f"register.lora={chosen[0]}", f"register.output={registered.path}",
+                                    f"register.eval_metrics={results.path}/metrics.json"], mlflow_uri)
+    result = stages.register(cfg)
+    registered.metadata.update({k: result[k] for k in ("model_name", "version", "model_uri", "run_id")})

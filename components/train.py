@@ -1,0 +1,37 @@
+"""Training components: the demo teacher, and one distillation (PCM or LCM; several GPUs with accelerate)."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model, Output
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE)
+def demo_teacher(params: str, overrides: list, mlflow_uri: str, prepared: Input[Dataset], teacher: Output[Model]):
+    """The tiny demo teacher trained on the prepared shapes (pcm.stages.demo_teacher), as a diffusers pipeline."""
+    from pcm import stages
+    from pcm.config import config_from_yaml
+
+    cfg = config_from_yaml(params, [*overrides, f"data.output_dir={prepared.path}",
+                                    f"demo_teacher.output_dir={teacher.path}"], mlflow_uri)
+    result = stages.demo_teacher(cfg, progress=False)
+    teacher.metadata.update({k: result[k] for k in ("vae_psnr_db", "main_colour_acc", "main_kind_acc")})
+
+
+@dsl.component(base_image=IMAGE)
+def distill(params: str, overrides: list, mlflow_uri: str, teacher_model: str, run_name: str, method: str,
+            num_phases: int, max_steps: int, num_gpus: int, work_root: str, prepared: Input[Dataset],
+            lora: Output[Model], teacher: Input[Model] = None):
+    """One distillation (pcm.stages.distill_job): checkpoints under work_root/run_name (a PVC in a cluster, so a
+    retried task resumes), `accelerate launch` on num_gpus GPUs when > 1; the exported LoRA folder is the output.
+    max_steps > 0 overrides train.max_steps."""
+    from pcm import stages
+    from pcm.config import config_from_yaml
+
+    work = f"{work_root or lora.path + '-work'}/{run_name}"
+    cfg = config_from_yaml(params, [*overrides, f"teacher.model={teacher.path if teacher else teacher_model}",
+                                    f"data.output_dir={prepared.path}", f"distill.method={method}",
+                                    f"distill.num_phases={num_phases}", f"train.output_dir={work}",
+                                    *([f"train.max_steps={max_steps}"] if max_steps > 0 else [])], mlflow_uri)
+    result = stages.distill_job(cfg, num_gpus, lora.path)
+    lora.metadata.update({"run_name": run_name, "method": method, "num_phases": num_phases, **result})
