@@ -1,8 +1,9 @@
 """Kubeflow components: one lightweight Python component per pipeline stage, each a thin wrapper over pcm.stages.
 
 Every component receives the whole params file as text (`params`) plus `overrides` (dotted key=value), points the
-config's paths at its artifacts, calls one `pcm.stages` function and writes typed outputs. The image they run in is
-the project image built by the Dockerfile; set PCM_IMAGE before importing this package to use another name.
+config's paths at its artifacts, calls one `pcm.stages` function and writes typed outputs. They run in the project
+image built by the Dockerfile (it holds kfp, so no task pip-installs it); set PCM_IMAGE before importing this
+package to use another image name.
 """
 
 import os

@@ -6,7 +6,7 @@ from kfp.dsl import Dataset, Input, Output
 from components import IMAGE
 
 
-@dsl.component(base_image=IMAGE)
+@dsl.component(base_image=IMAGE, install_kfp_package=False)  # the image has kfp
 def demo_data(params: str, overrides: list, mlflow_uri: str, shards: Output[Dataset]):
     """The shapes demo world as img2dataset-layout shards (pcm.stages.demo_data)."""
     from pcm import stages
@@ -17,7 +17,7 @@ def demo_data(params: str, overrides: list, mlflow_uri: str, shards: Output[Data
     shards.metadata.update({"images": result["images"], "shards": len(result["shards"])})
 
 
-@dsl.component(base_image=IMAGE)
+@dsl.component(base_image=IMAGE, install_kfp_package=False)  # the image has kfp
 def prepare(params: str, overrides: list, mlflow_uri: str, shard_urls: list, dvc_repo: str, dvc_rev: str,
             dvc_path: str, prepared: Output[Dataset], shards: Input[Dataset] = None):
     """Shards -> prepared shards (pcm.stages.prepare). Inputs, first given wins: the shards artifact, a DVC repo's

@@ -8,7 +8,7 @@ from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Ou
 from components import IMAGE
 
 
-@dsl.component(base_image=IMAGE)
+@dsl.component(base_image=IMAGE, install_kfp_package=False)  # the image has kfp
 def evaluate(params: str, overrides: list, mlflow_uri: str, teacher_model: str, eval_steps: list, work_root: str,
              prepared: Input[Dataset], loras: Input[List[Model]], results: Output[Artifact], metrics: Output[Metrics],
              report: Output[HTML], table: Output[Markdown], teacher: Input[Model] = None):

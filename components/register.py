@@ -8,7 +8,7 @@ from kfp.dsl import Artifact, Input, Model, Output
 from components import IMAGE
 
 
-@dsl.component(base_image=IMAGE)
+@dsl.component(base_image=IMAGE, install_kfp_package=False)  # the image has kfp
 def register(params: str, overrides: list, mlflow_uri: str, method: str, num_phases: int,
              loras: Input[List[Model]], results: Input[Artifact], registered: Output[Artifact]):
     """Registers the LoRA of the given method and phase count (pcm.stages.register) with the evaluation's metrics;

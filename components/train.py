@@ -6,7 +6,7 @@ from kfp.dsl import Dataset, Input, Model, Output
 from components import IMAGE
 
 
-@dsl.component(base_image=IMAGE)
+@dsl.component(base_image=IMAGE, install_kfp_package=False)  # the image has kfp
 def demo_teacher(params: str, overrides: list, mlflow_uri: str, prepared: Input[Dataset], teacher: Output[Model]):
     """The tiny demo teacher trained on the prepared shapes (pcm.stages.demo_teacher), as a diffusers pipeline."""
     from pcm import stages
@@ -18,7 +18,7 @@ def demo_teacher(params: str, overrides: list, mlflow_uri: str, prepared: Input[
     teacher.metadata.update({k: result[k] for k in ("vae_psnr_db", "main_colour_acc", "main_kind_acc")})
 
 
-@dsl.component(base_image=IMAGE)
+@dsl.component(base_image=IMAGE, install_kfp_package=False)  # the image has kfp
 def distill(params: str, overrides: list, mlflow_uri: str, teacher_model: str, run_name: str, method: str,
             num_phases: int, max_steps: int, num_gpus: int, work_root: str, prepared: Input[Dataset],
             lora: Output[Model], teacher: Input[Model] = None):
