@@ -27,11 +27,12 @@ def prepare(params: str, overrides: list, mlflow_uri: str, shard_urls: list, dvc
 
     from pcm import stages
     from pcm.config import config_from_yaml
-    from pcm.data.dvc_source import fetch_dvc_path
 
     if shards is not None:
         inputs = sorted(glob.glob(f"{shards.path}/*.tar"))
     elif dvc_repo:
+        from components.dvc_source import fetch_dvc_path
+
         inputs = [str(fetch_dvc_path(dvc_repo, dvc_rev, dvc_path, prepared.path + "-input"))]
     else:
         inputs = shard_urls

@@ -158,6 +158,8 @@ def main(name: str, demo: bool, default_params: Path, teacher_model: str, argv: 
     if args.command == "run":
         from kfp import local
 
+        # tasks run as subprocesses of this venv; the components package must be importable there as in the image
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(Path(args.root).resolve()))
         run = make_pipeline(name, demo, params_text, teacher_model, None)(**_arguments(args.arg))
         print(json.dumps({"state": str(getattr(run, "state", "SUCCEEDED")), "root": args.root}))
