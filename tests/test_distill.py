@@ -21,14 +21,7 @@ from pcm.train.distill import Preempted, _micro_losses, distill, setup
 sys.path.insert(0, str(Path(__file__).parent))
 from test_families import save_tiny  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps one process-wide state (mixed precision included); each run here is a new 'process'."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_families import CAPTIONS  # noqa: E402
 from worlds import tiny_world  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
