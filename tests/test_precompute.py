@@ -13,7 +13,9 @@ from pcm.data.precompute import find_latents, precomputed_dir, teacher_key
 from pcm.train.distill import setup
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_distill import _cfg, fresh_accelerate_state, world  # noqa: E402, F401  (fixtures)
+from test_distill import _cfg, world  # noqa: E402, F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def _losses(out) -> list[float]:
