@@ -157,6 +157,8 @@ class LoraConfig:
     rank: int = 64  # LoRA rank r
     alpha: float = 64.0  # lora_alpha: the update is scaled by alpha / r (explicit; PEFT's default is 8)
     target_modules: tuple[str, ...] = LORA_TARGETS  # module name suffixes that get adapters
+    # where: all = every matching module; spatial = the image layers only; motion = the AnimateDiff motion modules only
+    layers: Literal["all", "spatial", "motion"] = "all"
 
     def __post_init__(self):
         require(self.rank >= 1, f"lora.rank={self.rank}: must be >= 1")
@@ -179,12 +181,20 @@ class ValidationConfig:
 class TeacherConfig:
     """The teacher to distill: a diffusers pipeline directory or hub id (DESIGN.md §3 conditioning per family)."""
 
-    family: Literal["sd15", "sdxl"] = "sd15"  # how prompts are encoded and the UNet is called
+    family: Literal["sd15", "sdxl", "animatediff"] = "sd15"  # how prompts are encoded and the UNet is called
     model: str = "models/demo-teacher"  # local diffusers pipeline directory, or a hub id
+    # animatediff: a MotionAdapter directory or hub id put into teacher.model's SD1.5 UNet; empty = teacher.model is
+    # an AnimateDiff pipeline whose unet/ is already a UNetMotionModel
+    motion_adapter: str = ""
     revision: str = ""  # hub revision (branch, tag or commit); empty = default
     variant: str = ""  # weight variant, e.g. fp16; empty = the default files
     vae: str = ""  # optional separate VAE directory or hub id (e.g. the fp16-fix SDXL VAE); empty = the pipeline's
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # dtype of the frozen weights
+
+    def __post_init__(self):
+        require(not self.motion_adapter or self.family == "animatediff",
+                f"teacher.motion_adapter={self.motion_adapter} is only read by teacher.family=animatediff "
+                f"(family is {self.family}); remove it or set the family")
 
 
 @dataclass(frozen=True)
@@ -209,6 +219,12 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def __post_init__(self):
+        require(self.adversarial.weight == 0 or self.teacher.family != "animatediff",
+                f"adversarial.weight={self.adversarial.weight}: the discriminator reads 2-D UNet features, not "
+                "video; set adversarial.weight=0 for teacher.family=animatediff")
+        require(self.lora.layers == "all" or self.teacher.family == "animatediff",
+                f"lora.layers={self.lora.layers} needs teacher.family=animatediff (only its UNet has motion "
+                "modules); use lora.layers=all")
         require(self.adversarial.weight == 0 or self.distill.method == "pcm",
                  f"adversarial.weight={self.adversarial.weight} needs distill.method=pcm (the LCM baseline has no "
                  "phase edges to re-noise from); set adversarial.weight=0")

@@ -2,6 +2,8 @@
 
 Conditioning (DESIGN.md §3):
   sd15  encoder_hidden_states = CLIP last hidden state; uncond = the encoded empty prompt
+  animatediff  sd15's conditioning on a UNetMotionModel (SD1.5 UNet + motion adapter); latents are 5-D
+        (B, C, F, H, W), and the text states are repeated per frame when the UNet is called
   sdxl  encoder_hidden_states = both encoders' penultimate hidden states, concatenated; text_embeds = encoder 2's
         pooled (projected) output; time_ids = (orig h, orig w, crop top, crop left, target h, target w);
         uncond = zeros (force_zeros_for_empty_prompt)
@@ -12,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from pcm.math import abar_at, schedule_from_scheduler_config, to_eps
 
-FAMILIES = ("sd15", "sdxl")
+FAMILIES = ("sd15", "sdxl", "animatediff")
+SD15_CONDITIONING = ("sd15", "animatediff")  # one CLIP encoder, last hidden state, uncond = encoded ""
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -40,7 +43,7 @@ class Teacher:
     """The frozen parts of a teacher pipeline and the family's conditioning rules."""
 
     family: str
-    unet: UNet2DConditionModel
+    unet: UNet2DConditionModel | UNetMotionModel
     scheduler_config: dict
     vae: AutoencoderKL | None = None
     tokenizers: list[CLIPTokenizer] = field(default_factory=list)
@@ -63,7 +66,10 @@ class Teacher:
         unet: the module to call instead of self.unet (the DDP-wrapped student, same weights)."""
         added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
         dtype = self.unet.dtype
-        out = (unet or self.unet)(x_t.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+        states = cond["encoder_hidden_states"]
+        if x_t.ndim == 5:  # video: the motion UNet folds frames into the batch, one text state per frame
+            states = states.repeat_interleave(x_t.shape[2], dim=0)
+        out = (unet or self.unet)(x_t.to(dtype), t, encoder_hidden_states=states.to(dtype),
                         added_cond_kwargs={k: v.to(dtype) for k, v in added.items()} or None).sample
         return to_eps(out.to(x_t.dtype), x_t, abar_at(self.abar, t, x_t), self.prediction_type)
 
@@ -71,7 +77,7 @@ class Teacher:
     def encode_prompts(self, prompts: list[str], original_size: torch.Tensor | None = None,
                        crop_top_left: torch.Tensor | None = None, target_size: int | None = None) -> dict:
         """The family's condition for a batch of prompts (sizes are SDXL's micro-conditioning, (B, 2) each)."""
-        if self.family == "sd15":
+        if self.family in SD15_CONDITIONING:
             return {"encoder_hidden_states": self._hidden(0, prompts, penultimate=False)[0]}
         states, pooled = zip(*(self._hidden(i, prompts, penultimate=True) for i in range(2)), strict=True)
         batch = len(prompts)
@@ -92,7 +98,7 @@ class Teacher:
 
     def uncond(self, batch_size: int, like: dict | None = None) -> dict:
         """The empty condition: sd15 encodes "", sdxl uses zeros (time ids kept from `like` when given)."""
-        if self.family == "sd15":
+        if self.family in SD15_CONDITIONING:
             if self._empty is None:
                 self._empty = self.encode_prompts([""])
             return {k: v.expand(batch_size, *v.shape[1:]) for k, v in self._empty.items()}
@@ -105,15 +111,34 @@ class Teacher:
     def vae_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8
 
+    @property
+    def is_video(self) -> bool:
+        return self.family == "animatediff"
+
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images in [-1, 1] (B, 3, H, W) -> latents x_0 = sample of the VAE posterior x scaling factor."""
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None,
+                      mean: bool = False) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, H, W) -> latents x_0 = a sample (or the mean) of the VAE posterior x scaling
+        factor. Clips (B, F, 3, H, W) are encoded frame by frame into (B, C, F, h, w)."""
+        if pixels.ndim == 5:
+            batch, frames = pixels.shape[:2]
+            flat = self.encode_images(pixels.flatten(0, 1), generator, mean)
+            return flat.unflatten(0, (batch, frames)).transpose(1, 2)
         dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
-        return dist.sample(generator).float() * self.vae.config.scaling_factor
+        return (dist.mean if mean else dist.sample(generator)).float() * self.vae.config.scaling_factor
+
+    def latent_shape(self, resolution: int, frames: int = 1) -> tuple[int, ...]:
+        """Shape of one sample's latent: (C, h, w), or (C, F, h, w) for a video family."""
+        side = resolution // self.vae_factor
+        channels = self.unet.config.in_channels
+        return (channels, frames, side, side) if self.is_video else (channels, side, side)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [0, 1] (B, 3, H, W), float32."""
+        """Latents -> images in [0, 1] (B, 3, H, W), float32; (B, C, F, h, w) -> clips (B, F, 3, H, W)."""
+        if latents.ndim == 5:
+            batch, frames = latents.shape[0], latents.shape[2]
+            return self.decode_latents(latents.transpose(1, 2).flatten(0, 1)).unflatten(0, (batch, frames))
         images = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
@@ -127,6 +152,22 @@ def _kwargs(cfg, dtype: torch.dtype) -> dict:
     return kwargs
 
 
+def _load_unet(cfg, kwargs: dict) -> UNet2DConditionModel | UNetMotionModel:
+    """The family's UNet; animatediff puts the motion adapter into the SD1.5 UNet (AnimateDiffPipeline's rule)."""
+    if cfg.family != "animatediff":
+        return UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", **kwargs)
+    if not cfg.motion_adapter:
+        unet_class = UNet2DConditionModel.load_config(cfg.model, subfolder="unet").get("_class_name")
+        if unet_class != "UNetMotionModel":
+            raise ModelLoadError(f"teacher.model={cfg.model}: its unet is a {unet_class}, not an AnimateDiff "
+                                 "UNetMotionModel; set teacher.motion_adapter to a MotionAdapter directory or hub id")
+        return UNetMotionModel.from_pretrained(cfg.model, subfolder="unet", **kwargs)
+    check_model_reference(cfg.motion_adapter, "teacher.motion_adapter")
+    unet = UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", **kwargs)
+    adapter = MotionAdapter.from_pretrained(cfg.motion_adapter, torch_dtype=kwargs["torch_dtype"])
+    return UNetMotionModel.from_unet2d(unet, adapter)
+
+
 def load_teacher(cfg, device: str | torch.device = "cpu", with_vae: bool = True, with_text: bool = True) -> Teacher:
     """A Teacher from cfg (pcm.config.TeacherConfig): a local diffusers directory or a hub id, with the real
     from_pretrained code (revision, variant, dtype, an optional separate VAE)."""
@@ -134,7 +175,7 @@ def load_teacher(cfg, device: str | torch.device = "cpu", with_vae: bool = True,
     dtype = DTYPES[cfg.dtype]
     kwargs = _kwargs(cfg, dtype)
     try:
-        unet = UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", **kwargs)
+        unet = _load_unet(cfg, kwargs)
         scheduler_config = dict(DDIMScheduler.load_config(cfg.model, subfolder="scheduler",
                                                           **{k: v for k, v in kwargs.items() if k == "revision"}))
         vae = None
@@ -150,6 +191,8 @@ def load_teacher(cfg, device: str | torch.device = "cpu", with_vae: bool = True,
                 tokenizers.append(CLIPTokenizer.from_pretrained(cfg.model, subfolder=tok_dir,
                                                                 **{k: v for k, v in kwargs.items() if k == "revision"}))
                 encoders.append(cls.from_pretrained(cfg.model, subfolder=enc_dir, **kwargs))
+    except ModelLoadError:
+        raise
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"teacher.model={cfg.model}: cannot load a {cfg.family} pipeline from it ({err})") from err
     teacher = Teacher(cfg.family, unet, scheduler_config, vae, tokenizers, encoders)

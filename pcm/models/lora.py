@@ -5,6 +5,7 @@ copy of the weights is held. Only the LoRA parameters require gradients.
 """
 
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,14 +23,36 @@ KOHYA_FILE = "pcm_lora_kohya.safetensors"
 CONFIG_FILE = "pcm_config.json"
 
 
-def attach_lora(unet: torch.nn.Module, rank: int, alpha: float, target_modules: tuple[str, ...]) -> list:
+MOTION = "motion_modules"  # AnimateDiff's temporal layers live under <block>.motion_modules.<i>
+# diffusers calls a motion module's proj_in / proj_out as proj(input=...), a keyword peft's LoRA layers reject,
+# so these two stay without adapters (their attention and feed-forward layers get them)
+_KEYWORD_CALLED = rf"(?!.*\.{MOTION}\.\d+\.proj_(?:in|out)$)"
+
+
+def lora_targets(target_modules: tuple[str, ...], layers: str = "all", video: bool = False) -> list[str] | str:
+    """peft's target_modules: the name suffixes themselves for an image UNet, else a full-name pattern over the
+    suffixes that keeps all layers, only the image layers (spatial) or only AnimateDiff's motion modules (motion)."""
+    if layers not in ("all", "spatial", "motion"):
+        raise ValueError(f"unknown lora.layers {layers!r}; allowed: all, spatial, motion")
+    if not video and layers == "all":
+        return list(target_modules)
+    suffix = "|".join(re.escape(name) for name in target_modules)
+    where = {"all": "", "spatial": rf"(?!.*\.{MOTION}\.)", "motion": rf"(?=.*\.{MOTION}\.)"}[layers]
+    return rf"{_KEYWORD_CALLED}{where}(?:.*\.)?(?:{suffix})"
+
+
+def attach_lora(unet: torch.nn.Module, rank: int, alpha: float, target_modules: tuple[str, ...],
+                layers: str = "all") -> list:
     """Adds a LoRA adapter (B = 0 at init: the student starts as the teacher); returns its parameters (fp32)."""
     unet.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights="gaussian")
+    video = any(f".{MOTION}." in name for name, _ in unet.named_modules())
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=lora_targets(target_modules, layers, video),
+                        init_lora_weights="gaussian")
     unet.add_adapter(config)
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
     if not params:
-        raise ValueError(f"lora.target_modules={list(target_modules)} matched no module of the UNet")
+        raise ValueError(f"lora.target_modules={list(target_modules)} with lora.layers={layers} matched no module "
+                         "of the UNet")
     for p in params:
         p.data = p.data.float()  # LoRA weights stay fp32 under mixed precision
         p.requires_grad_(True)

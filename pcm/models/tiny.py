@@ -1,4 +1,4 @@
-"""Tiny SD1.5- and SDXL-shaped pipelines built from configs (no downloads): for tests and the demo teacher.
+"""Tiny SD1.5-, SDXL- and AnimateDiff-shaped pipelines built from configs (no downloads), for tests and the demo.
 
 They use the real block types (cross-attention down/up blocks, SDXL's text_time added conditioning, two CLIP
 encoders with a projection) at toy widths, and an offline CLIP tokenizer built from a caption corpus, so
@@ -11,7 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -124,6 +125,30 @@ def tiny_sdxl_components(tokenizer: CLIPTokenizer, sizes: TinySizes = TinySizes(
         "text_encoder_2": CLIPTextModelWithProjection(_text_config(tokenizer, sizes, hidden_2)),
         "tokenizer_2": tokenizer, "image_encoder": None, "feature_extractor": None,
     }
+
+
+def tiny_motion_adapter(sizes: TinySizes = TinySizes(), max_frames: int = 32) -> MotionAdapter:
+    """An AnimateDiff MotionAdapter for a tiny UNet of the same sizes: one temporal transformer per resnet, a mid
+    block module, two heads. Its output projections are drawn small but non-zero (AnimateDiff zero-initializes them
+    before training), so a fresh tiny teacher already mixes frames and motion LoRAs change its output."""
+    adapter = MotionAdapter(
+        block_out_channels=sizes.unet_channels, motion_layers_per_block=sizes.layers_per_block,
+        motion_num_attention_heads=2, motion_norm_num_groups=sizes.norm_groups, motion_max_seq_length=max_frames,
+        use_motion_mid_block=True,
+    )
+    with torch.no_grad():
+        for name, param in adapter.named_parameters():
+            if "proj_out" in name and param.ndim == 2 and not param.any():
+                param.normal_(0.0, 0.02)
+    return adapter
+
+
+def tiny_animatediff_components(tokenizer: CLIPTokenizer, sizes: TinySizes = TinySizes(),
+                                prediction_type: str = "epsilon") -> dict:
+    """Components of an AnimateDiffPipeline: the tiny SD1.5 parts and a motion adapter for its UNet."""
+    sd15 = tiny_sd15_components(tokenizer, sizes, prediction_type)
+    keep = ("unet", "vae", "tokenizer", "text_encoder", "scheduler", "feature_extractor", "image_encoder")
+    return {**{k: sd15[k] for k in keep}, "motion_adapter": tiny_motion_adapter(sizes)}
 
 
 def sd_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:

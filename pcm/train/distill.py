@@ -115,7 +115,7 @@ def setup(cfg: Config, make_data: DataFactory, resume: str | None, latents: bool
         raise ConfigError(f"distill.num_solver_steps={cfg.distill.num_solver_steps} must divide the teacher's "
                           f"{len(teacher.abar)} training timesteps")
     torch.manual_seed(cfg.seed)  # the LoRA A init: the same on every rank and every run
-    params = attach_lora(teacher.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
+    params = attach_lora(teacher.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.layers)
     if t.gradient_checkpointing:
         teacher.unet.enable_gradient_checkpointing()
     optimizer = _optimizer(cfg, params)
@@ -185,8 +185,7 @@ def _micro_losses(run: Run, cfg: Config, batch: dict, k: int) -> dict[str, torch
     if "latent" in batch:  # precomputed: posterior mean x scaling factor, stored fp16
         x_0 = batch["latent"].to(acc.device).float()
     else:
-        x_0 = teacher.vae.encode(batch["pixels"].to(acc.device, teacher.vae.dtype)).latent_dist.mean.float()
-        x_0 = x_0 * teacher.vae.config.scaling_factor
+        x_0 = teacher.encode_images(batch["pixels"], mean=True)  # images (B, 3, H, W) or clips (B, F, 3, H, W)
     cond = teacher.encode_prompts(batch["caption"], batch["original_size"], batch["crop_top_left"],
                                   cfg.data.resolution)
     uncond = teacher.uncond(len(x_0), like=cond)
@@ -282,6 +281,8 @@ def metadata(cfg: Config, teacher: Teacher) -> dict:
         "recommended_scheduler": "TCDScheduler with these sampling_timesteps (gamma 0 = deterministic PCM)"
         if d.method == "pcm" else "LCMScheduler", "resolution": cfg.data.resolution,
         "lcm_sigma_data": d.lcm_sigma_data, "lcm_timestep_scaling": d.lcm_timestep_scaling,
+        **({"motion_adapter": cfg.teacher.motion_adapter, "frames": cfg.data.frames, "lora_layers": cfg.lora.layers}
+           if teacher.is_video else {}),
     }
 
 

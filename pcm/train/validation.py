@@ -15,12 +15,13 @@ from pcm.sampling import lcm_timesteps, pcm_timesteps, sample_lcm, sample_pcm
 @torch.no_grad()
 def sample_student(teacher: Teacher, cfg: Config, prompts: list[str], seeds: list[int], resolution: int,
                    guidance_scale: float) -> torch.Tensor:
-    """Images (P * S, 3, H, W) in [0, 1]: prompt-major, one initial noise per seed (the same for every prompt)."""
+    """Images (P * S, 3, H, W) in [0, 1] (clips: (P * S, F, 3, H, W)): prompt-major, one initial noise per seed
+    (the same for every prompt)."""
     d = cfg.distill
     T = len(teacher.abar)
-    side = resolution // teacher.vae_factor
-    noise = torch.stack([torch.randn(4, side, side, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    x_T = noise.repeat(len(prompts), 1, 1, 1).to(teacher.device)
+    shape = teacher.latent_shape(resolution, cfg.data.frames)
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    x_T = noise.repeat(len(prompts), *[1] * len(shape)).to(teacher.device)
     repeated = [p for p in prompts for _ in seeds]
     cond = teacher.encode_prompts(repeated, target_size=resolution)
     neg = teacher.uncond(len(repeated), like=cond)
@@ -59,4 +60,8 @@ def save_grid(images: torch.Tensor, rows: int, path: Path) -> Path:
 def write_validation_grid(teacher: Teacher, cfg: Config, step: int, out_dir: Path) -> Path:
     v = cfg.validation
     images = sample_student(teacher, cfg, list(v.prompts), list(v.seeds), cfg.data.resolution, v.guidance_scale)
-    return save_grid(images, len(v.prompts), out_dir / "samples" / f"step-{step:06d}.png")
+    rows = len(v.prompts)
+    if images.ndim == 5:  # clips: one row per prompt and seed, its frames left to right
+        rows = images.shape[0]
+        images = images.flatten(0, 1)
+    return save_grid(images, rows, out_dir / "samples" / f"step-{step:06d}.png")
