@@ -1,4 +1,5 @@
-"""`pcm sample`: images from a registered model or directly from a LoRA folder, through the same generator."""
+"""`pcm sample`: images (a video LoRA: GIF clips) from a registered model or directly from a LoRA folder, through
+the same generator."""
 
 from pathlib import Path
 
@@ -35,7 +36,11 @@ def sample_pngs(cfg: Config, prompts: list[str], out: str, model: str, lora: str
     else:
         images = _direct(cfg, lora, rows)
     target = Path(out)
-    paths = [target] if len(images) == 1 else [target.with_name(f"{target.stem}-{i}.png") for i in range(len(images))]
+    suffix = ".gif" if images[0][:4] == b"GIF8" else ".png"  # a video LoRA's clips are animated GIFs
+    if target.suffix.lower() in (".png", ".gif"):
+        target = target.with_suffix(suffix)
+    paths = [target] if len(images) == 1 else [target.with_name(f"{target.stem}-{i}{suffix}")
+                                               for i in range(len(images))]
     for path, image in zip(paths, images, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(image)

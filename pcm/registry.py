@@ -44,7 +44,7 @@ class PCMPipelineModel(PythonModel):
 
         c = context.model_config
         self.teacher = load_teacher(TeacherConfig(family=c["family"], model=c["base_model"], dtype=c.get(
-            "dtype", "float32")), c.get("device", "cpu"))
+            "dtype", "float32"), motion_adapter=c.get("motion_adapter", "")), c.get("device", "cpu"))
         load_lora(self.teacher.unet, context.artifacts["lora"], ADAPTER)
         self.meta = read_lora_config(context.artifacts["lora"])
 
@@ -109,6 +109,7 @@ def version_tags(cfg: Config, meta: dict, metrics: dict, sha: str) -> dict[str, 
 
 
 def model_card(name: str, meta: dict, base: str) -> str:
+    video = f" (clips of {meta['frames']} frames: `num_frames={meta['frames']}`)" if "frames" in meta else ""
     return f"""# {name}
 
 A {meta['method'].upper()} LoRA distilled from `{base}` ({meta['family']}) with pcm-pipelines: {meta['num_phases']}
@@ -123,10 +124,21 @@ model = mlflow.pyfunc.load_model("models:/{name}@champion")   # base + LoRA + pc
 png = model.predict(pd.DataFrame({{"prompt": ["a red circle in the center on a gray background"], "seed": [0]}}))
 ```
 
-With diffusers directly: `pipe = DiffusionPipeline.from_pretrained("{base}")`,
+With diffusers directly: `pipe = {_diffusers_pipeline(meta, base)}`{video},
 `pipe.load_lora_weights(<the version's artifacts>/artifacts/lora)`, then a `TCDScheduler` with
 `timesteps={meta['sampling_timesteps'][:-1]}` and `gamma=0` (deterministic PCM), or `pcm sample --model ...`.
 """
+
+
+def _diffusers_pipeline(meta: dict, base: str) -> str:
+    """The diffusers line that builds the base pipeline the LoRA goes into."""
+    if meta.get("motion_adapter"):
+        adapter = _base_model(meta["motion_adapter"])
+        return (f'AnimateDiffPipeline.from_pretrained("{base}", '
+                f'motion_adapter=MotionAdapter.from_pretrained("{adapter}"))')
+    if meta["family"] == "animatediff":
+        return f'AnimateDiffPipeline.from_pretrained("{base}")'
+    return f'DiffusionPipeline.from_pretrained("{base}")'
 
 
 def _gate(client, cfg: Config, metrics: dict) -> tuple[bool, str, float | None]:
@@ -198,8 +210,11 @@ def _log_version(cfg: Config, meta: dict, metrics: dict, sha: str) -> str:
     signature = ModelSignature(Schema([ColSpec("string", "prompt"), *optional]), Schema([ColSpec("binary", "image")]))
     model_config = {"base_model": base, "family": meta["family"], "resolution": meta["resolution"],
                     "dtype": cfg.teacher.dtype, "device": r.device}
+    if meta.get("motion_adapter"):
+        model_config["motion_adapter"] = _base_model(meta["motion_adapter"])
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else "register"):
-        mlflow.diffusers.log_model(str(lora / DIFFUSERS_FILE), base_model=base, name="diffusers-lora")
+        if meta["family"] != "animatediff":  # the flavor rebuilds DiffusionPipeline(base): no motion adapter there
+            mlflow.diffusers.log_model(str(lora / DIFFUSERS_FILE), base_model=base, name="diffusers-lora")
         info = mlflow.pyfunc.log_model(
             name="pcm-lora", python_model=str(Path(__file__).with_name("registered_model.py")),
             artifacts={"lora": str(lora)},

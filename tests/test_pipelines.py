@@ -24,7 +24,7 @@ def _compile(tmp_path, name, *flags) -> list[dict]:
     return list(yaml.safe_load_all(out.read_text()))
 
 
-@pytest.mark.parametrize("name", ["pcm_sd15", "pcm_sdxl"])
+@pytest.mark.parametrize("name", ["pcm_sd15", "pcm_sdxl", "pcm_video"])
 def test_the_pipeline_compiles_with_gpus_shm_pvcs_secrets_and_retries(tmp_path, name):
     spec, platform = _compile(tmp_path, name, "--gpus", "8", "--node-selector", "pool=h100")
     executors = spec["deploymentSpec"]["executors"]

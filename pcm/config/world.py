@@ -26,6 +26,12 @@ class DataConfig:
     jpeg_quality: int = 95  # when image_format = jpg
     max_pixels: int = 89_478_485  # decompression-bomb guard: larger images are skipped unread (PIL's default)
     allow_pipe_urls: bool = False  # pipe: URLs run shell commands; refused unless set explicitly
+    modality: Literal["image", "video"] = "image"  # what a prepared folder holds: images (KEY.jpg|png) or clips
+    #   (KEY.mp4|webm|mov|mkv|avi -> KEY.frames.npy, (F, H, W, 3) uint8); samples of the other kind are skipped
+    frames: int = 8  # video only: frames per clip F
+    frame_stride: int = 1  # video only: take every frame_stride-th decoded frame (2 halves the frame rate)
+    clip_start: Literal["first", "random"] = "first"  # video only: the clip starts at the first frame, or at a
+    #   keyed draw among the frames that leave room for the whole clip (reruns draw the same start)
 
     def __post_init__(self):
         require(self.resolution >= 8 and self.resolution % 8 == 0,
@@ -41,6 +47,11 @@ class DataConfig:
         require(self.max_pixels >= 1, f"data.max_pixels={self.max_pixels}: must be >= 1")
         require(self.min_side >= 1, f"data.min_side={self.min_side}: must be >= 1 pixel")
         require(bool(self.output_dir), "data.output_dir must not be empty")
+        require(self.modality in ("image", "video"), f"data.modality={self.modality!r}: allowed values: image, video")
+        require(self.frames >= 1, f"data.frames={self.frames}: must be >= 1 (frames per video clip)")
+        require(self.frame_stride >= 1, f"data.frame_stride={self.frame_stride}: must be >= 1 (1 = every frame)")
+        require(self.clip_start in ("first", "random"),
+                 f"data.clip_start={self.clip_start!r}: allowed values: first, random")
 
 
 @dataclass(frozen=True)
@@ -48,12 +59,16 @@ class DemoConfig:
     """The shapes demo world (`pcm demo-data`, DESIGN.md §6), written as img2dataset-layout input shards."""
 
     output_dir: str = "data/shapes"  # input shards shard-00000.tar, ... (data.inputs points here)
-    num_images: int = 4000  # captioned images to generate
+    num_images: int = 4000  # captioned images (clips with video) to generate
     image_size: int = 64  # generated side in pixels; `pcm prepare` resizes to data.resolution
     min_shapes: int = 1  # objects per image, in distinct cells of a 3x3 grid
     max_shapes: int = 1  # one object: the tiny teacher learns colour and kind of 6-9 px shapes in a CPU budget;
     # 2+ objects exercise multi-object prompts but need several times the teacher's training
-    shard_size: int = 1000  # images per input shard
+    shard_size: int = 1000  # images (clips) per input shard
+    video: bool = False  # write video2dataset-layout clips (KEY.mp4) of one shape moving left, right, up or down
+    #   instead of still images; min_shapes and max_shapes are then unused (one shape per clip)
+    frames: int = 8  # video: frames per generated clip
+    fps: int = 8  # video: frame rate written into the mp4 (frames per second)
 
     def __post_init__(self):
         require(self.num_images >= 1, f"demo.num_images={self.num_images}: must be >= 1")
@@ -61,6 +76,10 @@ class DemoConfig:
         require(1 <= self.min_shapes <= self.max_shapes <= 9,
                  f"demo.min_shapes={self.min_shapes}, demo.max_shapes={self.max_shapes}: need 1 <= min <= max <= 9")
         require(self.shard_size >= 1, f"demo.shard_size={self.shard_size}: must be >= 1")
+        require(self.frames >= 2, f"demo.frames={self.frames}: must be >= 2 (a motion needs two frames)")
+        require(self.fps >= 1, f"demo.fps={self.fps}: must be >= 1 frame per second")
+        require(not self.video or self.image_size % 2 == 0,
+                 f"demo.image_size={self.image_size}: must be even when demo.video is set (yuv420p halves the chroma)")
 
 
 @dataclass(frozen=True)

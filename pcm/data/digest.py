@@ -6,9 +6,10 @@ from pathlib import Path
 
 
 def model_files(reference: str, subfolders: tuple[str, ...] = ()) -> list[Path]:
-    """The files under a local model directory (only the given subfolders, when listed); a hub id has none."""
+    """The files under a local model directory (only the given subfolders, when listed); a hub id or an empty
+    reference (an unset config key, which Path would read as the working directory) has none."""
     root = Path(reference)
-    if not root.is_dir():
+    if not reference or not root.is_dir():
         return []
     folders = [root / s for s in subfolders] if subfolders else [root]
     return sorted(p for folder in folders if folder.is_dir() for p in folder.rglob("*") if p.is_file())

@@ -25,6 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pcm.data.shards import RawSample, iter_tar
+from pcm.data.video import FRAMES_KEY, decode_frames_npy
 
 IMAGE_KEYS = ("jpg", "png")
 LATENT_KEY = "latent.npy"  # written by pcm.data.precompute in place of the image
@@ -144,6 +145,8 @@ def decode_batch(records: list[RawSample]) -> dict | None:
                 raise ValueError("truncated record")
             if LATENT_KEY in record.files:  # a `pcm precompute` record: the teacher's latent, no image
                 image = torch.from_numpy(np.load(io.BytesIO(record.files[LATENT_KEY]), allow_pickle=False))
+            elif FRAMES_KEY in record.files:  # a video clip: (F, H, W, 3) uint8 -> (F, 3, H, W)
+                image = torch.from_numpy(decode_frames_npy(record.files[FRAMES_KEY])).permute(0, 3, 1, 2)
             else:
                 ext = next(e for e in IMAGE_KEYS if e in record.files)
                 image = Image.open(io.BytesIO(record.files[ext])).convert("RGB")
@@ -165,9 +168,12 @@ def decode_batch(records: list[RawSample]) -> dict | None:
         return None
     if len({p.dtype for p in pixels}) > 1:
         raise ValueError("a shard mixes images and precomputed latents; re-run `pcm precompute`")
+    if len({p.dim() for p in pixels}) > 1:
+        raise ValueError("a shard mixes images and video clips; prepare each data.modality into its own output_dir")
     name = "latent" if pixels[0].dtype == torch.float16 else "pixels"
     return {
-        # pixels: (B, 3, H, W) uint8, 4x less to move between processes than float; latent: (B, 4, h, w) fp16
+        # pixels: (B, 3, H, W) uint8, 4x less to move between processes than float, video clips (B, F, 3, H, W);
+        # latent: (B, 4, h, w) fp16
         name: torch.stack(pixels),
         "caption": captions,
         "original_size": torch.tensor(sizes, dtype=torch.int64),  # (B, 2) height, width
@@ -197,8 +203,9 @@ class Loader:
 def make_loader(folder: str | Path, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                 num_workers: int = 0, start: Position = START, shuffle_buffer: int = 1000,
                 split: str = "shards") -> Loader:
-    """Batches of dicts: pixels (B, 3, H, W) float in [-1, 1], caption, original_size, crop_top_left, key,
-    skipped (corrupt samples dropped from this batch) and position (resume with dataset.next_position)."""
+    """Batches of dicts: pixels (B, 3, H, W) (video: (B, F, 3, H, W)) float in [-1, 1], caption, original_size,
+    crop_top_left, key, skipped (corrupt samples dropped from this batch) and position (resume with
+    dataset.next_position)."""
     dataset = PreparedShards(folder, batch_size, seed, rank, world_size, shuffle_buffer, start, split)
     return Loader(dataset, num_workers)
 

@@ -4,6 +4,9 @@ Input shards are processed in parallel (one task per shard) into temporary part 
 merges the parts in input order into shard-00000.tar, ... (dropping keys already seen in earlier shards), so
 the output is byte-identical for the same inputs and config whatever the number of workers. Bad samples are
 skipped and counted per reason; a shard that cannot be opened or read is named in stats.json and the log.
+
+A prepared folder holds one modality (data.modality): images (KEY.jpg|png) or video clips (KEY.frames.npy, see
+pcm.data.video); samples of the other modality are skipped as wrong_modality.
 """
 
 import json
@@ -25,6 +28,7 @@ from pcm.config import DataConfig
 from pcm.data.images import SkipSample, encode_image, load_rgb, open_image, resize_and_crop
 from pcm.data.shards import IMAGE_EXTENSIONS, KEY_PATTERN, RawSample, ShardWriter, encode_sample, iter_folder, iter_tar
 from pcm.data.urls import expand_inputs, local_path, open_url
+from pcm.data.video import FRAMES_KEY, VIDEO_EXTENSIONS, crop_clip, decode_clip, encode_frames
 from pcm.train.rng import keyed_unit
 
 log = logging.getLogger(__name__)
@@ -78,31 +82,62 @@ def _metadata(raw: RawSample, cfg: DataConfig) -> dict:
     return meta
 
 
+def _check_size(width: int, height: int, cfg: DataConfig) -> None:
+    if min(width, height) < cfg.min_side:
+        raise SkipSample("too_small")
+    if not cfg.min_aspect <= width / height <= cfg.max_aspect:
+        raise SkipSample("aspect_ratio")
+
+
+def _media(raw: RawSample, cfg: DataConfig) -> str:
+    """The extension of the sample's image or video, whichever data.modality asks for."""
+    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw.files), None)
+    video_ext = next((ext for ext in VIDEO_EXTENSIONS if ext in raw.files), None)
+    wanted, other = (image_ext, video_ext) if cfg.modality == "image" else (video_ext, image_ext)
+    if wanted is not None:
+        return wanted
+    raise SkipSample("wrong_modality" if other is not None else f"missing_{cfg.modality}")
+
+
 def process_sample(raw: RawSample, url: str, cfg: DataConfig, seed: int) -> tuple[dict[str, bytes], str | None]:
     """The prepared files of one sample and the converted source mode (or None); SkipSample otherwise."""
     if raw.truncated:
         raise SkipSample("truncated_shard")
     if not KEY_PATTERN.match(raw.key):
         raise SkipSample("bad_key")
-    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw.files), None)
-    if image_ext is None:
-        raise SkipSample("missing_image")
+    ext = _media(raw, cfg)
     caption = _caption(raw, cfg)
     meta = _metadata(raw, cfg)
-    image = open_image(raw.files[image_ext], cfg.max_pixels)
-    width, height = image.size
-    if min(width, height) < cfg.min_side:
-        raise SkipSample("too_small")
-    if not cfg.min_aspect <= width / height <= cfg.max_aspect:
-        raise SkipSample("aspect_ratio")
-    rgb, converted = load_rgb(image, cfg.resolution)
-    out, crop = resize_and_crop(rgb, cfg.resolution, cfg.crop, keyed_unit(seed, f"crop/{raw.key}"))
-    record = {"key": raw.key, "source": url, "original_height": height, "original_width": width,
-              "crop_top": crop.top, "crop_left": crop.left, "height": cfg.resolution, "width": cfg.resolution,
+    if cfg.modality == "video":
+        media, record, converted = *_clip(raw.files[ext], raw.key, cfg, seed), None
+    else:
+        media, record, converted = _image(raw.files[ext], raw.key, cfg, seed)
+    record = {"key": raw.key, "source": url, **record, "height": cfg.resolution, "width": cfg.resolution,
               "source_json": meta}
-    files = {cfg.image_format: encode_image(out, cfg.image_format, cfg.jpeg_quality),
-             "txt": caption.encode("utf-8"), "json": json.dumps(record, sort_keys=True).encode("utf-8")}
+    files = {**media, "txt": caption.encode("utf-8"), "json": json.dumps(record, sort_keys=True).encode("utf-8")}
     return files, converted
+
+
+def _image(data: bytes, key: str, cfg: DataConfig, seed: int) -> tuple[dict[str, bytes], dict, str | None]:
+    """(KEY.jpg|png, the record's image fields, the converted source mode or None) of one image."""
+    image = open_image(data, cfg.max_pixels)
+    width, height = image.size
+    _check_size(width, height, cfg)
+    rgb, converted = load_rgb(image, cfg.resolution)
+    out, crop = resize_and_crop(rgb, cfg.resolution, cfg.crop, keyed_unit(seed, f"crop/{key}"))
+    record = {"original_height": height, "original_width": width, "crop_top": crop.top, "crop_left": crop.left}
+    return {cfg.image_format: encode_image(out, cfg.image_format, cfg.jpeg_quality)}, record, converted
+
+
+def _clip(data: bytes, key: str, cfg: DataConfig, seed: int) -> tuple[dict[str, bytes], dict]:
+    """(KEY.frames.npy, the record's video fields) of one clip; one keyed draw places the start, one the crop."""
+    clip = decode_clip(data, cfg.frames, cfg.frame_stride, cfg.clip_start, keyed_unit(seed, f"clip/{key}"),
+                       cfg.max_pixels, lambda width, height: _check_size(width, height, cfg))
+    frames, crop = crop_clip(clip.frames, cfg.resolution, cfg.crop, keyed_unit(seed, f"crop/{key}"))
+    record = {"original_height": clip.height, "original_width": clip.width, "crop_top": crop.top,
+              "crop_left": crop.left, "frames": cfg.frames, "frame_stride": cfg.frame_stride,
+              "start_frame": clip.start_frame, "fps": clip.fps}
+    return {FRAMES_KEY: encode_frames(frames)}, record
 
 
 def _samples(url: str) -> Iterator[RawSample]:
@@ -221,6 +256,7 @@ def prepare(cfg: DataConfig, seed: int, progress: bool = True) -> dict:
                            "check data.inputs")
     _publish(staging, out, writer)
     index = {"resolution": cfg.resolution, "image_format": cfg.image_format,
+             **({"frames": cfg.frames} if cfg.modality == "video" else {}),
              "shards": [{"name": n, "samples": c} for n, c in zip(writer.names, writer.counts, strict=True)]}
     (out / "index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")

@@ -47,13 +47,25 @@ def to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x
 
 
+UNKNOWN = -100  # cross_entropy's ignore_index: a moving shape's cell is not in its caption
+
+
+def _attributes(caption: str) -> dict:
+    """colour, kind, position (None for a motion caption) and background of a caption's main (first) object."""
+    from pcm.demo.motion import parse_motion_caption
+
+    if " moving " in caption:
+        return {**parse_motion_caption(caption), "position": None}
+    parsed = parse_caption(caption)
+    return {**parsed["objects"][0], "background": parsed["background"]}
+
+
 def labels(captions: list[str]) -> dict[str, torch.Tensor]:
-    """Class indices of each caption's main (first) object and background."""
-    parsed = [parse_caption(c) for c in captions]
-    names = {"colour": list(COLOURS), "kind": list(KINDS), "position": list(POSITIONS)}
-    out = {k: torch.tensor([names[k].index(p["objects"][0][k]) for p in parsed]) for k in names}
-    out["background"] = torch.tensor([list(BACKGROUNDS).index(p["background"]) for p in parsed])
-    return out
+    """Class indices of each caption's main object and background (position UNKNOWN for moving shapes)."""
+    parsed = [_attributes(c) for c in captions]
+    names = {"colour": list(COLOURS), "kind": list(KINDS), "position": list(POSITIONS),
+             "background": list(BACKGROUNDS)}
+    return {k: torch.tensor([UNKNOWN if p[k] is None else names[k].index(p[k]) for p in parsed]) for k in names}
 
 
 def train_shapes_net(pixels: torch.Tensor, captions: list[str], steps: int, seed: int,
@@ -79,7 +91,8 @@ def head_accuracy(net: ShapesNet, pixels: torch.Tensor, captions: list[str]) -> 
     with torch.no_grad():
         features = net(to_input(pixels.permute(0, 2, 3, 1)))
     y = labels(captions)
-    return {k: float((head(features).argmax(-1) == y[k]).float().mean()) for k, head in net.heads.items()}
+    return {k: float((head(features).argmax(-1) == y[k])[y[k] != UNKNOWN].float().mean())
+            for k, head in net.heads.items()}
 
 
 def cached_shapes_net(prepared_dir: str | Path, cache_dir: str | Path, steps: int, seed: int,
@@ -99,6 +112,9 @@ def cached_shapes_net(prepared_dir: str | Path, cache_dir: str | Path, steps: in
         net.load_state_dict(load_file(path))
         return net.eval().requires_grad_(False), key
     pixels, captions = load_prepared(prepared_dir)
+    if pixels.ndim == 5:  # clips (N, F, 3, H, W): every frame is a training image with its clip's caption
+        captions = [c for c in captions for _ in range(pixels.shape[1])]
+        pixels = pixels.flatten(0, 1)
     keep = max(len(captions) - 200, len(captions) // 2)
     net = train_shapes_net(pixels[:keep], captions[:keep], steps, seed, progress)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,9 @@ per inference guidance scale. Per row (all means over the samples, one sample pe
   step_consistency  mean cosine similarity of the model's final latents at this step count and at each other one
   clip_score        100 * max(cos, 0) with eval.clip_model (when set)
   oracle_*          the shapes oracle's per-attribute adherence (eval.oracle, demo prompts)
+Video teachers (animatediff) are scored per clip: fid over all frames, clip_score per frame averaged over the clip,
+frame_consistency (CLIP similarity of consecutive frames, with eval.clip_model) and the motion oracle's
+oracle_motion beside its colour / kind scores; the grids are animated GIFs.
 Generation is batched; features are streamed into running sums; the teacher's reference samples and the reference
 images' statistics are cached under eval.cache_dir, keyed by everything they depend on.
 """
@@ -21,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from pcm.config import Config
+from pcm.eval import video
 from pcm.eval.fid import FeatureStats, fid
 from pcm.eval.generate import Sampler, initial_noise, load_samplers, sample_latents, teacher_sampler, to_uint8, use
 from pcm.eval.prompts import load_prompts
@@ -37,8 +41,9 @@ class Row:
     method: str
     steps: int
     guidance_scale: float
-    features: FeatureStats = field(default_factory=FeatureStats)
+    features: FeatureStats = field(default_factory=FeatureStats)  # over images, or over all frames of clips
     sums: dict = field(default_factory=dict)  # metric -> (sum, count)
+    samples: int = 0  # images or clips scored
 
     def add(self, metric: str, values: torch.Tensor | np.ndarray) -> None:
         values = np.asarray(values, dtype=np.float64).reshape(-1)
@@ -48,7 +53,7 @@ class Row:
     def result(self, reference: FeatureStats, teacher: FeatureStats) -> dict:
         nfe = self.steps * (2 if self.guidance_scale != 1.0 else 1)
         out = {"model": self.label, "method": self.method, "steps": self.steps, "guidance_scale": self.guidance_scale,
-               "nfe": nfe, "samples": self.features.count,
+               "nfe": nfe, "samples": self.samples,
                "fid": fid(self.features, reference), "fid_teacher": fid(self.features, teacher)}
         return out | {k: total / count for k, (total, count) in self.sums.items()}
 
@@ -68,6 +73,11 @@ class Scorers:
         self.oracle = e.oracle
 
     def score(self, row: Row, images: np.ndarray, prompts: list[str]) -> None:
+        """images (B, H, W, 3) uint8, or clips (B, F, H, W, 3)."""
+        row.samples += len(images)
+        if images.ndim == 5:
+            self.score_clips(row, images, prompts)
+            return
         row.features.update(self.features(images))
         if self.clip is not None:
             row.add("clip_score", self.clip(images, prompts))
@@ -76,6 +86,16 @@ class Scorers:
             scores = [oracle.score(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
             for k in self.ORACLE:
                 row.add(f"oracle_{k}", [s[k] for s in scores])
+
+
+    def score_clips(self, row: Row, clips: np.ndarray, prompts: list[str]) -> None:
+        row.features.update(self.features(video.frames_of(clips)))
+        if self.clip is not None:
+            row.add("clip_score", video.clip_score_per_frame(self.clip, clips, prompts))
+            row.add("frame_consistency", video.frame_consistency(self.clip, clips))
+        if self.oracle:
+            for k, values in video.motion_oracle(clips, prompts).items():
+                row.add(f"oracle_{k}", values)
 
 
 def _device(name: str) -> torch.device:
@@ -111,11 +131,11 @@ def check_inputs(cfg: Config) -> None:
 class Batches:
     """The samples (prompt index, seed), prompt-major, in batches with their x_T and conditions."""
 
-    def __init__(self, teacher, prompts: list[str], seeds: tuple[int, ...], batch_size: int, resolution: int):
+    def __init__(self, teacher, prompts: list[str], seeds: tuple[int, ...], batch_size: int, resolution: int,
+                 frames: int = 1):
         self.teacher, self.prompts, self.batch_size, self.resolution = teacher, prompts, batch_size, resolution
         self.samples = [(p, s) for p in range(len(prompts)) for s in seeds]
-        side = resolution // teacher.vae_factor
-        self.shape = (teacher.unet.config.in_channels, side, side)
+        self.shape = teacher.latent_shape(resolution, frames)  # (C, h, w), or (C, F, h, w) for video
 
     def __len__(self) -> int:
         return -(-len(self.samples) // self.batch_size)
@@ -172,7 +192,7 @@ def evaluate(cfg: Config, progress: bool = True) -> dict:
     samplers = [teacher_sampler(e.teacher_guidance_scale), *load_samplers(teacher, e.loras, e.guidance_scales)]
     scorers = Scorers(cfg, device, progress)
     reference_images = reference_stats(cfg, scorers.features, progress)
-    batches = Batches(teacher, prompts, e.seeds, e.batch_size, cfg.data.resolution)
+    batches = Batches(teacher, prompts, e.seeds, e.batch_size, cfg.data.resolution, cfg.data.frames)
     use(teacher, samplers[0])
     reference, cache_hit = teacher_reference(teacher, cfg, batches, progress)
 
@@ -197,6 +217,7 @@ def evaluate(cfg: Config, progress: bool = True) -> dict:
             "skipped_prompt_lines": skipped, "teacher_reference_cached": cache_hit, "features": scorers.features.name,
             "reference_images": reference_images.count, "teacher": cfg.teacher.model, "loras": list(e.loras),
             "teacher_guidance_scale": e.teacher_guidance_scale, "reference_steps": e.reference_steps,
+            **({"frames": cfg.data.frames, "motion_adapter": cfg.teacher.motion_adapter} if teacher.is_video else {}),
             "seconds": round(time.perf_counter() - start, 1)}
     grid_prompts = [prompts[i // len(e.seeds)] for i in grid_rows]
     return write_report(Path(e.output_dir), results, info, tiles, grid_prompts)

@@ -110,8 +110,9 @@ def sample_latents(teacher: Teacher, sampler: Sampler, x_T: torch.Tensor, cond: 
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Images (B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8, rounded (what a saved PNG holds)."""
-    return (images.permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    """Images (B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8, rounded (what a saved PNG holds); clips (B, F, 3, H, W)
+    -> (B, F, H, W, 3)."""
+    return (images.movedim(-3, -1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -125,15 +126,27 @@ def png_bytes(image: np.ndarray) -> bytes:
     return out.getvalue()
 
 
+def gif_bytes(clip: np.ndarray, fps: float) -> bytes:
+    """A clip (F, H, W, 3) uint8 as a looping animated GIF."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    frames = [Image.fromarray(frame) for frame in clip]
+    frames[0].save(out, format="GIF", save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
+    return out.getvalue()
+
+
 @torch.no_grad()
 def generate(teacher: Teacher, sampler: Sampler, prompt: str, negative_prompt: str, steps: int, seed: int,
-             resolution: int) -> np.ndarray:
-    """One image (H, W, 3) uint8: x_T from torch.Generator().manual_seed(seed), `steps` steps of the sampler (its
-    guidance_scale; the negative prompt replaces the empty condition). What `pcm sample` and the registered MLflow
-    model both call, one prompt at a time, so an image does not depend on what else was asked for."""
+             resolution: int, frames: int = 1) -> np.ndarray:
+    """One image (H, W, 3) uint8, or one clip (F, H, W, 3) for a video teacher: x_T from
+    torch.Generator().manual_seed(seed), `steps` steps of the sampler (its guidance_scale; the negative prompt replaces
+    the empty condition). What `pcm sample` and the registered MLflow model both call, one prompt at a time, so an
+    image does not depend on what else was asked for."""
     use(teacher, sampler)
-    side = resolution // teacher.vae_factor
-    x_T = torch.randn(1, teacher.unet.config.in_channels, side, side,
+    x_T = torch.randn(1, *teacher.latent_shape(resolution, frames),
                       generator=torch.Generator().manual_seed(seed)).to(teacher.device)
     cond = teacher.encode_prompts([prompt], target_size=resolution)
     neg = teacher.encode_prompts([negative_prompt], target_size=resolution) if negative_prompt else \
@@ -148,14 +161,15 @@ def _given(row: dict, key: str, default):
 
 
 def generate_pngs(teacher: Teacher, meta: dict, adapter: str, rows: list[dict]) -> list[bytes]:
-    """PNG bytes for rows {prompt, negative_prompt?, steps?, guidance_scale?, seed?} with the LoRA loaded as
-    `adapter`; a missing (None / NaN) value takes the LoRA's recommended steps and CFG, no negative prompt, seed 0."""
+    """PNG bytes (a video LoRA: looping GIF bytes at meta's fps, default 8) for rows {prompt, negative_prompt?,
+    steps?, guidance_scale?, seed?} with the LoRA loaded as `adapter`; a missing (None / NaN) value takes the LoRA's
+    recommended steps and CFG, no negative prompt, seed 0."""
     images = []
     for row in rows:
         scale = float(_given(row, "guidance_scale", meta["recommended_guidance_scale"]))
         sampler = lora_sampler(meta, adapter, scale, "generate")
         image = generate(teacher, sampler, str(row["prompt"]), str(_given(row, "negative_prompt", "")),
                          int(_given(row, "steps", meta["recommended_steps"])), int(_given(row, "seed", 0)),
-                         meta["resolution"])
-        images.append(png_bytes(image))
+                         meta["resolution"], meta.get("frames", 1))
+        images.append(gif_bytes(image, meta.get("fps", 8)) if image.ndim == 4 else png_bytes(image))
     return images

@@ -74,7 +74,10 @@ def _reference_images(folder: Path, limit: int, batch_size: int):
         batch = decode_batch(records)
         if batch is None or "pixels" not in batch:
             continue
-        take = batch["pixels"][:limit - seen].permute(0, 2, 3, 1).numpy()
+        pixels = batch["pixels"]
+        if pixels.ndim == 5:  # clips (B, F, 3, H, W): every frame is a reference image (frame FID)
+            pixels = pixels.flatten(0, 1)
+        take = pixels[:limit - seen].permute(0, 2, 3, 1).numpy()
         seen += len(take)
         yield take
         if seen >= limit:
@@ -112,7 +115,11 @@ def teacher_key(cfg: Config, prompts: list[str], samples: list) -> str:
     t, e = cfg.teacher, cfg.eval
     values = [t.family, t.model, t.revision, t.variant, t.vae, cfg.data.resolution, prompts, samples,
               e.reference_steps, e.teacher_guidance_scale]
-    return digest(values, model_files(t.model) + model_files(t.vae))
+    files = model_files(t.model) + model_files(t.vae)
+    if t.family == "animatediff":
+        values += [t.motion_adapter, cfg.data.frames]
+        files += model_files(t.motion_adapter)
+    return digest(values, files)
 
 
 def teacher_reference(teacher, cfg: Config, batches, progress: bool) -> tuple[torch.Tensor, bool]:

@@ -1,6 +1,6 @@
 """The evaluation's outputs: metrics.json (flat, for `dvc metrics`), steps.csv (for `dvc plots`), steps.md, PNG plots
-(each metric against steps, one line per model), sample grids (prompts x step counts) and one self-contained
-report.html (images embedded) that a Kubeflow HTML artifact can show."""
+(each metric against steps, one line per model), sample grids (prompts x step counts; animated GIFs for video) and
+one self-contained report.html (images embedded) that a Kubeflow HTML artifact can show."""
 
 import base64
 import csv
@@ -16,11 +16,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from pcm.eval.video import write_gif  # noqa: E402
 from pcm.train.validation import save_grid  # noqa: E402
 
 LOWER_IS_BETTER = ("fid", "fid_teacher", "trajectory_error")
 METRICS = ("fid", "fid_teacher", "trajectory_error", "step_consistency", "clip_score", "oracle_colour", "oracle_kind",
-           "oracle_position", "oracle_background", "oracle_overall")
+           "oracle_position", "oracle_background", "oracle_overall", "frame_consistency", "oracle_motion",
+           "oracle_count")
 COLUMNS = ("model", "method", "guidance_scale", "steps", "nfe", "samples")
 
 
@@ -80,6 +82,9 @@ def write_grids(tiles: dict, out: Path) -> dict[str, Path]:
         samples = sorted({i for m, i, _ in tiles if m == model})
         steps = sorted({K for m, _, K in tiles if m == model})
         images = np.stack([tiles[(model, i, K)] for i in samples for K in steps])
+        if images.ndim == 5:  # clips (F, H, W, 3) per tile: an animated GIF grid
+            grids[model] = write_gif(images, len(samples), out / f"{model}.gif")
+            continue
         pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
         grids[model] = save_grid(pixels, len(samples), out / f"{model}.png")
     return grids
@@ -87,7 +92,8 @@ def write_grids(tiles: dict, out: Path) -> dict[str, Path]:
 
 def _img(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)}">'
+    mime = "image/gif" if path.suffix == ".gif" else "image/png"
+    return f'<img src="data:{mime};base64,{data}" alt="{html.escape(path.stem)}">'
 
 
 def write_html(path: Path, rows: list[dict], info: dict, plots: dict, grids: dict, grid_prompts: list[str]) -> None:
@@ -101,7 +107,8 @@ def write_html(path: Path, rows: list[dict], info: dict, plots: dict, grids: dic
         "<p>Every row samples the same prompts from the same initial noises. fid: against the reference images; "
         "fid_teacher and trajectory_error: against the teacher's reference-step DDIM samples (lower is better); "
         "step_consistency: cosine similarity of a model's results at different step counts (higher is more "
-        "consistent).</p>",
+        "consistent). Video: fid over all frames, clip_score per frame averaged over the clip, frame_consistency: "
+        "CLIP similarity of consecutive frames, oracle_motion: the captioned direction of motion read back.</p>",
         f"<h2>Step table</h2><table><tr>{''.join(f'<th>{c}</th>' for c in columns)}</tr>{table}</table>",
         "<h2>Metrics against steps</h2>", *(_img(p) for p in plots.values()),
         f"<h2>Samples</h2><p>Rows, top to bottom:</p><ol>{prompt_list}</ol><p>Columns: step counts, ascending.</p>",
