@@ -142,3 +142,26 @@ def test_the_video_pipeline_runs_under_kfp_local(tmp_path):
     steps = (next((tmp_path / "root").rglob("results")) / "steps.csv").read_text()
     assert "pcm-M2" in steps and "oracle_motion" in steps and "frame_consistency" in steps
     assert list((tmp_path / "root").rglob("pcm-M2.gif"))
+
+
+def test_precomputed_clip_latents_are_the_teachers_and_train(world, tmp_path):
+    import numpy as np
+    import torch
+
+    from pcm.data.loader import make_loader
+    from pcm.data.precompute import precompute
+    from pcm.models.families import load_teacher
+
+    root, params, _ = world
+    cfg = config_from_dict(params)
+    meta = precompute(cfg, progress=False)
+    latents = next(iter(make_loader(meta["output_dir"], batch_size=2, seed=0, shuffle_buffer=1)))
+    clips = next(iter(make_loader(cfg.data.output_dir, batch_size=2, seed=0, shuffle_buffer=1)))
+    assert latents["key"] == clips["key"] and latents["latent"].shape == (2, 4, FRAMES, 8, 8)
+    expected = load_teacher(cfg.teacher).encode_images(clips["pixels"], mean=True).half()
+    np.testing.assert_array_equal(latents["latent"].numpy(), expected.numpy())
+    out = tmp_path / "from-latents"
+    cfg = config_from_dict({**params, "train": {**params["train"], "output_dir": str(out)}})
+    distill(cfg, loader_factory(cfg, meta["output_dir"]), progress=False, latents=True)
+    assert torch.isfinite(torch.tensor([json.loads(line)["loss"] for line in
+                                        (out / "metrics.jsonl").read_text().splitlines()])).all()

@@ -66,11 +66,12 @@ def _npy(array: np.ndarray) -> bytes:
 
 @torch.no_grad()
 def _latents(teacher, pixels: torch.Tensor, chunk: int) -> np.ndarray:
-    vae = teacher.vae
+    """Posterior-mean latents x scaling factor, fp16: images (B, 3, H, W) -> (B, C, h, w); clips (B, F, 3, H, W) ->
+    (B, C, F, h, w), chunk counting frames."""
+    per_sample = pixels.shape[1] if pixels.ndim == 5 else 1
     out = []
-    for part in pixels.split(chunk):
-        x = (part.float() / 127.5 - 1.0).to(teacher.device, vae.dtype)
-        out.append((vae.encode(x).latent_dist.mean.float() * vae.config.scaling_factor).half().cpu())
+    for part in pixels.split(max(1, chunk // per_sample)):
+        out.append(teacher.encode_images(part.float() / 127.5 - 1.0, mean=True).half().cpu())
     return torch.cat(out).numpy()
 
 
