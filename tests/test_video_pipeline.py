@@ -165,3 +165,32 @@ def test_precomputed_clip_latents_are_the_teachers_and_train(world, tmp_path):
     distill(cfg, loader_factory(cfg, meta["output_dir"]), progress=False, latents=True)
     assert torch.isfinite(torch.tensor([json.loads(line)["loss"] for line in
                                         (out / "metrics.jsonl").read_text().splitlines()])).all()
+
+
+def test_the_demo_video_teacher_trains_saves_and_loads_both_ways(tmp_path):
+    import torch
+
+    from pcm.models.families import load_teacher
+
+    params = video_params(tmp_path)
+    params["demo"]["num_images"] = 12
+    params["demo_teacher"] = {"family": "animatediff", "output_dir": str(tmp_path / "video-teacher"),
+                              "vae_channels": [8, 16], "unet_channels": [16, 32], "attention_from": 0,
+                              "text_hidden": 16, "vae_steps": 2, "unet_steps": 2, "holdout": 4, "eval_prompts": 2,
+                              "eval_steps": 2, "vae_batch_size": 4, "unet_batch_size": 2}
+    cfg = config_from_dict(params)
+    stages.demo_data(cfg, progress=False)
+    stages.prepare(cfg, progress=False)
+    metrics = stages.demo_teacher(cfg, progress=False)
+    assert metrics["family"] == "animatediff" and 0 <= metrics["motion_acc"] <= 1
+    assert set(metrics["vae_recon"]) == {"main_colour_acc", "main_kind_acc", "motion_acc"}
+    saved = tmp_path / "video-teacher"
+    assert json.loads((saved / "model_index.json").read_text())["_class_name"] == "AnimateDiffPipeline"
+    whole = load_teacher(config_from_dict({"teacher": {"family": "animatediff", "model": str(saved)}}).teacher)
+    # its motion_adapter/ holds the trained motion modules: the pipeline + that adapter is the same teacher
+    parts = load_teacher(config_from_dict({"teacher": {"family": "animatediff", "model": str(saved),
+                                                       "motion_adapter": str(saved / "motion_adapter")}}).teacher)
+    x = torch.randn(1, 4, FRAMES, 4, 4, generator=torch.Generator().manual_seed(0))
+    cond = whole.encode_prompts(["a red circle moving left on a gray background"])
+    torch.testing.assert_close(whole.eps_fn(x, torch.tensor([500]), cond), parts.eps_fn(x, torch.tensor([500]), cond),
+                               rtol=0, atol=0)

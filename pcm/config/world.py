@@ -86,7 +86,8 @@ class DemoConfig:
 class DemoTeacherConfig:
     """Training of the tiny demo teacher on the prepared shapes shards (`pcm demo-teacher`, DESIGN.md §6)."""
 
-    family: Literal["sd15", "sdxl"] = "sd15"  # SD1.5-shaped (the demo) or SDXL-shaped (exercises the SDXL family)
+    family: Literal["sd15", "sdxl", "animatediff"] = "sd15"  # SD1.5-shaped (the demo), SDXL-shaped (exercises the
+    # SDXL family) or AnimateDiff-shaped (SD1.5 + motion modules, trained on prepared clips: data.modality=video)
     output_dir: str = "models/demo-teacher"  # the saved diffusers pipeline (save_pretrained, safetensors)
     vae_channels: tuple[int, ...] = (16, 32)  # VAE widths; downsampling factor 2 ** (len - 1)
     unet_channels: tuple[int, ...] = (32, 64, 128)  # UNet widths, one level each; the deepest has no attention

@@ -1,4 +1,5 @@
-"""`pcm demo-teacher`: a tiny SD1.5- or SDXL-shaped teacher trained from scratch on the prepared shapes shards.
+"""`pcm demo-teacher`: a tiny SD1.5-, SDXL- or AnimateDiff-shaped teacher trained from scratch on the prepared shapes
+shards (moving-shapes clips for animatediff: pcm.demo.video_teacher).
 
 Phases (DESIGN.md §6), all seeded by cfg.seed:
   1. data     every prepared image and caption in memory; the last `holdout` samples are kept out of training
@@ -18,21 +19,28 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import AnimateDiffPipeline, AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
 from tqdm import tqdm
 
 from pcm.config import Config, DemoTeacherConfig
 from pcm.data.loader import decode_batch
 from pcm.data.shards import iter_tar
-from pcm.demo import oracle
+from pcm.demo import oracle, video_teacher
 from pcm.demo.shapes import COLOURS, KINDS, POSITIONS, parse_caption
-from pcm.models.tiny import TinySizes, build_tokenizer, tiny_sd15_components, tiny_sdxl_components
+from pcm.models.tiny import (
+    TinySizes,
+    build_tokenizer,
+    tiny_animatediff_components,
+    tiny_sd15_components,
+    tiny_sdxl_components,
+)
 from pcm.train.ema import EMA
 
 KL_WEIGHT = 1e-6  # SD's VAE recipe: the KL term only keeps the posterior from collapsing; quality comes from MSE
 WARMUP_STEPS = 20  # linear learning-rate warmup: Adam's first steps at full lr 2e-3 can blow up fresh GroupNorm nets
 FAMILIES = {"sd15": (tiny_sd15_components, StableDiffusionPipeline),
-            "sdxl": (tiny_sdxl_components, StableDiffusionXLPipeline)}
+            "sdxl": (tiny_sdxl_components, StableDiffusionXLPipeline),
+            "animatediff": (tiny_animatediff_components, AnimateDiffPipeline)}
 
 
 def _family(name: str) -> tuple:
@@ -155,7 +163,7 @@ def _conditions(family: str, encoders: list, ids: torch.Tensor, drop: torch.Tens
     (force_zeros_for_empty_prompt); time ids are the pipeline's defaults (side, side, 0, 0, side, side): every
     demo image has one original size, so the real ones would carry nothing and only differ from sampling time.
     """
-    if family == "sd15":
+    if family in ("sd15", "animatediff"):
         ids = torch.where(drop[:, None], empty_ids.expand_as(ids), ids)
         return {"encoder_hidden_states": encoders[0](ids)[0]}
     keep = (~drop).float()
@@ -199,6 +207,8 @@ def train_unet(parts: dict, latents: tuple, ids: torch.Tensor, cfg: DemoTeacherC
         t = torch.randint(0, T, (b,), generator=generator).to(device)
         drop = (torch.rand(b, generator=generator) < cfg.caption_dropout).to(device)
         cond = _conditions(family, encoders, ids[idx].to(device), drop, empty_ids, side)
+        if x_0.ndim == 5:  # clips (B, C, F, h, w): the motion UNet reads one text state per frame
+            cond["encoder_hidden_states"] = cond["encoder_hidden_states"].repeat_interleave(x_0.shape[2], dim=0)
         eps_hat = unet(scheduler.add_noise(x_0, eps, t), t, **cond).sample
         loss = F.mse_loss(eps_hat, eps)
         opt.zero_grad(set_to_none=True)
@@ -282,7 +292,8 @@ def _build(cfg: Config, captions: list[str]) -> dict:
                       attention_from=c.attention_from, cross_attention_dim=c.text_hidden, text_hidden=c.text_hidden,
                       text_layers=c.text_layers,
                       vae_channels=c.vae_channels, norm_groups=8, sample_size=cfg.data.resolution // factor)
-    return _family(c.family)[0](tokenizer, sizes)
+    parts = _family(c.family)[0](tokenizer, sizes)
+    return video_teacher.with_motion(parts) if c.family == "animatediff" else parts
 
 
 def train_demo_teacher(cfg: Config, progress: bool = True) -> dict:
@@ -303,9 +314,12 @@ def train_demo_teacher(cfg: Config, progress: bool = True) -> dict:
             part.to(device)
     seconds["data"], t0 = tick() - start, tick()
 
-    vae_loss = train_vae(parts["vae"], train_px, c, generator, progress)
-    recon = reconstruct(parts["vae"], held_px)
-    mean, std, scaling = encode_posteriors(parts["vae"], train_px, generator)
+    frames = video_teacher.frames_of  # clips train the VAE frame by frame
+    vae_loss = train_vae(parts["vae"], frames(train_px), c, generator, progress)
+    recon = reconstruct(parts["vae"], frames(held_px))
+    mean, std, scaling = encode_posteriors(parts["vae"], frames(train_px), generator)
+    if pixels.ndim == 5:
+        mean, std = (video_teacher.to_clips(m, pixels.shape[1]) for m in (mean, std))
     parts["vae"].register_to_config(scaling_factor=scaling)
     seconds["vae"], t0 = tick() - t0, tick()
 
@@ -321,20 +335,27 @@ def train_demo_teacher(cfg: Config, progress: bool = True) -> dict:
     with ema.swapped_in():
         pipe_cls = _family(c.family)[1]
         extra = {"requires_safety_checker": False} if c.family == "sd15" else {}
+        if c.family == "animatediff":
+            video_teacher.refresh_adapter(parts)
         pipe_cls(**parts, **extra).save_pretrained(tmp, safe_serialization=True)
     seconds["save"], t0 = tick() - t0, tick()
 
     prompts = captions[-c.holdout:][:c.eval_prompts]
-    report = evaluate(tmp, prompts, cfg, progress)
-    seconds["eval"] = tick() - t0
     recon_u8 = (recon * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    recon_report = oracle_report(recon_u8[:c.eval_prompts], prompts)
+    if pixels.ndim == 5:
+        report = video_teacher.evaluate_clips(tmp, prompts, cfg, device, progress)
+        recon_report = video_teacher.clip_report(recon_u8.reshape(-1, *pixels.shape[1:2], *recon_u8.shape[1:])
+                                                 [:c.eval_prompts], prompts)
+    else:
+        report = evaluate(tmp, prompts, cfg, progress)
+        recon_report = oracle_report(recon_u8[:c.eval_prompts], prompts)
+    seconds["eval"] = tick() - t0
     metrics = {
-        "family": c.family, "vae_psnr_db": round(psnr_db(recon, held_px), 3), "scaling_factor": scaling,
+        "family": c.family, "vae_psnr_db": round(psnr_db(recon, frames(held_px)), 3), "scaling_factor": scaling,
         **report,
         "chance": {"colour": 1 / len(COLOURS), "kind": 1 / len(KINDS), "position": 1 / len(POSITIONS)},
         # The same oracle on VAE reconstructions of the held-out images: the ceiling the VAE leaves the UNet.
-        "vae_recon": {k: recon_report[k] for k in ("main_colour_acc", "main_kind_acc", "main_position_acc")},
+        "vae_recon": {k: v for k, v in recon_report.items() if k.endswith("_acc")},
         "final_loss": {"vae": vae_loss, "unet": unet_loss},
         "steps": {"vae": c.vae_steps, "unet": c.unet_steps, "eval_ddim": c.eval_steps},
         "eval_prompts": len(prompts), "eval_guidance_scale": c.eval_guidance_scale,

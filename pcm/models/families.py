@@ -153,18 +153,24 @@ def _kwargs(cfg, dtype: torch.dtype) -> dict:
 
 
 def _load_unet(cfg, kwargs: dict) -> UNet2DConditionModel | UNetMotionModel:
-    """The family's UNet; animatediff puts the motion adapter into the SD1.5 UNet (AnimateDiffPipeline's rule)."""
+    """The family's UNet. animatediff: teacher.model's UNetMotionModel (an AnimateDiff pipeline), or its SD1.5 UNet
+    turned into one (AnimateDiffPipeline's rule); teacher.motion_adapter, when set, supplies the motion modules."""
     if cfg.family != "animatediff":
         return UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", **kwargs)
-    if not cfg.motion_adapter:
-        unet_class = UNet2DConditionModel.load_config(cfg.model, subfolder="unet").get("_class_name")
-        if unet_class != "UNetMotionModel":
-            raise ModelLoadError(f"teacher.model={cfg.model}: its unet is a {unet_class}, not an AnimateDiff "
-                                 "UNetMotionModel; set teacher.motion_adapter to a MotionAdapter directory or hub id")
-        return UNetMotionModel.from_pretrained(cfg.model, subfolder="unet", **kwargs)
-    check_model_reference(cfg.motion_adapter, "teacher.motion_adapter")
+    unet_class = UNet2DConditionModel.load_config(cfg.model, subfolder="unet").get("_class_name")
+    adapter = None
+    if cfg.motion_adapter:
+        check_model_reference(cfg.motion_adapter, "teacher.motion_adapter")
+        adapter = MotionAdapter.from_pretrained(cfg.motion_adapter, torch_dtype=kwargs["torch_dtype"])
+    if unet_class == "UNetMotionModel":
+        unet = UNetMotionModel.from_pretrained(cfg.model, subfolder="unet", **kwargs)
+        if adapter is not None:
+            unet.load_motion_modules(adapter)
+        return unet
+    if adapter is None:
+        raise ModelLoadError(f"teacher.model={cfg.model}: its unet is a {unet_class}, not an AnimateDiff "
+                             "UNetMotionModel; set teacher.motion_adapter to a MotionAdapter directory or hub id")
     unet = UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", **kwargs)
-    adapter = MotionAdapter.from_pretrained(cfg.motion_adapter, torch_dtype=kwargs["torch_dtype"])
     return UNetMotionModel.from_unet2d(unet, adapter)
 
 
