@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo bench bench-step bench-gpu lock clean
+.PHONY: setup test lint demo demo-video bench bench-step bench-gpu lock clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,19 @@ endif
 	@echo "sample grids and plots:      $(DEMO_DIR)/reports/eval/grids/ $(DEMO_DIR)/reports/eval/plots/"
 	@echo "registered model:            $$(cat $(DEMO_DIR)/models/registered.json | tr -d '\n ')"
 	@echo "browse the MLflow runs:      cd $(DEMO_DIR) && $(CURDIR)/$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db"
+
+# The video demo world (configs/video-demo.yaml): moving-shapes clips -> a tiny AnimateDiff teacher -> PCM M = 1, 2, 4
+# -> the step table at 1/2/4 steps beside the teacher's DDIM, with the motion oracle. Stage by stage, not cached.
+VIDEO := configs/video-demo.yaml
+demo-video: setup
+	$(VENV)/bin/pcm demo-data --params $(VIDEO)
+	$(VENV)/bin/pcm prepare --params $(VIDEO)
+	$(VENV)/bin/pcm demo-teacher --params $(VIDEO)
+	for m in 1 2 4; do $(VENV)/bin/pcm distill --params $(VIDEO) distill.num_phases=$$m \
+		train.output_dir=models/video-pcm-m$$m || exit 1; done
+	$(VENV)/bin/pcm evaluate --params $(VIDEO)
+	@echo; cat reports/video-eval/steps.md; echo
+	@echo "report with GIF grids:  reports/video-eval/report.html"
 
 bench: setup
 	$(PY) benchmarks/toy_gmm.py
