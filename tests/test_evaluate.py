@@ -137,3 +137,12 @@ def test_inception_features_from_converted_weights(world, tmp_path):
     rows = list(csv.DictReader(open(out / "steps.csv")))
     assert len(rows) == 3 and all(float(r["fid"]) > 0 for r in rows)
     assert not any(k.startswith("oracle") for k in rows[0])
+
+
+def test_an_unset_model_reference_has_no_files(tmp_path, monkeypatch):
+    from pcm.data.digest import model_files
+
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    assert model_files("") == []  # Path("") is the working directory: an unset teacher.vae must not hash it
+    assert model_files(".") == [tmp_path / "weights.bin"]
