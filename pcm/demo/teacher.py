@@ -344,8 +344,8 @@ def train_demo_teacher(cfg: Config, progress: bool = True) -> dict:
     recon_u8 = (recon * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     if pixels.ndim == 5:
         report = video_teacher.evaluate_clips(tmp, prompts, cfg, device, progress)
-        recon_report = video_teacher.clip_report(recon_u8.reshape(-1, *pixels.shape[1:2], *recon_u8.shape[1:])
-                                                 [:c.eval_prompts], prompts)
+        clips = recon_u8.reshape(-1, pixels.shape[1], *recon_u8.shape[1:])  # frames back into clips
+        recon_report = video_teacher.clip_report(clips[:c.eval_prompts], prompts)
     else:
         report = evaluate(tmp, prompts, cfg, progress)
         recon_report = oracle_report(recon_u8[:c.eval_prompts], prompts)
