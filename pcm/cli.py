@@ -29,7 +29,7 @@ def _stage(name: str):
     def run(args) -> int:
         from pcm import stages  # heavy imports (torch, PIL) only for the commands that need them
 
-        kwargs = {"resume": args.resume} if getattr(args, "resume", None) else {}
+        kwargs = {k: getattr(args, k) for k in ("resume", "overwrite", "processes") if getattr(args, k, None)}
         result = getattr(stages, name)(load_config(args.params, args.overrides), **kwargs)
         table = result.pop("table", None)  # a markdown step table reads better as itself than inside JSON
         summary = {k: v for k, v in result.items() if not isinstance(v, list) or len(v) <= 8}
@@ -104,8 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
         stage = commands.add_parser(command, help=help_text)
         _add_params(stage)
         if command == "distill":
-            stage.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint "
-                               "under train.output_dir/checkpoints (latest) or from a checkpoint folder")
+            run = stage.add_mutually_exclusive_group()
+            run.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint "
+                               "under train.output_dir/checkpoints (latest) or from a checkpoint folder; refused "
+                               "when the folder's run manifest differs from this config, data or teacher")
+            run.add_argument("--overwrite", action="store_true", help="replace the run already in "
+                               "train.output_dir (its checkpoints, LoRA, samples, metrics) instead of refusing")
+            stage.add_argument("--processes", type=int, default=1, metavar="N", help="ranks on this machine "
+                               "(accelerate launch --multi_gpu); a SIGTERM to this process reaches them all")
         stage.set_defaults(func=_stage(function))
     _add_sample(commands)
     convert = commands.add_parser("convert-inception", help="pytorch-fid's FID Inception .pth -> safetensors "
@@ -116,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures of input, files, stores and runs that a user fixes: reported in one line, never a traceback."""
+    errors: list[type[BaseException]] = [ValueError, RuntimeError, OSError, KeyError]
+    for module, name in (("safetensors", "SafetensorError"), ("mlflow.exceptions", "MlflowException")):
+        loaded = sys.modules.get(module)  # only what the command imported: nothing heavy loads for an error
+        if loaded is not None and hasattr(loaded, name):
+            errors.append(getattr(loaded, name))
+    return tuple(errors)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -124,10 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"pcm: config error: {err}", file=sys.stderr)
         return 2
-    except (ValueError, RuntimeError, OSError) as err:  # bad input, missing files, preemption: why, no trace
-        print(f"pcm {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
+    except Exception as err:
+        if not isinstance(err, _expected_errors()):
+            raise  # a bug: the traceback is what a report needs
+        message = str(err).strip().splitlines() or [repr(err)]
+        print(f"pcm {args.command}: {type(err).__name__}: {message[0]}", file=sys.stderr)
         # Preempted (SIGTERM): the checkpoint is saved; 143 (128 + SIGTERM) lets an orchestrator's retry resume
-        return 143 if type(err).__name__ == "Preempted" else 1
+        return 143 if type(err).__name__ == "Preempted" else 2
+
 
 if __name__ == "__main__":
     sys.exit(main())

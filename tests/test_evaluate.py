@@ -98,7 +98,7 @@ def test_missing_inputs_fail_at_start_with_the_key(world, tmp_path, capsys, over
     root, base = world
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({**base, "eval": {**base["eval"], "cache_dir": str(tmp_path / "cache")}}))
-    assert main(["evaluate", "--params", str(params), override.format(root=root)]) == 1
+    assert main(["evaluate", "--params", str(params), override.format(root=root)]) == 2
     import re
 
     assert re.search(message, capsys.readouterr().err)
