@@ -53,21 +53,53 @@ def precompute(cfg: Config, progress: bool = True) -> dict:
         return _log(tracker, run_precompute(cfg, progress))
 
 
-def distill(cfg: Config, resume: str | None = None, progress: bool = True) -> dict:
+def distill(cfg: Config, resume: str | None = None, overwrite: bool = False, processes: int = 1,
+            progress: bool = True) -> dict:
     """The teacher (cfg.teacher) distilled into a PCM / LCM LoRA under cfg.train.output_dir; reads this teacher's
-    precomputed latents when `pcm precompute` wrote them, else encodes the prepared images on the fly. A resumed
-    run continues its MLflow run."""
+    precomputed latents when `pcm precompute` wrote them, else encodes the prepared images on the fly.
+
+    The folder is claimed first (pcm.train.manifest): a resume must match its run manifest, a fresh run refuses a
+    folder holding another run unless overwrite. A resumed run continues its MLflow run. processes > 1: the ranks
+    run under `accelerate launch` behind this process, which passes a SIGTERM on and raises Preempted."""
+    import os
+
     from pcm.data.loader import loader_factory
     from pcm.data.precompute import find_latents
     from pcm.train.distill import distill as run_distill
+    from pcm.train.manifest import RunManifest, claim
 
     out = Path(cfg.train.output_dir)
+    folder = find_latents(cfg)  # also refuses latents of another teacher
+    claim(out, RunManifest.of(cfg, folder or cfg.data.output_dir), resume, overwrite,
+          main=os.environ.get("RANK", "0") == "0")
+    if processes > 1:
+        return _launch(cfg, processes, resume)
     with track(cfg, "distill", out, resume=resume is not None) as tracker:
-        folder = find_latents(cfg)  # also refuses latents of another teacher
         result = run_distill(cfg, loader_factory(cfg, folder), resume=resume, sink=tracker, progress=progress,
                              latents=folder is not None)
         return _log(tracker, result, (out / "samples", "samples"), (out / "metrics.jsonl", None),
                     (out / "lora" / "pcm_config.json", "lora"))
+
+
+def _launch(cfg: Config, processes: int, resume: str | None) -> dict:
+    """`pcm distill` on `processes` ranks (accelerate launch), the folder already claimed: the ranks resume
+    ('latest' when this run starts fresh finds no checkpoint and starts at step 0)."""
+    from pcm.atomic import write_text
+    from pcm.config import config_to_yaml
+    from pcm.launch import accelerate_command, run_forwarding_signals
+    from pcm.train.distill import Preempted
+
+    out = Path(cfg.train.output_dir)
+    params = write_text(out / "resolved-params.yaml", config_to_yaml(cfg))
+    command = accelerate_command(processes, cfg.train.mixed_precision, params, resume or "latest")
+    code, signum = run_forwarding_signals(command, cfg.pipeline.termination_grace_seconds)
+    if signum is not None:
+        raise Preempted(f"signal {signum} passed on to the {processes} ranks, which exited {code}; the newest "
+                        f"complete checkpoint is in {out / 'checkpoints'}: rerun with --resume latest")
+    if code != 0:
+        raise RuntimeError(f"accelerate launch of {processes} ranks exited {code}; their error is above")
+    return {"processes": processes, "steps": cfg.train.max_steps, "output_dir": str(out),
+            "lora": str(out / "lora" / "pytorch_lora_weights.safetensors")}
 
 
 def evaluate(cfg: Config, progress: bool = True) -> dict:
@@ -110,27 +142,13 @@ def sample(cfg: Config, prompts: list[str], out: str, model: str = "", lora: str
 
 
 def distill_job(cfg: Config, num_processes: int, export_dir: str) -> dict:
-    """What a pipeline's distill task does: resume from the newest checkpoint under train.output_dir when there is
-    one (a retried task continues), run on num_processes GPUs (`accelerate launch --multi_gpu` when > 1), then copy
-    the exported LoRA folder to export_dir."""
+    """What a pipeline's distill task does: continue the run in train.output_dir when it holds one with the same
+    manifest (a retried task resumes; another run's folder is refused), on num_processes GPUs, then copy the
+    exported LoRA folder to export_dir. The work folder is scoped by the pipeline run (components/train.py)."""
     import shutil
-    import subprocess
-    import sys
-
-    from pcm.config import config_to_yaml
 
     out = Path(cfg.train.output_dir)
-    resume = "latest" if any((out / "checkpoints").glob("step-*")) else None
-    if num_processes > 1:
-        out.mkdir(parents=True, exist_ok=True)
-        params = out / "resolved-params.yaml"
-        params.write_text(config_to_yaml(cfg))
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                   str(num_processes), "--num_machines", "1", "--mixed_precision", cfg.train.mixed_precision,
-                   "--dynamo_backend", "no", "-m", "pcm.cli", "distill", "--params", str(params)]
-        subprocess.run(command + (["--resume", resume] if resume else []), check=True)
-        result = {"processes": num_processes, "resumed": resume is not None}
-    else:
-        result = {**distill(cfg, resume=resume, progress=False), "resumed": resume is not None}
+    resumed = any((out / "checkpoints").glob("step-*"))
+    result = distill(cfg, resume="latest", processes=max(num_processes, 1), progress=False)
     shutil.copytree(out / "lora", export_dir, dirs_exist_ok=True)
-    return result
+    return {**result, "resumed": resumed}
