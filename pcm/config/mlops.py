@@ -65,9 +65,17 @@ class PipelineConfig:
     """The DVC and Kubeflow pipelines: one distill stage per entry, writing models/<name>/ (DESIGN.md §4)."""
 
     distill_runs: dict[str, DistillRun] = field(default_factory=_default_runs)  # name -> method and M
+    termination_grace_seconds: int = 600  # Kubernetes' SIGTERM -> SIGKILL window on the distill pods (preemption, a
+    #   deleted run): the step in flight ends, then a checkpoint is written. An SDXL one (rank-64 LoRA, ~200 M params,
+    #   with its AdamW moments and the discriminator heads: ~2.5 GB fp32) takes ~15 s at 200 MB/s, ~60 s on a 50 MB/s
+    #   network PVC; 600 leaves room for slow storage, and a pod that has saved exits at once. torchrun (multi-node)
+    #   gets 15 s less to wait for its workers.
 
     def __post_init__(self):
         require(len(self.distill_runs) > 0, "pipeline.distill_runs: list at least one run")
+        require(self.termination_grace_seconds >= 30,
+                f"pipeline.termination_grace_seconds={self.termination_grace_seconds}: must be >= 30 (the time to "
+                "save a checkpoint after SIGTERM; about 600 for SDXL on network storage)")
         for name in self.distill_runs:
             require(re.fullmatch(r"[a-z0-9][a-z0-9-]*", name) is not None,
                     f"pipeline.distill_runs: run name {name!r} must be lower-case letters, digits and '-' (it names a "
