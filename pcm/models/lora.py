@@ -18,6 +18,8 @@ from peft.utils import set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from pcm.atomic import staged_dir
+
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pcm_lora_kohya.safetensors"
 CONFIG_FILE = "pcm_config.json"
@@ -85,26 +87,29 @@ def export_lora(unet: torch.nn.Module, family: str, out_dir: str | Path, metadat
     """Writes pytorch_lora_weights.safetensors (diffusers, adapter metadata), a kohya file and pcm_config.json.
 
     metadata (phase edges, N, M, guidance variant, recommended sampler settings) is stored in both safetensors
-    headers as a JSON string under 'pcm' and, readable, in pcm_config.json.
+    headers as a JSON string under 'pcm' and, readable, in pcm_config.json. The three are written into a temp folder
+    that then replaces out_dir (pcm.atomic), so a kill leaves the previous export or the new one, never a mix.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with staged_dir(out) as tmp:
+        _write_export(unet, family, tmp, metadata)
+    return {"diffusers": out / DIFFUSERS_FILE, "kohya": out / KOHYA_FILE, "config": out / CONFIG_FILE}
+
+
+def _write_export(unet: torch.nn.Module, family: str, out: Path, metadata: dict) -> None:
     peft_state = get_peft_model_state_dict(unet)
     adapter_config = unet.peft_config["default"].to_dict()
     pipeline_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     pipeline_cls.save_lora_weights(out, unet_lora_layers=peft_state,
                                    unet_lora_adapter_metadata=adapter_config, safe_serialization=True)
-    diffusers_path = out / DIFFUSERS_FILE
-    _add_metadata(diffusers_path, {"pcm": json.dumps(metadata, sort_keys=True)})
-    kohya_path = out / KOHYA_FILE
+    _add_metadata(out / DIFFUSERS_FILE, {"pcm": json.dumps(metadata, sort_keys=True)})
     kohya = {k: v.detach().float().cpu().contiguous() for k, v in convert_state_dict_to_kohya(
         convert_state_dict_to_diffusers(peft_state)).items()}
-    save_file(kohya, kohya_path, metadata={"pcm": json.dumps(metadata, sort_keys=True), "ss_network_module":
-                                           "networks.lora", "ss_network_dim": str(adapter_config["r"]),
-                                           "ss_network_alpha": str(adapter_config["lora_alpha"])})
+    save_file(kohya, out / KOHYA_FILE, metadata={"pcm": json.dumps(metadata, sort_keys=True), "ss_network_module":
+                                                 "networks.lora", "ss_network_dim": str(adapter_config["r"]),
+                                                 "ss_network_alpha": str(adapter_config["lora_alpha"])})
     (out / CONFIG_FILE).write_text(json.dumps({**metadata, "lora_rank": adapter_config["r"],
                                                "lora_alpha": adapter_config["lora_alpha"]}, indent=2) + "\n")
-    return {"diffusers": diffusers_path, "kohya": kohya_path, "config": out / CONFIG_FILE}
 
 
 def _add_metadata(path: Path, extra: dict[str, str]) -> None:
