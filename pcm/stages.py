@@ -92,7 +92,8 @@ def _launch(cfg: Config, processes: int, resume: str | None) -> dict:
     out = Path(cfg.train.output_dir)
     params = write_text(out / "resolved-params.yaml", config_to_yaml(cfg))
     command = accelerate_command(processes, cfg.train.mixed_precision, params, resume or "latest")
-    code, signum = run_forwarding_signals(command, cfg.train.preemption_grace_seconds)
+    # the ranks get the pod's grace period less a margin for this parent to report (pipeline.termination_grace_seconds)
+    code, signum = run_forwarding_signals(command, cfg.pipeline.termination_grace_seconds - 15)
     if signum is not None:
         raise Preempted(f"signal {signum} passed on to the {processes} ranks, which exited {code}; the newest "
                         f"complete checkpoint is in {out / 'checkpoints'}: rerun with --resume latest")

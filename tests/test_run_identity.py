@@ -52,8 +52,9 @@ def _run_id(out) -> str:
 def test_the_manifest_ignores_resumable_keys_and_names_the_others(world, tmp_path):
     root, base = world
     a = RunManifest.of(_cfg(base, tmp_path / "a"), root / "prepared")
-    longer = RunManifest.of(_cfg(base, tmp_path / "b", train={"max_steps": 50, "log_every": 7, "checkpoint_every": 3},
-                                 tracking={"experiment": "elsewhere"}, validation={"guidance_scale": 3.0}), root / "prepared")
+    resumable = _cfg(base, tmp_path / "b", train={"max_steps": 50, "log_every": 7, "checkpoint_every": 3},
+                     tracking={"experiment": "elsewhere"}, validation={"guidance_scale": 3.0})
+    longer = RunManifest.of(resumable, root / "prepared")
     assert longer.differences(a) == [] and longer.config_hash == a.config_hash
     other = RunManifest.of(_cfg(base, tmp_path / "c", train={"learning_rate": 2e-3}, lora={"rank": 8}),
                            root / "prepared")

@@ -109,9 +109,6 @@ class TrainConfig:
     output_dir: str = "models/pcm"  # checkpoints/, lora/, samples/ and metrics.jsonl of `pcm distill`
     checkpoint_every: int = 100  # steps between checkpoints (also written at the end and on SIGTERM)
     keep_checkpoints: int = 3  # newest checkpoints kept
-    preemption_grace_seconds: int = 600  # after a SIGTERM, how long ranks may take to finish the step and write a
-    #   checkpoint before the launcher kills them (an SDXL checkpoint takes seconds to write: LoRA + optimizer state);
-    #   Kubeflow distill pods get terminationGracePeriodSeconds = this + 60
     validate_every: int = 100  # steps between validation grids (0 disables)
     log_every: int = 10  # steps between metric records
     num_workers: int = 0  # DataLoader worker processes per training process
@@ -127,8 +124,6 @@ class TrainConfig:
         require(self.gradient_accumulation_steps >= 1,
                  f"train.gradient_accumulation_steps={self.gradient_accumulation_steps}: must be >= 1")
         require(self.max_grad_norm >= 0, f"train.max_grad_norm={self.max_grad_norm}: must be >= 0")
-        require(self.preemption_grace_seconds >= 1,
-                 f"train.preemption_grace_seconds={self.preemption_grace_seconds}: must be >= 1 (seconds)")
         require(self.checkpoint_every >= 1 and self.keep_checkpoints >= 1,
                  "train.checkpoint_every and train.keep_checkpoints must be >= 1")
         require(self.validate_every >= 0 and self.log_every >= 1,
