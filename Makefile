@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo demo-video bench bench-step bench-gpu lock clean
+.PHONY: setup test lint demo demo-video bench bench-step bench-gpu bench-checkpoint lock clean
 
 setup: $(STAMP)
 
@@ -62,6 +62,10 @@ bench-step: setup
 # SDXL-size UNet on a GPU (bf16, gradient checkpointing, LoRA rank 64, batch 10); says so and exits 0 without CUDA.
 bench-gpu: setup
 	$(PY) benchmarks/sdxl_gpu.py
+
+# Seconds to write, fsync and verify an SDXL-size checkpoint (LoRA rank 64 + AdamW moments) on this disk.
+bench-checkpoint: setup
+	$(PY) benchmarks/checkpoint_write.py
 
 # Regenerates requirements.lock from pyproject.toml in a throwaway venv.
 lock:

@@ -28,3 +28,13 @@ def test_sdxl_gpu_benchmark_says_so_without_cuda(tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 0 and "no CUDA device" in done.stdout
     assert not (tmp_path / "x.json").exists()
+
+
+def test_checkpoint_write_benchmark_saves_verifies_and_loads_a_tiny_checkpoint(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    from checkpoint_write import main
+
+    result = main(["--tiny", "--rank", "4", "--dir", str(tmp_path), "--json", str(tmp_path / "r.json")])
+    assert result["lora_params_millions"] > 0 and result["checkpoint_gb"] >= 0 and result["save_s"] >= 0
+    assert json.loads((tmp_path / "r.json").read_text()) == result
+    assert list(tmp_path.iterdir()) == [tmp_path / "r.json"]  # the checkpoint folder was removed
