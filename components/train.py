@@ -20,15 +20,17 @@ def demo_teacher(params: str, overrides: list, mlflow_uri: str, prepared: Input[
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)  # the image has kfp
 def distill(params: str, overrides: list, mlflow_uri: str, teacher_model: str, run_name: str, method: str,
-            num_phases: int, max_steps: int, num_gpus: int, work_root: str, prepared: Input[Dataset],
-            lora: Output[Model], teacher: Input[Model] = None):
-    """One distillation (pcm.stages.distill_job): checkpoints under work_root/run_name (a PVC in a cluster, so a
-    retried task resumes), `accelerate launch` on num_gpus GPUs when > 1; the exported LoRA folder is the output.
-    max_steps > 0 overrides train.max_steps."""
+            num_phases: int, max_steps: int, num_gpus: int, work_root: str, pipeline_run: str, continue_run: str,
+            prepared: Input[Dataset], lora: Output[Model], teacher: Input[Model] = None):
+    """One distillation (pcm.stages.distill_job): checkpoints under work_root/runs/<pipeline run id>/<run_name> (a
+    PVC in a cluster: a retried task resumes there, a new pipeline run starts fresh; continue_run names an earlier
+    run's id to continue its checkpoints), `accelerate launch` on num_gpus GPUs when > 1; the exported LoRA folder
+    is the output. max_steps > 0 overrides train.max_steps."""
+    from components.workdir import run_folder
     from pcm import stages
     from pcm.config import config_from_yaml
 
-    work = f"{work_root or lora.path + '-work'}/{run_name}"
+    work = f"{run_folder(work_root, pipeline_run, continue_run, lora.path + '-work')}/{run_name}"
     cfg = config_from_yaml(params, [*overrides, f"teacher.model={teacher.path if teacher else teacher_model}",
                                     f"data.output_dir={prepared.path}", f"distill.method={method}",
                                     f"distill.num_phases={num_phases}", f"train.output_dir={work}",

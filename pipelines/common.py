@@ -1,5 +1,5 @@
-"""What the PCM pipelines share: the task graph, the cluster resources of the tasks, and the command line
-(`compile -o FILE.yaml`, `run --local`, `submit --host URL --experiment NAME`).
+"""What the PCM pipelines share: the task graph and the command line (`compile -o FILE.yaml`, `run --local`,
+`submit --host URL --experiment NAME`); what each task gets from the cluster is cluster.py.
 
 The graph: [demo-data ->] prepare [-> demo-teacher] -> distill per run (dsl.ParallelFor) -> evaluate (all LoRAs,
 dsl.Collected) -> register (the LoRA of `register_method` with `register_phases`). Every task is a component of
@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -18,45 +17,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the components package
-
-
-@dataclass
-class Resources:
-    """Cluster settings of the tasks (compile time). gpus = 0: no accelerator request (CPU runs, kfp.local)."""
-
-    gpus: int = 8  # GPUs of the distill task, one node; `accelerate launch --multi_gpu` inside when > 1
-    accelerator: str = "nvidia.com/gpu"
-    cpu: str = "32"  # CPU and memory limits of the distill task
-    memory: str = "480Gi"
-    shm_size: str = "64Gi"  # Memory emptyDir at /dev/shm (NCCL and DataLoader workers need more than 64 MB)
-    data_pvc: str = "pcm-data"  # PVC with shards and teacher weights, mounted at /mnt/data on every task
-    work_pvc: str = "pcm-work"  # PVC for checkpoints and caches, mounted at /mnt/work: a retried task resumes there
-    secret: str = "pcm-secrets"  # its keys become env vars of every task (object store, hub token, MLflow)
-    secret_keys: tuple[str, ...] = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "HF_TOKEN",
-                                    "MLFLOW_TRACKING_TOKEN")
-    node_selector: dict = field(default_factory=dict)  # e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
-    tolerations: tuple[str, ...] = ("nvidia.com/gpu",)  # taint keys tolerated (operator Exists, NoSchedule)
-    retries: int = 3  # retries of the distill task (it resumes from its newest checkpoint)
-
-
-def _cluster(task, r: Resources, gpu: bool) -> None:
-    """PVCs, secrets, node placement; and for the GPU task: accelerators, /dev/shm, limits, retries."""
-    from kfp import kubernetes
-
-    kubernetes.mount_pvc(task, pvc_name=r.data_pvc, mount_path="/mnt/data")
-    kubernetes.mount_pvc(task, pvc_name=r.work_pvc, mount_path="/mnt/work")
-    kubernetes.use_secret_as_env(task, secret_name=r.secret, secret_key_to_env={k: k for k in r.secret_keys},
-                                 optional=True)
-    if not gpu:
-        return
-    if r.gpus > 0:
-        task.set_accelerator_type(r.accelerator).set_accelerator_limit(r.gpus)
-        for key in r.tolerations:
-            kubernetes.add_toleration(task, key=key, operator="Exists", effect="NoSchedule")
-    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=r.shm_size)
-    for key, value in r.node_selector.items():
-        kubernetes.add_node_selector(task, label_key=key, label_value=value)
-    task.set_cpu_limit(r.cpu).set_memory_limit(r.memory).set_retry(num_retries=r.retries, backoff_duration="60s")
+if str(ROOT / "pipelines") not in sys.path:
+    sys.path.insert(0, str(ROOT / "pipelines"))  # cluster.py beside this file
+from cluster import Resources, apply, spec_patch  # noqa: E402
 
 
 def runs_of(params_text: str) -> list[dict]:
@@ -68,7 +31,12 @@ def runs_of(params_text: str) -> list[dict]:
 
 
 def make_pipeline(name: str, demo: bool, params_text: str, teacher_model: str, r: Resources | None):
-    """The pipeline function; r = None leaves out every Kubernetes setting (kfp.local runs)."""
+    """The pipeline function; r = None leaves out every Kubernetes setting (kfp.local runs).
+
+    Work that outlives a task (distill checkpoints, the evaluation cache) goes to work_root/runs/<run id>/: the id is
+    KFP's pipeline run id (dsl.PIPELINE_JOB_ID_PLACEHOLDER), so a retried task resumes and a new run starts fresh,
+    or continue_run, an earlier run's id, whose checkpoints the distill tasks then continue (components/workdir.py).
+    """
     from kfp import dsl
 
     import components as c
@@ -81,35 +49,35 @@ def make_pipeline(name: str, demo: bool, params_text: str, teacher_model: str, r
     def pipeline(params: str = params_text, overrides: list = [], teacher_model: str = teacher_model,  # noqa: B006
                  shard_urls: list = [], dvc_repo: str = "", dvc_rev: str = "", dvc_path: str = "",  # noqa: B006
                  runs: list = default_runs, max_steps: int = 0, eval_steps: list = [],  # noqa: B006
-                 mlflow_uri: str = "", work_root: str = work_default, register_method: str = "pcm",
-                 register_phases: int = 4):
+                 mlflow_uri: str = "", work_root: str = work_default, continue_run: str = "",
+                 register_method: str = "pcm", register_phases: int = 4):
         common = {"params": params, "overrides": overrides, "mlflow_uri": mlflow_uri}
-        tasks, teacher = [], {}
+        run_scope = {"work_root": work_root, "pipeline_run": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                     "continue_run": continue_run}
+        tasks, teacher = {}, {}
         if demo:
-            shards = c.demo_data(**common)
-            prepared = c.prepare(**common, shard_urls=[], dvc_repo="", dvc_rev="", dvc_path="",
-                                 shards=shards.outputs["shards"])
-            trained = c.demo_teacher(**common, prepared=prepared.outputs["prepared"])
-            tasks += [shards, trained]
+            tasks["demo-data"] = shards = c.demo_data(**common)
+            tasks["prepare"] = prepared = c.prepare(**common, shard_urls=[], dvc_repo="", dvc_rev="", dvc_path="",
+                                                    shards=shards.outputs["shards"])
+            tasks["demo-teacher"] = trained = c.demo_teacher(**common, prepared=prepared.outputs["prepared"])
             teacher = {"teacher": trained.outputs["teacher"]}
         else:
-            prepared = c.prepare(**common, shard_urls=shard_urls, dvc_repo=dvc_repo, dvc_rev=dvc_rev,
-                                 dvc_path=dvc_path)
+            tasks["prepare"] = prepared = c.prepare(**common, shard_urls=shard_urls, dvc_repo=dvc_repo,
+                                                    dvc_rev=dvc_rev, dvc_path=dvc_path)
         with dsl.ParallelFor(runs) as run:
-            distilled = c.distill(**common, teacher_model=teacher_model, run_name=run.name, method=run.method,
-                                  num_phases=run.num_phases, max_steps=max_steps, num_gpus=r.gpus if r else 0,
-                                  work_root=work_root, prepared=prepared.outputs["prepared"], **teacher)
-            if r is not None:
-                _cluster(distilled, r, gpu=True)
-        evaluated = c.evaluate(**common, teacher_model=teacher_model, eval_steps=eval_steps, work_root=work_root,
-                               prepared=prepared.outputs["prepared"],
-                               loras=dsl.Collected(distilled.outputs["lora"]), **teacher)
-        registered = c.register(**common, method=register_method, num_phases=register_phases,
-                                loras=dsl.Collected(distilled.outputs["lora"]),
-                                results=evaluated.outputs["results"])
+            tasks["distill"] = distilled = c.distill(
+                **common, **run_scope, teacher_model=teacher_model, run_name=run.name, method=run.method,
+                num_phases=run.num_phases, max_steps=max_steps, num_gpus=r.gpus if r else 0,
+                prepared=prepared.outputs["prepared"], **teacher)
+        tasks["evaluate"] = evaluated = c.evaluate(**common, **run_scope, teacher_model=teacher_model,
+                                                   eval_steps=eval_steps, prepared=prepared.outputs["prepared"],
+                                                   loras=dsl.Collected(distilled.outputs["lora"]), **teacher)
+        tasks["register"] = c.register(**common, method=register_method, num_phases=register_phases,
+                                       loras=dsl.Collected(distilled.outputs["lora"]),
+                                       results=evaluated.outputs["results"])
         if r is not None:
-            for task in [*tasks, prepared, evaluated, registered]:
-                _cluster(task, r, gpu=False)
+            for task_name, task in tasks.items():
+                apply(task, r, task_name)
 
     return pipeline
 
@@ -138,10 +106,19 @@ def _parser(name: str, default_params: Path) -> argparse.ArgumentParser:
     return parser
 
 
-def _resources(args) -> Resources:
+def _resources(args, params_text: str) -> Resources:
+    from pcm.config import config_from_yaml
+
     selector = dict(item.split("=", 1) for item in args.node_selector)
+    grace = config_from_yaml(params_text).pipeline.termination_grace_seconds
     return Resources(gpus=args.gpus, node_selector=selector, data_pvc=args.data_pvc, work_pvc=args.work_pvc,
-                     secret=args.secret)
+                     secret=args.secret, grace_seconds=grace)
+
+
+def spec_patch_path(package: str | Path) -> Path:
+    """Where `compile` writes the cluster's COMPILED_PIPELINE_SPEC_PATCH beside the package: NAME.spec-patch.json."""
+    package = Path(package)
+    return package.with_name(package.stem + ".spec-patch.json")
 
 
 def _arguments(items: list[str]) -> dict:
@@ -164,12 +141,16 @@ def main(name: str, demo: bool, default_params: Path, teacher_model: str, argv: 
         run = make_pipeline(name, demo, params_text, teacher_model, None)(**_arguments(args.arg))
         print(json.dumps({"state": str(getattr(run, "state", "SUCCEEDED")), "root": args.root}))
         return 0
-    pipeline = make_pipeline(name, demo, params_text, teacher_model, _resources(args))
+    resources = _resources(args, params_text)
+    pipeline = make_pipeline(name, demo, params_text, teacher_model, resources)
     if args.command == "compile":
         from kfp import compiler
 
         compiler.Compiler().compile(pipeline, args.output)
+        # the pods' grace period and fsGroup: KFP's package has no field for them (cluster.py)
+        spec_patch_path(args.output).write_text(json.dumps(spec_patch(resources), indent=2) + "\n")
         print(args.output)
+        print(spec_patch_path(args.output))
         return 0
     import kfp
 
