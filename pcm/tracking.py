@@ -1,10 +1,12 @@
-"""MLflow tracking of the stages, built so that tracking can never stop the work it records.
+"""MLflow tracking of the stages, built so that tracking can never stop or slow the work it records.
 
-Every call (params, tags, metrics by step, artifacts, the run's end) is queued and sent in order when the store
-answers. When it does not, the queue is kept and retried with exponential backoff (at most every 30 s, and only
-when the stage logs again, so training never waits on it); after `tracking.retry_seconds` of failure the run goes
-on untracked, and what was not sent is written to <stage output>/mlflow_unlogged.json with an error saying so.
-MLflow's own HTTP retries are turned off (they would block a training step for minutes).
+Every call (params, tags, metrics by step, artifacts, the run's end) only queues a record; a background thread
+sends them in order (pcm/tracking_queue.py), so a training step never waits on the store, even one that hangs.
+A failing store is retried with exponential backoff; after `tracking.retry_seconds` of failure the run goes on
+untracked, and what was not sent is written to <stage output>/mlflow_unlogged.json with an error saying so. Records
+that find the queue full (`tracking.queue_size`) go to that file too, counted. At the stage's end the tracker waits
+at most `tracking.close_timeout` for the store, then saves what is left there. MLflow's own HTTP retries are turned
+off (they would hold a request for minutes).
 
 The store: `tracking.uri`, else $MLFLOW_TRACKING_URI, else the embedded SQLite database mlflow/mlflow.db with its
 artifacts in mlflow/artifacts (no server; browse with `mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db`).
@@ -24,15 +26,15 @@ from pathlib import Path
 
 import yaml
 
-from pcm import __version__
+from pcm import __version__, atomic
 from pcm.config import Config, TrackingConfig, config_to_dict
 from pcm.data.digest import digest
+from pcm.tracking_queue import Outbox, UnloggedFile
 
 log = logging.getLogger(__name__)
 RUN_FILE = "mlflow_run.json"
 UNLOGGED_FILE = "mlflow_unlogged.json"
 EMBEDDED_DB = "mlflow/mlflow.db"
-MAX_BACKOFF = 30.0  # seconds between retries of a failing store, at most
 
 
 def tracking_uri(t: TrackingConfig) -> str:
@@ -72,16 +74,21 @@ def _git(*args: str) -> str | None:
 
 
 def data_hash(cfg: Config) -> str:
-    """'dvc:<md5>' of data.output_dir as dvc.lock records it, else 'index:<digest of its index.json>'."""
+    """'dvc:<md5>' of data.output_dir as dvc.lock records it, else 'index:<digest of its index.json>'; 'unknown'
+    when either file is unreadable (a lineage tag is not worth failing a stage)."""
     lock, target = Path("dvc.lock"), Path(cfg.data.output_dir).as_posix().rstrip("/")
-    if lock.is_file():
-        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-        for stage in stages.values():
-            for out in stage.get("outs", []):
-                if out.get("path", "").rstrip("/") == target and out.get("md5"):
-                    return f"dvc:{out['md5']}"
-    index = Path(cfg.data.output_dir) / "index.json"
-    return f"index:{digest([index.read_text()])}" if index.is_file() else "none"
+    try:
+        if lock.is_file():
+            stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+            for stage in stages.values():
+                for out in stage.get("outs", []):
+                    if out.get("path", "").rstrip("/") == target and out.get("md5"):
+                        return f"dvc:{out['md5']}"
+        index = Path(cfg.data.output_dir) / "index.json"
+        return f"index:{digest([index.read_text()])}" if index.is_file() else "none"
+    except (OSError, ValueError, yaml.YAMLError, AttributeError, TypeError) as err:
+        log.warning("no data hash for the lineage tags (%s: %s)", type(err).__name__, err)
+        return "unknown"
 
 
 def lineage_tags(cfg: Config, stage: str) -> dict[str, str]:
@@ -97,27 +104,67 @@ def _chunks(items: list, size: int):
         yield items[start:start + size]
 
 
+_HTTP_SET: dict[str, str] = {}  # what http_settings itself put into the environment
+
+
+def http_settings(t: TrackingConfig) -> None:
+    """MLflow's HTTP client as tracking wants it: no retries of its own (they would hold a request for minutes) and
+    t.request_timeout per request. Values a user set in the environment win; values set here follow the config."""
+    for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"),
+                        ("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(t.request_timeout))))):
+        if os.environ.get(name) in (None, _HTTP_SET.get(name)):
+            os.environ[name] = _HTTP_SET[name] = value
+
+
+def read_run_file(path: Path, uri: str) -> str | None:
+    """The run id in a stage's mlflow_run.json when it names a run in the store at uri; None (and a warning when
+    the file is unreadable) otherwise, so that a damaged file starts a new run instead of failing the stage."""
+    if not path.is_file():
+        return None
+    try:
+        known = json.loads(path.read_text())
+        if not isinstance(known, dict) or not isinstance(known.get("run_id"), str) or not known["run_id"]:
+            raise ValueError("no run_id string in it")
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        log.warning("%s is unreadable (%s); this stage starts a new MLflow run", path, err)
+        return None
+    return known["run_id"] if known.get("tracking_uri") == uri else None
+
+
+def _numbers(metrics: dict) -> dict[str, float]:
+    """The values that are numbers, as floats (anything else is not a metric and is left out, not raised)."""
+    out = {}
+    for key, value in metrics.items():
+        try:
+            out[str(key)] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
 class Tracker:
-    """One MLflow run of one stage; a metrics Sink for the training loop (log(step, metrics))."""
+    """One MLflow run of one stage; a metrics Sink for the training loop (log(step, metrics)).
+
+    Every method returns at once: records go to a pcm.tracking_queue.Outbox, whose thread talks to the store."""
 
     def __init__(self, cfg: Config, stage: str, out_dir: str | Path, resume: bool = False, client=None):
         self.t, self.stage, self.out = cfg.tracking, stage, Path(out_dir)
         self.uri = tracking_uri(self.t)
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(self.t.request_timeout))))
-        self._client, self.run_id = client, None
-        previous = self.out / RUN_FILE
-        if resume and previous.is_file():
-            known = json.loads(previous.read_text())
-            self.run_id = known["run_id"] if known.get("tracking_uri") == self.uri else None
-        self.pending: list[tuple] = [("tags", lineage_tags(cfg, stage)), ("params", flat_params(config_to_dict(cfg)))]
-        self.failing_since: float | None = None
-        self.next_try, self.failures, self.given_up, self.error = 0.0, 0, False, None
+        http_settings(self.t)
+        self._client = client
+        self.run_id = read_run_file(self.out / RUN_FILE, self.uri) if resume else None
+        self.unlogged = UnloggedFile(self.out / UNLOGGED_FILE, lambda: {"tracking_uri": self.uri,
+                                                                        "run_id": self.run_id, "stage": stage})
+        self.outbox = Outbox(self._send_all, self.unlogged, self.t.retry_seconds, self.t.queue_size, self.uri)
+        self.outbox.put(("tags", lineage_tags(cfg, stage)))
+        self.outbox.put(("params", flat_params(config_to_dict(cfg))))
 
     # -- what stages and the loop call ------------------------------------------------------------------------------
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.pending.append(("metrics", step, {k: float(v) for k, v in metrics.items()}))
-        self.flush()
+        """Queues one step's metrics; microseconds, whatever the store does. The first call starts delivery (not
+        before: a stage may replace its output folder before it logs, and the run file is written there)."""
+        self.outbox.put(("metrics", int(step), _numbers(metrics)))
+        self.outbox.start()
 
     def log_result(self, result: dict, prefix: str = "") -> None:
         """Every finite number in a stage's (nested) result dict as a metric at step 0."""
@@ -128,41 +175,37 @@ class Tracker:
             elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
                 flat[f"{prefix}{key}"] = float(value)
         if flat:
-            self.pending.append(("metrics", 0, flat))
+            self.outbox.put(("metrics", 0, flat))
 
     def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if Path(path).exists():
-            self.pending.append(("artifact", str(path), artifact_path))
+            self.outbox.put(("artifact", str(path), artifact_path))
 
     def close(self, status: str = "FINISHED") -> str | None:
-        """Sends what is queued (one more try) and ends the run; returns the run id (None if it never started)."""
-        self.pending.append(("end", status))
-        self.flush(force=True)
-        if self.pending:  # still failing, or given up earlier and more came since: saved, not dropped
-            self._give_up()
+        """Delivers what is queued and ends the run, waiting at most tracking.close_timeout; what is left is saved
+        to mlflow_unlogged.json. Returns the run id (None if the run never started). Never raises."""
+        try:
+            self.outbox.close(("end", status), self.t.close_timeout)
+            counts = self.unlogged.counts
+            if counts:
+                log.error("%s stage: MLflow at %s did not get %d metric record(s), %d artifact(s)%s%s; all saved in "
+                          "%s", self.stage, self.uri, counts["metrics"], counts["artifact"],
+                          ", params and tags" if counts["params"] or counts["tags"] else "",
+                          ", the run's end" if counts["end"] else "", self.unlogged.path)
+        except Exception:  # tracking never fails the stage it records
+            log.exception("closing the MLflow run of the %s stage failed", self.stage)
         return self.run_id
 
-    # -- delivery ---------------------------------------------------------------------------------------------------
-    def flush(self, force: bool = False) -> None:
-        if self.given_up or (not force and time.monotonic() < self.next_try):
-            return
-        try:
-            client = self._connect()
-            while self.pending:
-                self._send(client, self.pending[0])
-                self.pending.pop(0)
-            self.failing_since, self.failures = None, 0
-        except Exception as err:  # any store failure (network, HTTP, database) is buffered, never raised
-            now = time.monotonic()
-            if self.failing_since is None:
-                self.failing_since = now
-                log.warning("MLflow at %s failed (%s: %s); buffering and retrying for up to %.0f s", self.uri,
-                            type(err).__name__, err, self.t.retry_seconds)
-            self.failures, self.error = self.failures + 1, err
-            self.next_try = now + min(2.0 ** self.failures, MAX_BACKOFF)
-            if now - self.failing_since >= self.t.retry_seconds:
-                self._give_up()
+    @property
+    def given_up(self) -> bool:
+        return self.outbox.given_up
 
+    @property
+    def spilled(self) -> int:
+        """Records that found the delivery queue full (saved to mlflow_unlogged.json instead)."""
+        return self.outbox.spilled
+
+    # -- delivery (on the outbox's thread) --------------------------------------------------------------------------
     def _connect(self):
         from mlflow import MlflowClient
 
@@ -172,15 +215,36 @@ class Tracker:
             self._client = MlflowClient(self.uri)
         if self.run_id is None:
             experiment_id = experiment(self._client, self.t, self.uri)
-            run = self._client.create_run(experiment_id, run_name=self.stage)
-            self.run_id = run.info.run_id
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / RUN_FILE).write_text(json.dumps({"run_id": self.run_id, "experiment_id": experiment_id,
-                                                         "tracking_uri": self.uri, "stage": self.stage}) + "\n")
+            self.run_id = self._client.create_run(experiment_id, run_name=self.stage).info.run_id
+            self._write_run_file(experiment_id)
         return self._client
 
+    def _write_run_file(self, experiment_id: str) -> None:
+        """mlflow_run.json names the run for pipelines and resumes; failing to write it (a full disk) costs only
+        that, so it is logged, not treated as a store failure (which would retry and create runs)."""
+        info = {"run_id": self.run_id, "experiment_id": experiment_id, "tracking_uri": self.uri, "stage": self.stage}
+        try:
+            atomic.write_text(self.out / RUN_FILE, json.dumps(info) + "\n")
+        except OSError as err:
+            log.error("could not write %s (%s); the %s stage logs to MLflow run %s, but a resumed stage will start "
+                      "a new run", self.out / RUN_FILE, err, self.stage, self.run_id)
+
+    def _send_all(self, records: list[tuple]) -> None:
+        """Sends records in order (the outbox passes either one record or a run of metric records)."""
+        from mlflow.entities import Metric
+
+        client = self._connect()
+        if all(r[0] == "metrics" for r in records):
+            stamp = int(time.time() * 1000)
+            metrics = [Metric(k, v, stamp, step) for _, step, values in records for k, v in values.items()]
+            for part in _chunks(metrics, 1000):
+                client.log_batch(self.run_id, metrics=part)
+            return
+        for record in records:
+            self._send(client, record)
+
     def _send(self, client, op: tuple) -> None:
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Param, RunTag
 
         kind, run = op[0], self.run_id
         if kind == "tags":
@@ -191,29 +255,13 @@ class Tracker:
             existing = client.get_run(run).data.params  # a resumed run already has them: params are write-once
             for part in _chunks([p for p in params if p.key not in existing], 100):
                 client.log_batch(run, params=part)
-        elif kind == "metrics":
-            stamp = int(time.time() * 1000)
-            client.log_batch(run, metrics=[Metric(k, v, stamp, op[1]) for k, v in op[2].items()])
         elif kind == "artifact":
             path = Path(op[1])
             (client.log_artifacts if path.is_dir() else client.log_artifact)(run, str(path), op[2])
         elif kind == "end":
             client.set_terminated(run, op[1])
-
-    def _give_up(self) -> None:
-        self.given_up = True
-        lost = self.pending
-        counts = {kind: sum(1 for op in lost if op[0] == kind) for kind in ("tags", "params", "metrics", "artifact")}
-        self.out.mkdir(parents=True, exist_ok=True)
-        path = self.out / UNLOGGED_FILE
-        previous = json.loads(path.read_text()) if path.is_file() else []
-        path.write_text(json.dumps(previous + [{"tracking_uri": self.uri, "run_id": self.run_id, "stage": self.stage,
-                                                "error": repr(self.error), "pending": [list(op) for op in lost]}],
-                                   indent=1) + "\n")
-        log.error("MLflow at %s kept failing (%s); the %s stage goes on untracked. Not logged: %d metric records, "
-                  "%d artifact(s)%s; all saved in %s", self.uri, self.error, self.stage, counts["metrics"],
-                  counts["artifact"], ", params and tags" if counts["params"] or counts["tags"] else "", path)
-        self.pending = []
+        else:
+            raise ValueError(f"unknown tracking record {kind!r}; allowed: tags, params, metrics, artifact, end")
 
 
 @contextmanager

@@ -19,10 +19,16 @@ class TrackingConfig:
     retry_seconds: float = 120.0  # how long a failing store is retried (with backoff) before the run goes on
     #   without it and writes what was not logged to <stage output>/mlflow_unlogged.json
     request_timeout: float = 10.0  # seconds per HTTP request to a tracking server
+    close_timeout: float = 30.0  # seconds a stage's end waits for records still being sent; what is left then is
+    #   written to <stage output>/mlflow_unlogged.json (a store that is failing gets one more try, not the wait)
+    queue_size: int = 10000  # records waiting for delivery, at most; more (a store slower than the training loop)
+    #   are written to mlflow_unlogged.json instead, counted and reported, never blocking a step
 
     def __post_init__(self):
         require(self.retry_seconds >= 0, f"tracking.retry_seconds={self.retry_seconds}: must be >= 0")
         require(self.request_timeout > 0, f"tracking.request_timeout={self.request_timeout}: must be > 0")
+        require(self.close_timeout >= 0, f"tracking.close_timeout={self.close_timeout}: must be >= 0")
+        require(self.queue_size >= 10, f"tracking.queue_size={self.queue_size}: must be >= 10 (records)")
         require(bool(self.experiment), "tracking.experiment must not be empty")
 
 
