@@ -19,12 +19,17 @@ class DataConfig:
     max_aspect: float = 4.0
     min_caption_chars: int = 1  # skip captions shorter than this after stripping whitespace
     max_caption_chars: int = 1000  # skip captions longer than this (characters)
-    require_json: dict[str, str] = field(default_factory=dict)  # KEY.json fields that must equal these
+    require_json: dict[str, str] = field(default_factory=dict)  # KEY.json fields that must equal these; applies to
+    #   samples that have a KEY.json (a folder of image + caption files has none: kept, counted as samples_without_json)
     shard_size: int = 1000  # samples per prepared shard (the last one may hold fewer)
-    num_workers: int = 0  # processes working on input shards in parallel; 0 = one per CPU core
+    num_workers: int = 0  # processes working on input shards in parallel; 0 = one per CPU the container may use
+    #   (its cgroup CPU quota and affinity mask, not the node's core count)
     image_format: Literal["jpg", "png"] = "jpg"  # encoding of prepared images (png is lossless)
     jpeg_quality: int = 95  # when image_format = jpg
     max_pixels: int = 89_478_485  # decompression-bomb guard: larger images are skipped unread (PIL's default)
+    max_member_bytes: int = 64 * 2**20  # bytes of an image or video file (from its tar header or file size,
+    #   before reading it): larger ones are skipped unread as too_large; bounds each worker's memory
+    max_text_bytes: int = 2**20  # bytes of a caption (txt) or metadata (json) file; larger ones: too_large, unread
     allow_pipe_urls: bool = False  # pipe: URLs run shell commands; refused unless set explicitly
     modality: Literal["image", "video"] = "image"  # what a prepared folder holds: images (KEY.jpg|png) or clips
     #   (KEY.mp4|webm|mov|mkv|avi -> KEY.frames.npy, (F, H, W, 3) uint8); samples of the other kind are skipped
@@ -45,6 +50,11 @@ class DataConfig:
         require(self.num_workers >= 0, f"data.num_workers={self.num_workers}: must be >= 0 (0 = all cores)")
         require(1 <= self.jpeg_quality <= 100, f"data.jpeg_quality={self.jpeg_quality}: must be in 1..100")
         require(self.max_pixels >= 1, f"data.max_pixels={self.max_pixels}: must be >= 1")
+        require(self.max_member_bytes >= 1,
+                 f"data.max_member_bytes={self.max_member_bytes}: must be >= 1 (bytes; default 64 MiB = 67108864)")
+        require(1 <= self.max_text_bytes <= self.max_member_bytes,
+                 f"data.max_text_bytes={self.max_text_bytes}: must be in [1, data.max_member_bytes="
+                 f"{self.max_member_bytes}] (captions and json are far smaller than images; default 1 MiB = 1048576)")
         require(self.min_side >= 1, f"data.min_side={self.min_side}: must be >= 1 pixel")
         require(bool(self.output_dir), "data.output_dir must not be empty")
         require(self.modality in ("image", "video"), f"data.modality={self.modality!r}: allowed values: image, video")

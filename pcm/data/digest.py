@@ -24,3 +24,18 @@ def digest(values, files: list[Path] = ()) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()[:16]
+
+
+def prepared_digest(folder: str | Path) -> str | None:
+    """16 hex digits identifying the data of a prepared-shards folder, None without its index.json: the shard list
+    with the sha256 of each shard that `pcm prepare` records (an index written before it did: names, sample counts
+    and file sizes), so identical data gives the same digest and any other data another."""
+    index = Path(folder) / "index.json"
+    if not index.is_file():
+        return None
+    shards = json.loads(index.read_text())["shards"]
+    return digest([[s["name"], s["samples"], s.get("sha256") or _size(Path(folder) / s["name"])] for s in shards])
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else -1

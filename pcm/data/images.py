@@ -1,6 +1,7 @@
-"""Image decoding with guards, mode conversion to RGB, resize + crop, and deterministic encoding."""
+"""Image decoding with guards, mode conversion to RGB, EXIF orientation, resize + crop, and deterministic encoding."""
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -19,6 +20,16 @@ class SkipSample(Exception):
 # Modes turned into RGB, and how: the alpha ones are composited on white, 16/32-bit ones rescaled to 8 bits.
 CONVERTIBLE_MODES = ("RGB", "L", "1", "P", "PA", "LA", "RGBA", "RGBa", "La", "CMYK", "YCbCr", "LAB", "HSV",
                      "I", "I;16", "I;16B", "I;16L", "I;16N")
+# Formats we train on, as PIL names them (MPO: the multi-picture JPEG many phones write). Others (GIF: 256 colours
+# and animation; TIFF, BMP: scans and screenshots, often 16-bit or layered) are skipped as unsupported_format, also
+# when they hide behind a .jpg name.
+TRAINED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")
+UNSUPPORTED_EXTENSIONS = ("gif", "tif", "tiff", "bmp", "heic", "heif", "avif", "jxl", "jp2", "ico", "svg", "psd")
+EXIF_ORIENTATION = 0x0112
+# EXIF orientation -> the transpose that makes the pixels upright (ImageOps.exif_transpose's table); 5..8 swap sides
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -33,6 +44,8 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise SkipSample("too_large", str(err)) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise SkipSample("unreadable_image", str(err)) from err
+    if image.format not in TRAINED_FORMATS:
+        raise SkipSample("unsupported_format", f"{image.format}; allowed: {', '.join(TRAINED_FORMATS)}")
     width, height = image.size
     if width * height > max_pixels:
         raise SkipSample("too_large", f"{width}x{height} > data.max_pixels={max_pixels}")
@@ -43,7 +56,7 @@ def load_rgb(image: Image.Image, resolution: int) -> tuple[Image.Image, str | No
     """(decoded RGB image, source mode if converted else None). JPEGs are decoded at a reduced DCT scale
     whose shorter side stays >= 2 * resolution, so the Lanczos resize that follows keeps full quality."""
     width, height = image.size
-    if image.format == "JPEG" and min(width, height) > 4 * resolution:
+    if image.format in ("JPEG", "MPO") and min(width, height) > 4 * resolution:
         factor = 2 * resolution / min(width, height)
         image.draft(image.mode, (int(width * factor) + 1, int(height * factor) + 1))
     try:
@@ -58,6 +71,26 @@ def load_rgb(image: Image.Image, resolution: int) -> tuple[Image.Image, str | No
     if mode not in CONVERTIBLE_MODES:
         raise SkipSample("unsupported_mode", mode)
     return to_rgb(image), mode
+
+
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1..8) of an opened image; 1 (as stored) when absent, out of range or unreadable:
+    a broken EXIF block must not cost the picture."""
+    try:
+        value = image.getexif().get(EXIF_ORIENTATION, 1)
+    except (OSError, ValueError, SyntaxError, struct.error, KeyError, TypeError):
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def upright_size(size: tuple[int, int], turn: int) -> tuple[int, int]:
+    """(width, height) of the image as it is meant to be seen: orientations 5..8 turn it by 90 degrees."""
+    return (size[1], size[0]) if turn >= 5 else size
+
+
+def upright(image: Image.Image, turn: int) -> Image.Image:
+    """The pixels as the camera meant them (a phone stores portraits sideways with orientation 6 or 8)."""
+    return image.transpose(_UPRIGHT[turn]) if turn in _UPRIGHT else image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

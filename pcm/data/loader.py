@@ -6,10 +6,13 @@ Plan of an epoch e (the same on every rank and worker, from (seed, e) alone):
      split="samples" every rank reads all shards and takes its slice of each global batch (the same samples
      whatever the number of ranks, at W times the reading)
   3. a seeded shuffle buffer mixes the record stream; records are cut into batches
-  4. batch j goes to DataLoader worker j mod num_workers: the main process receives batches 0, 1, 2, ...
-     exactly as a single process would (torch's in-order round robin), whatever the worker count
+  4. the g-th batch since the start position (counted across epochs) goes to DataLoader worker g mod num_workers:
+     the main process receives the batches exactly as a single process would (torch's in-order round robin),
+     whatever the worker count and however many batches an epoch holds
 A position (epoch, batch) names the next batch; a resumed loader replays the record stream up to it (reading,
-not decoding) and continues with the next samples. Corrupt samples are skipped and counted per batch.
+not decoding) and continues with the next samples. Corrupt samples are skipped and counted in the next batch's
+`skipped`; an epoch in which none of a worker's records decode raises EmptyEpochError (endless epochs of nothing
+would spin forever, and the other DDP ranks would wait on this one).
 """
 
 import io
@@ -29,6 +32,10 @@ from pcm.data.video import FRAMES_KEY, decode_frames_npy
 
 IMAGE_KEYS = ("jpg", "png")
 LATENT_KEY = "latent.npy"  # written by pcm.data.precompute in place of the image
+
+
+class EmptyEpochError(RuntimeError):
+    """An epoch yielded no decodable record: the prepared shards are corrupt or not prepared data."""
 
 
 class Position(NamedTuple):
@@ -127,17 +134,35 @@ class PreparedShards(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         epoch, first = self.start.epoch, self.start.batch
+        turn, dropped = 0, 0  # batches since the start over all workers; records of wholly corrupt batches
         while True:
-            for j, records in self._batches(epoch):
-                if j >= first and j % num_workers == worker:
-                    batch = decode_batch(records)
-                    if batch is not None:
-                        yield {**batch, "position": Position(epoch, j)}
+            records = decoded = 0
+            errors: list[str] = []
+            for j, batch_records in self._batches(epoch):
+                if j < first:
+                    continue
+                turn += 1
+                if (turn - 1) % num_workers != worker:
+                    continue
+                records += len(batch_records)
+                batch = decode_batch(batch_records, errors)
+                if batch is None:
+                    dropped += len(batch_records)
+                    continue
+                decoded += 1
+                yield {**batch, "skipped": batch["skipped"] + dropped, "position": Position(epoch, j)}
+                dropped = 0
+            if records and not decoded:
+                raise EmptyEpochError(
+                    f"epoch {epoch}: none of the {records} records that rank {self.rank} (loader worker {worker}) read "
+                    f"from {self.folder} could be decoded (first: {errors[0] if errors else 'unknown'}); re-run "
+                    "`pcm prepare` for this data.output_dir")
             epoch, first = epoch + 1, 0
 
 
-def decode_batch(records: list[RawSample]) -> dict | None:
-    """Tensors of a list of prepared records; corrupt ones are skipped and counted (None if all are)."""
+def decode_batch(records: list[RawSample], errors: list[str] | None = None) -> dict | None:
+    """Tensors of a list of prepared records; corrupt ones are skipped and counted (None if all are), and the
+    first few of their errors appended to errors."""
     pixels, captions, sizes, crops, keys = [], [], [], [], []
     for record in records:
         try:
@@ -154,7 +179,9 @@ def decode_batch(records: list[RawSample]) -> dict | None:
             caption = record.files["txt"].decode("utf-8")
             size = (meta["original_height"], meta["original_width"])
             crop = (meta["crop_top"], meta["crop_left"])
-        except (StopIteration, KeyError, OSError, ValueError, SyntaxError):
+        except (StopIteration, KeyError, OSError, ValueError, SyntaxError) as err:
+            if errors is not None and len(errors) < 3:
+                errors.append(f"{record.key or '?'}: {type(err).__name__}: {err}")
             continue
         if isinstance(image, torch.Tensor):
             pixels.append(image)
