@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from worlds import tiny_world  # noqa: E402
 
 STEPS, KEEP = 5, 2
-TRIALS = 36  # kills at one point each: every distinct point once, the rest drawn at random
+TRIALS = 36  # at least: each distinct point of a save is hit once (65 of them), random ones fill up to TRIALS
 TWICE = 8  # of those, trials whose resumed run is killed again (inside the repair of the first kill's leftovers)
 SEED = 15
 PUBLISH = "replace .tmp-step -> step"  # the rename that makes a checkpoint visible under its own name
@@ -136,23 +136,39 @@ def resumed(folder: Path) -> tuple[dict[str, torch.Tensor], int, list[str]]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The uninterrupted result, a folder whose newest checkpoint (step 3) has a truncated optimizer file, and the
-    labelled file operations of an uninterrupted run from each starting point ('fresh', 'broken newest')."""
+    """The uninterrupted result; where a killed run starts (SCENARIOS, the folders filled in); the labelled file
+    operations of an uninterrupted run from each start."""
     root = tmp_path_factory.mktemp("faults")
     reference, _ = train(root / "reference" / "checkpoints", None)
     broken = root / "broken" / "checkpoints"
     train(broken, None, steps=3)
     (broken / "step-000003" / "optimizer.safetensors").write_bytes(b"\0" * 100)  # a full disk cut it short
+    sources = {"fresh": None, "broken newest": broken, "rerun": root / "reference" / "checkpoints"}
+    starts = {name: (sources[name], *SCENARIOS[name]) for name in SCENARIOS}
     logs = {}
-    for scenario in ("fresh", "broken newest"):
-        folder = root / scenario / "checkpoints"
-        if scenario == "broken newest":
-            shutil.copytree(broken, folder)
-        logs[scenario] = []
+    for name, (source, resume, resumed_at, _) in starts.items():
+        folder = start_folder(root / name, source)
+        logs[name] = []
         with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings(record=True):
-            count_file_operations(logs[scenario], patch=mp.setattr)
-            assert train(folder)[1] == (2 if scenario == "broken newest" else 0)
-    return reference, broken, logs
+            count_file_operations(logs[name], patch=mp.setattr)
+            assert train(folder, resume_arg(folder, resume))[1] == resumed_at
+    return reference, starts, logs
+
+
+# scenario -> (resume, the step it resumes from, the newest complete step before it runs)
+SCENARIOS = {"fresh": ("latest", 0, 0),  # an empty folder
+             "broken newest": ("latest", 2, 2),  # steps 2 and 3, step 3's optimizer file truncated
+             "rerun": ("step-000004", 4, 5)}  # a finished run's steps 4 and 5, rerun from 4: step 5 is saved again
+
+
+def start_folder(root: Path, source: Path | None) -> Path:
+    folder = root / "checkpoints"
+    shutil.copytree(source, folder) if source else folder.mkdir(parents=True)
+    return folder
+
+
+def resume_arg(folder: Path, resume: str) -> str:
+    return resume if resume == "latest" else str(folder / resume)
 
 
 def between(log: list[str], k: int) -> tuple[str, str]:
@@ -160,14 +176,14 @@ def between(log: list[str], k: int) -> tuple[str, str]:
     return log[k - 2] if k > 1 else "(start)", log[k - 1]
 
 
-def plan(logs: dict[str, list[str]]) -> tuple[list[tuple[str, int]], set[tuple[str, str]]]:
-    """(scenario, k) of each trial, and every point there is. Each point is hit once, at a random one of its
-    places; random places fill up to TRIALS."""
+def plan(logs: dict[str, list[str]]) -> tuple[list[tuple[str, int]], set[tuple[str, str, str]]]:
+    """(scenario, k) of each trial, and every point there is: (scenario, the operations a kill falls between). Each
+    point is hit once, at a random one of its places; random places fill up to TRIALS."""
     rng = random.Random(SEED)
-    places: dict[tuple[str, str], list[tuple[str, int]]] = {}
+    places: dict[tuple[str, str, str], list[tuple[str, int]]] = {}
     for scenario, log in logs.items():
         for k in range(1, len(log) + 1):
-            places.setdefault(between(log, k), []).append((scenario, k))
+            places.setdefault((scenario, *between(log, k)), []).append((scenario, k))
     trials = {rng.choice(where) for where in places.values()}
     everywhere = [place for where in places.values() for place in where]
     while len(trials) < TRIALS:
@@ -178,34 +194,52 @@ def plan(logs: dict[str, list[str]]) -> tuple[list[tuple[str, int]], set[tuple[s
 def test_the_trials_cover_every_point_of_a_save(runs):
     _, _, logs = runs
     trials, points = plan(logs)
-    covered = {between(logs[scenario], k) for scenario, k in trials}
+    covered = {(scenario, *between(logs[scenario], k)) for scenario, k in trials}
     assert len(trials) >= 30 and covered == points
-    ops = {op for _, op in covered}
+    ops = {op for _, _, op in covered}
     assert {"save_file lora.safetensors", "save_file optimizer.safetensors", "save_file rng.safetensors",
             "write_text state.json", "write_text COMPLETE", "fsync .tmp-step", PUBLISH, "replace step -> .old-step",
             "replace .old-step -> .del-step", "replace step -> .del-step", "rmtree .del-step", "unlink"} <= ops
-    assert ("replace step -> .old-step", PUBLISH) in covered  # the old version moved aside, the new not yet in
+    # the old version moved aside, the new one not yet in: a complete step 5 is only beside its name
+    assert ("rerun", "replace step -> .old-step", PUBLISH) in covered
     print(f"{len(trials)} trials over {len(points)} points:", *sorted(points), sep="\n  ")
 
 
+def test_files_and_folder_are_fsynced_before_the_rename_and_nothing_is_deleted_before_it(runs):
+    _, _, logs = runs
+    for name, log in logs.items():
+        ends = [k for k, op in enumerate(log) if op == PUBLISH]
+        assert len(ends) == STEPS - SCENARIOS[name][1]
+        for previous, end in zip([-1, *ends], ends, strict=False):
+            begin = log.index("save_file lora.safetensors", previous + 1)  # after the last save's pruning
+            save = log[begin:end]  # this save's operations up to the rename that publishes it
+            written = [op.split()[1] for op in save if op.startswith(("save_file", "write_text"))]
+            assert written[-1] == "COMPLETE"
+            synced = [op.split()[1] for op in save if op.startswith("fsync")]
+            assert sorted(synced[:-1]) == sorted(written) and synced[-1] == ".tmp-step"
+            assert log[end + 1] == "fsync checkpoints"
+            # a step saved again is moved aside, not deleted, until its new version has its name
+            assert [op for op in save if op.startswith(("rmtree", "unlink")) or "-> .del" in op] == []
+        assert ("replace step -> .old-step" in log) == (name != "fresh")
+
+
 def test_a_kill_anywhere_in_a_save_resumes_to_the_uninterrupted_result(runs, tmp_path):
-    reference, broken, logs = runs
+    reference, starts, logs = runs
     trials, _ = plan(logs)
-    rng, again, starts = random.Random(SEED), [], []
+    rng, again, starts_at = random.Random(SEED), [], []
     for i, (scenario, k) in enumerate(trials):
-        folder = tmp_path / f"trial-{i:02d}" / "checkpoints"
-        if scenario == "broken newest":
-            shutil.copytree(broken, folder)
-        # what the kill must not lose: the newest checkpoint complete before it
-        floor = (2 if scenario == "broken newest" else 0) + logs[scenario][:k - 1].count(PUBLISH)
-        status = in_child(lambda k=k, folder=folder: (count_file_operations([], killed_at(k)), train(folder)))
+        source, resume, resumed_at, saved = starts[scenario]
+        folder = start_folder(tmp_path / f"trial-{i:02d}", source)
+        resume = resume_arg(folder, resume)
+        # what the kill must not lose: the newest checkpoint that was complete before it
+        floor = max(saved, resumed_at + logs[scenario][:k - 1].count(PUBLISH))
+        status = in_child(lambda k=k, f=folder, r=resume: (count_file_operations([], killed_at(k)), train(f, r)))
         assert status == -signal.SIGKILL, f"trial {i} ({scenario}, k={k}) was not killed: status {status}"
-        if i < TWICE:  # the resumed run dies too, early: while it repairs the leftovers or in its first save
-            k2 = rng.randint(1, 12)
-            again.append(in_child(lambda k2=k2, folder=folder: (count_file_operations([], killed_at(k2)),
-                                                                train(folder))))
+        if floor <= STEPS - 2 and len(again) < TWICE:  # so the resumed run must save; it dies too, early: while it
+            k2 = rng.randint(1, 12)                      # repairs the leftovers or inside its first save
+            again.append(in_child(lambda k2=k2, f=folder: (count_file_operations([], killed_at(k2)), train(f))))
         final, start, _ = resumed(folder)
-        starts.append(start)
+        starts_at.append(start)
         assert start >= floor, f"trial {i} ({scenario}, k={k}): resumed from step {start}, step {floor} was saved"
         for name, want in reference.items():
             torch.testing.assert_close(final[name], want, rtol=0, atol=1e-6, msg=f"trial {i} ({scenario}, k={k})")
@@ -214,15 +248,13 @@ def test_a_kill_anywhere_in_a_save_resumes_to_the_uninterrupted_result(runs, tmp
             assert all(verify_checkpoint(folder / f"step-00000{s}") is None for s in (4, 5)), f"trial {i}"
         else:  # the kill came after step 5 was whole: it is found, perhaps in a temp folder the next save renames
             assert json.loads((resolve_resume(folder, "latest") / "state.json").read_text())["step"] == STEPS
-    # a run that resumes at the end saves nothing, so it cannot be killed inside a save: the others must have been
-    assert again.count(-signal.SIGKILL) >= TWICE // 2, again
-    print(f"{len(trials)} trials; resumed from steps {sorted(starts)}; second kills: {again}")
+    assert again == [-signal.SIGKILL] * TWICE
+    print(f"{len(trials)} trials; resumed from steps {sorted(starts_at)}; second kills: {again}")
 
 
 def test_a_truncated_newest_optimizer_file_falls_back_to_the_previous_checkpoint(runs, tmp_path):
-    reference, broken, _ = runs
-    folder = tmp_path / "checkpoints"
-    shutil.copytree(broken, folder)
+    reference, starts, _ = runs
+    folder = start_folder(tmp_path, starts["broken newest"][0])
     final, start, said = resumed(folder)
     assert start == 2 and len(said) == 1
     assert f"skipping checkpoint {folder / 'step-000003'}: optimizer.safetensors holds 100 bytes" in said[0]

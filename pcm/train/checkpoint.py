@@ -112,7 +112,7 @@ def save_checkpoint(folder: Path, step: int, lora: dict[str, torch.Tensor], opti
     Re-saving an existing step replaces it only once the new one is whole. others: further optimizers by name
     (the discriminator's), each in NAME.safetensors + state.json[NAME]. One writer per folder (the main process)."""
     folder.mkdir(parents=True, exist_ok=True)
-    _tidy(folder)
+    repair_checkpoints(folder)
     final = folder / f"step-{step:06d}"
     with staged_dir(final) as tmp:
         _write_files(tmp, step, lora, {"optimizer": optimizer, **(others or {})}, extra)
@@ -127,15 +127,15 @@ def verify_checkpoint(path: Path, thorough: bool = True) -> str | None:
         return "no such checkpoint folder"
     try:
         files = json.loads((path / MARKER).read_text())["files"]
-        sizes = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
+        recorded = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
     except FileNotFoundError:
         return f"no {MARKER} marker (its save was interrupted, or a pcm without markers wrote it)"
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         return f"its {MARKER} marker is unreadable ({type(err).__name__})"
-    missing = [name for name in REQUIRED if name not in sizes]
+    missing = [name for name in REQUIRED if name not in recorded]
     if missing:
         return f"its {MARKER} marker lists no {', '.join(missing)}"
-    for name, (size, digest) in sizes.items():
+    for name, (size, digest) in recorded.items():
         if not (path / name).is_file():
             return f"{name} is missing"
         if (path / name).stat().st_size != size:
@@ -197,9 +197,10 @@ def resolve_resume(folder: Path, resume: str | None) -> Path | None:
     return None
 
 
-def _tidy(folder: Path) -> None:
-    """Before a save: repairs what a kill during an earlier one left. A step whose folder is missing gets back its
-    complete new version (a finished temp folder) or else the version moved aside; other leftovers are deleted."""
+def repair_checkpoints(folder: Path) -> None:
+    """Repairs what a kill during a save left (save_checkpoint does, first). A step whose folder is missing gets back
+    its complete new version (a finished temp folder) or else the version moved aside; other leftovers are deleted.
+    The folder's one writer only (the main process): other ranks may be reading what resolve_resume gave them."""
     for step, paths in _candidates(folder).items():
         final = folder / f"step-{step:06d}"
         if not final.exists():
