@@ -37,7 +37,7 @@ from worlds import tiny_world  # noqa: E402
 
 STEPS, KEEP = 5, 2
 TRIALS = 36  # at least: each distinct point of a save is hit once (65 of them), random ones fill up to TRIALS
-TWICE = 8  # of those, trials whose resumed run is killed again (inside the repair of the first kill's leftovers)
+TWICE = 8  # trials whose resumed run is killed again (repairing the first kill's leftovers or saving)
 SEED = 15
 PUBLISH = "replace .tmp-step -> step"  # the rename that makes a checkpoint visible under its own name
 
@@ -134,6 +134,22 @@ def resumed(folder: Path) -> tuple[dict[str, torch.Tensor], int, list[str]]:
     return final, start, [str(w.message) for w in caught]
 
 
+# scenario -> (resume, the step it resumes from, the newest complete step before it runs)
+SCENARIOS = {"fresh": ("latest", 0, 0),  # an empty folder
+             "broken newest": ("latest", 2, 2),  # steps 2 and 3, step 3's optimizer file truncated
+             "rerun": ("step-000004", 4, 5)}  # a finished run's steps 4 and 5, rerun from 4: step 5 is saved again
+
+
+def start_folder(root: Path, source: Path | None) -> Path:
+    folder = root / "checkpoints"
+    shutil.copytree(source, folder) if source else folder.mkdir(parents=True)
+    return folder
+
+
+def resume_arg(folder: Path, resume: str) -> str:
+    return resume if resume == "latest" else str(folder / resume)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The uninterrupted result; where a killed run starts (SCENARIOS, the folders filled in); the labelled file
@@ -153,22 +169,6 @@ def runs(tmp_path_factory):
             count_file_operations(logs[name], patch=mp.setattr)
             assert train(folder, resume_arg(folder, resume))[1] == resumed_at
     return reference, starts, logs
-
-
-# scenario -> (resume, the step it resumes from, the newest complete step before it runs)
-SCENARIOS = {"fresh": ("latest", 0, 0),  # an empty folder
-             "broken newest": ("latest", 2, 2),  # steps 2 and 3, step 3's optimizer file truncated
-             "rerun": ("step-000004", 4, 5)}  # a finished run's steps 4 and 5, rerun from 4: step 5 is saved again
-
-
-def start_folder(root: Path, source: Path | None) -> Path:
-    folder = root / "checkpoints"
-    shutil.copytree(source, folder) if source else folder.mkdir(parents=True)
-    return folder
-
-
-def resume_arg(folder: Path, resume: str) -> str:
-    return resume if resume == "latest" else str(folder / resume)
 
 
 def between(log: list[str], k: int) -> tuple[str, str]:
