@@ -61,7 +61,7 @@ def _beside(final: Path, kind: str) -> Path:
 def remove_dir(path: Path, final: Path | None = None) -> None:
     """Deletes a folder by renaming it to a .del- name first: a kill halfway through the deletion then leaves a
     .del- leftover, never a half folder under a name that means something (a checkpoint, an .old- version).
-    final: the folder path is a leftover of (the .del- name is made from it, so recover_dir finds it)."""
+    final: the folder that path is a leftover of (the .del- name is made from its name, so recover_dir finds it)."""
     trash = _beside(final or path, "del")
     os.replace(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
