@@ -8,12 +8,19 @@ also holds the LoRA in the `mlflow.diffusers` flavor (LoRA + base model referenc
 `mlflow.diffusers.load_model(uri).load_pipeline()`); that flavor's generic pyfunc samples with the base pipeline's
 own scheduler, which does not visit PCM's edges, so the registered version is ours.
 
+Before anything is registered the LoRA is loaded onto its base model's UNet: a truncated file, or one made for
+another base, is refused (pcm.inference.LoRAError). A version records the sha256 of its LoRA file (tag
+pcm.lora_sha256 and the pyfunc's model_config); loading it recomputes it and refuses a file that differs.
+
 Aliases, never stages: `candidate` on every new version; `champion` moves only when the gate passes (the gate
-metric within the threshold and not worse than the current champion's). Registering the same LoRA again (same
-file digest) returns the existing version instead of a duplicate.
+metric within the threshold and not worse than the current champion's). The gate reads the metrics of
+`register.eval_metrics` only when the evaluation beside it (info.json, lora_sha256) says they were measured on this
+very file; metrics of another file are refused. Registering the same LoRA again (same sha256) returns the existing
+version instead of a duplicate.
 """
 
 import json
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,13 +32,21 @@ from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 
 from pcm.config import Config, TeacherConfig
-from pcm.data.digest import digest
-from pcm.eval.generate import generate_pngs, read_lora_config
-from pcm.models.lora import DIFFUSERS_FILE
-from pcm.tracking import RUN_FILE, experiment, lineage_tags, tracking_uri
+from pcm.eval.generate import generate_pngs
+from pcm.inference import load_checked, lora_sha256, one_line
+from pcm.models.families import ModelLoadError
+from pcm.models.lora import CONFIG_FILE, DIFFUSERS_FILE
+from pcm.tracking import RUN_FILE, experiment, http_settings, lineage_tags, read_run_file, tracking_uri
 
 COLUMNS = {"prompt": str, "negative_prompt": str, "steps": int, "guidance_scale": float, "seed": int}
 ADAPTER = "pcm"
+SHA_TAG = "pcm.lora_sha256"
+log = logging.getLogger(__name__)
+
+
+class RegistryError(ValueError):
+    """What `pcm register` or loading a registered model refuses: metrics of another file, a LoRA file that is not
+    the one the version recorded, an unreadable LoRA folder or metrics file. The message is one line."""
 
 
 class PCMPipelineModel(PythonModel):
@@ -40,13 +55,13 @@ class PCMPipelineModel(PythonModel):
 
     def load_context(self, context):
         from pcm.models.families import load_teacher
-        from pcm.models.lora import load_lora
 
-        c = context.model_config
+        c, lora = context.model_config, context.artifacts["lora"]
+        self.lora_sha256 = check_recorded_sha(lora, c.get("lora_sha256"), "its model_config")
         self.teacher = load_teacher(TeacherConfig(family=c["family"], model=c["base_model"], dtype=c.get(
             "dtype", "float32"), motion_adapter=c.get("motion_adapter", "")), c.get("device", "cpu"))
-        load_lora(self.teacher.unet, context.artifacts["lora"], ADAPTER)
-        self.meta = read_lora_config(context.artifacts["lora"])
+        load_checked(self.teacher.unet, lora, ADAPTER, "registered LoRA")
+        self.meta = lora_config(lora, "registered LoRA")
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         if "prompt" not in model_input:
@@ -54,13 +69,83 @@ class PCMPipelineModel(PythonModel):
         return pd.DataFrame({"image": generate_pngs(self.teacher, self.meta, ADAPTER, model_input.to_dict("records"))})
 
 
+def _read_json(path: Path, key: str):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RegistryError(f"{key}: {path} is unreadable ({one_line(err)}); write it again (the stage that makes "
+                            "it) and run `pcm register` again") from err
+
+
+def lora_config(folder: str | Path, key: str = "register.lora") -> dict:
+    """pcm_config.json of an exported LoRA folder (edges, N, M, base model, recommended sampling)."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise RegistryError(f"{key}={folder}: no {CONFIG_FILE} there; point {key} at a LoRA folder written by "
+                            "`pcm distill` (train.output_dir/lora)")
+    meta = _read_json(path, f"{key}={folder}")
+    missing = [k for k in ("method", "family", "base_model", "num_phases", "edges")
+               if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise RegistryError(f"{key}={folder}: {path} lacks {', '.join(missing)}; re-export the LoRA with `pcm distill`")
+    return meta
+
+
+def check_recorded_sha(folder: str | Path, recorded: str | None, where: str) -> str:
+    """The LoRA file's sha256 when it is the recorded one; RegistryError when not. A version registered before pcm
+    recorded sha256s (no record, or a 16-digit digest) loads with a warning."""
+    actual = lora_sha256(folder)
+    if not recorded or len(recorded) != 64:
+        log.warning("%s records no sha256 of %s (registered by an older pcm): not checked", where, folder)
+    elif actual != recorded:
+        raise RegistryError(f"{Path(folder) / DIFFUSERS_FILE} has sha256 {actual} but {where} records {recorded}: "
+                            "the LoRA was changed or damaged after registration; register it again (`pcm register`)")
+    return actual
+
+
+def check_loads(cfg: Config, lora: Path, meta: dict) -> None:
+    """Loads the LoRA onto its base model's UNet (the first thing any user of the version does): refuses a base
+    that does not load and a LoRA file that does not fit it (truncated, another base)."""
+    from pcm.models.families import load_teacher
+
+    base = _base_model(meta["base_model"])
+    motion = _base_model(meta["motion_adapter"]) if meta.get("motion_adapter") else ""
+    try:
+        teacher = load_teacher(TeacherConfig(family=meta["family"], model=base, dtype=cfg.teacher.dtype,
+                                             motion_adapter=motion), "cpu", with_vae=False, with_text=False)
+    except (ModelLoadError, ValueError) as err:
+        raise RegistryError(f"register.lora={lora}: its base model {base} (base_model in {CONFIG_FILE}) does not "
+                            f"load ({one_line(err)}); make it available there and run `pcm register` again") from err
+    load_checked(teacher.unet, lora, ADAPTER, "register.lora")
+
+
+def eval_metrics(cfg: Config, sha: str) -> tuple[dict, str | None]:
+    """register.eval_metrics, and why the gate may not use them (None: measured on this very LoRA file, as the
+    evaluation's info.json beside them records by row label). Metrics of another file are refused."""
+    r = cfg.register
+    path = Path(r.eval_metrics)
+    if not path.is_file():
+        return {}, None  # the gate says: run pcm evaluate first
+    metrics = _read_json(path, f"register.eval_metrics={path}")
+    info, label = path.with_name("info.json"), r.gate_metric.split("/")[0]
+    files = _read_json(info, f"register.eval_metrics={path}").get("lora_sha256") if info.is_file() else None
+    recorded = files.get(label) if isinstance(files, dict) else None
+    if recorded is None:
+        return metrics, (f"{info} records no sha256 of the LoRA behind {label} (an evaluation by an older pcm, or "
+                         "metrics not written by pcm evaluate): evaluate register.lora with `pcm evaluate`")
+    if recorded != sha:
+        raise RegistryError(f"register.eval_metrics={path}: its {label} row was measured on a LoRA file with sha256 "
+                            f"{recorded}, but register.lora={r.lora} has sha256 {sha}; evaluate this LoRA (`pcm "
+                            "evaluate` with it in eval.loras) or point register.eval_metrics at its evaluation")
+    return metrics, None
+
+
 def _client(cfg: Config):
     """An MlflowClient that answers; otherwise a RuntimeError naming the URI and saying nothing was lost."""
     from mlflow import MlflowClient
 
     uri = tracking_uri(cfg.tracking)
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(cfg.tracking.request_timeout))))
+    http_settings(cfg.tracking)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(uri)
@@ -104,7 +189,7 @@ def version_tags(cfg: Config, meta: dict, metrics: dict, sha: str) -> dict[str, 
             "pcm.recommended_steps": meta["recommended_steps"],
             "pcm.recommended_guidance_scale": meta["recommended_guidance_scale"],
             "pcm.recommended_scheduler": meta["recommended_scheduler"],
-            "pcm.sampling_timesteps": json.dumps(meta["sampling_timesteps"]), "pcm.lora_sha256": sha,
+            "pcm.sampling_timesteps": json.dumps(meta["sampling_timesteps"]), SHA_TAG: sha,
             **key_metrics, **lineage_tags(cfg, "register")}
 
 
@@ -161,25 +246,27 @@ def _gate(client, cfg: Config, metrics: dict) -> tuple[bool, str, float | None]:
 
 
 def register(cfg: Config) -> dict:
-    """Registers cfg.register.lora under cfg.register.model_name; returns the version, aliases and gate decision."""
+    """Registers cfg.register.lora under cfg.register.model_name; returns the version, aliases and gate decision.
+    Checks first, so that a refused LoRA leaves the registry untouched: its folder, that it loads onto its base,
+    and that the gate's metrics are its own."""
     r = cfg.register
     lora = Path(r.lora)
-    meta = read_lora_config(lora)
-    sha = digest([], [lora / DIFFUSERS_FILE])
-    metrics_path = Path(r.eval_metrics)
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    meta = lora_config(lora)
+    sha = lora_sha256(lora)
+    metrics, unverified = eval_metrics(cfg, sha)
+    check_loads(cfg, lora, meta)
     client = _client(cfg)
-    existing = [v for v in client.search_model_versions(f"name='{r.model_name}'")
-                if v.tags.get("pcm.lora_sha256") == sha]
+    existing = [v for v in client.search_model_versions(f"name='{r.model_name}'") if v.tags.get(SHA_TAG) == sha]
     if existing:  # search results carry no aliases: read the version itself
         version = client.get_model_version(r.model_name, existing[0].version)
         return {"model_name": r.model_name, "version": int(version.version), "created": False,
                 "aliases": sorted(version.aliases), "gate": version.tags.get("pcm.gate", ""), "run_id": version.run_id,
-                "model_uri": f"models:/{r.model_name}/{version.version}", "tracking_uri": tracking_uri(cfg.tracking)}
+                "model_uri": f"models:/{r.model_name}/{version.version}", "tracking_uri": tracking_uri(cfg.tracking),
+                "lora_sha256": sha}
     with tracking_store(tracking_uri(cfg.tracking)):
-        version = _log_version(cfg, meta, metrics, sha)
+        version = _log_version(cfg, meta, metrics if unverified is None else {}, sha)
     client.set_registered_model_alias(r.model_name, "candidate", version)
-    promote, reason, value = _gate(client, cfg, metrics)
+    promote, reason, value = _gate(client, cfg, metrics) if unverified is None else (False, unverified, None)
     for key, tag in {"pcm.gate": ("promoted: " if promote else "not promoted: ") + reason,
                      "pcm.gate_metric": r.gate_metric, "pcm.gate_value": "nan" if value is None else repr(value)
                      }.items():
@@ -189,7 +276,8 @@ def register(cfg: Config) -> dict:
     registered = client.get_model_version(r.model_name, version)
     return {"model_name": r.model_name, "version": int(version), "created": True, "aliases": sorted(registered.aliases),
             "gate": reason, "promoted": promote, "run_id": registered.run_id,
-            "model_uri": f"models:/{r.model_name}/{version}", "tracking_uri": tracking_uri(cfg.tracking)}
+            "model_uri": f"models:/{r.model_name}/{version}", "tracking_uri": tracking_uri(cfg.tracking),
+            "lora_sha256": sha}
 
 
 def _log_version(cfg: Config, meta: dict, metrics: dict, sha: str) -> str:
@@ -197,9 +285,7 @@ def _log_version(cfg: Config, meta: dict, metrics: dict, sha: str) -> str:
     import pcm
 
     r, lora, base = cfg.register, Path(cfg.register.lora), _base_model(meta["base_model"])
-    run_file = lora.parent / RUN_FILE
-    known = json.loads(run_file.read_text()) if run_file.is_file() else {}
-    run_id = known.get("run_id") if known.get("tracking_uri") == tracking_uri(cfg.tracking) else None
+    run_id = read_run_file(lora.parent / RUN_FILE, tracking_uri(cfg.tracking))  # the distill run, when readable
     if run_id is None:
         mlflow.set_experiment(experiment_id=experiment(mlflow.MlflowClient(), cfg.tracking,
                                                        tracking_uri(cfg.tracking)))
@@ -209,7 +295,7 @@ def _log_version(cfg: Config, meta: dict, metrics: dict, sha: str) -> str:
         ("negative_prompt", "string"), ("steps", "long"), ("guidance_scale", "double"), ("seed", "long"))]
     signature = ModelSignature(Schema([ColSpec("string", "prompt"), *optional]), Schema([ColSpec("binary", "image")]))
     model_config = {"base_model": base, "family": meta["family"], "resolution": meta["resolution"],
-                    "dtype": cfg.teacher.dtype, "device": r.device}
+                    "dtype": cfg.teacher.dtype, "device": r.device, "lora_sha256": sha}
     if meta.get("motion_adapter"):
         model_config["motion_adapter"] = _base_model(meta["motion_adapter"])
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else "register"):
@@ -238,7 +324,29 @@ def _requirements() -> list[str]:
 
 
 def load_registered(cfg: Config, uri: str):
-    """The registered pyfunc (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/...), generating on register.device."""
-    _client(cfg)
+    """The registered pyfunc (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/...), generating on register.device.
+    Its LoRA file must have the sha256 the version recorded: in its model_config (checked while loading) and, for a
+    models:/ URI, in the registry's tag."""
+    client = _client(cfg)
     with tracking_store(tracking_uri(cfg.tracking)):
-        return mlflow.pyfunc.load_model(uri, model_config={"device": cfg.register.device})
+        model = mlflow.pyfunc.load_model(uri, model_config={"device": cfg.register.device})
+    version = _version(client, uri)
+    recorded = version.tags.get(SHA_TAG) if version is not None else None
+    loaded = model.unwrap_python_model().lora_sha256
+    if recorded and len(recorded) == 64 and loaded != recorded:
+        raise RegistryError(f"{uri}: the registry records sha256 {recorded} for version {version.version}'s LoRA, but "
+                            f"its artifact has {loaded}: the artifact store was changed after registration; register "
+                            "the LoRA again (`pcm register`)")
+    return model
+
+
+def _version(client, uri: str):
+    """The model version a models:/NAME@ALIAS or models:/NAME/VERSION URI names; None for other URIs."""
+    ref = uri.removeprefix("models:/")
+    if ref == uri:
+        return None
+    if "@" in ref:
+        name, alias = ref.rsplit("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    name, _, number = ref.rpartition("/")
+    return client.get_model_version(name, number) if number.isdigit() else None

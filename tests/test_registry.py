@@ -1,4 +1,6 @@
-"""`pcm register` / `pcm sample` against the embedded SQLite store and a real `mlflow server` process."""
+"""`pcm register` / `pcm sample` against the embedded SQLite store and a real `mlflow server` process; the checks on
+the LoRA file (it loads onto its base, the gate's metrics are its own, a loaded version is the file it recorded),
+with damaged files injected: truncated, made for a wider base, half renamed, changed after registration."""
 
 import io
 import json
@@ -15,6 +17,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 from PIL import Image
@@ -24,8 +27,9 @@ from safetensors.torch import save_file
 from pcm import stages
 from pcm.cli import main
 from pcm.config import config_from_dict
+from pcm.inference import LoRAError, lora_sha256
 from pcm.models.lora import DIFFUSERS_FILE
-from pcm.registry import load_registered, tracking_store
+from pcm.registry import SHA_TAG, RegistryError, load_registered, tracking_store
 
 sys.path.insert(0, str(Path(__file__).parent))
 from worlds import tiny_world  # noqa: E402
@@ -52,13 +56,20 @@ def _variant(lora: Path, out: Path, scale: float) -> Path:
     return out
 
 
-def _cfg(base, tmp_path, uri, lora, metric_value, **register):
-    metrics = tmp_path / f"metrics-{metric_value}.json"
+def _cfg(base, tmp_path, uri, lora, metric_value, evaluated=True, **register):
+    """Config registering lora with an evaluation of it (metrics.json, and info.json recording the file's sha256 for
+    the gate's row, as pcm evaluate writes them); evaluated: the sha256 to record (True: lora's own, False: none)."""
+    folder = tmp_path / f"eval-{metric_value}-{Path(lora).parent.name}-{evaluated}"[:80]
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics = folder / "metrics.json"
     metrics.write_text(json.dumps({"pcm-M2/k2/fid_teacher": metric_value, "pcm-M2/k2/trajectory_error": 0.3}))
+    if evaluated:
+        sha = lora_sha256(lora) if evaluated is True else evaluated
+        (folder / "info.json").write_text(json.dumps({"loras": [str(lora)], "lora_sha256": {"pcm-M2": sha}}))
     return config_from_dict({**base, "tracking": {"uri": uri, "experiment": "registry-test"},
                              "register": {"lora": str(lora), "model_name": "tiny-pcm", "eval_metrics": str(metrics),
                                           "gate_metric": "pcm-M2/k2/fid_teacher", "gate_threshold": 100.0,
-                                          **register}})
+                                          "output": str(tmp_path / "registered.json"), **register}})
 
 
 def _decode(png: bytes) -> np.ndarray:
@@ -171,8 +182,9 @@ def test_a_real_server_and_one_that_is_down(world, tmp_path, capsys):
     params.write_text(yaml.safe_dump({**base, "tracking": {"uri": uri, "experiment": "registry-test"},
                                       "register": {"lora": str(second), "model_name": "tiny-pcm",
                                                    "eval_metrics": cfg_down.register.eval_metrics,
-                                                   "gate_metric": "pcm-M2/k2/fid_teacher"}}))
-    assert main(["register", "--params", str(params)]) == 1
+                                                   "gate_metric": "pcm-M2/k2/fid_teacher",
+                                                   "output": str(tmp_path / "registered.json")}}))
+    assert main(["register", "--params", str(params)]) == 2  # an expected failure: one line, exit 2
     err = capsys.readouterr().err
     assert f"cannot reach the MLflow tracking store at {uri}" in err and "unchanged on disk" in err
     assert (second / DIFFUSERS_FILE).is_file() and Path(cfg_down.register.eval_metrics).is_file()
@@ -182,3 +194,113 @@ def test_a_real_server_and_one_that_is_down(world, tmp_path, capsys):
         assert str(MlflowClient(uri).get_model_version_by_alias("tiny-pcm", "champion").version) == "2"
     finally:
         _stop(server)
+
+
+def _rewrite(lora: Path, out: Path, change) -> Path:
+    """A copy of a LoRA folder whose tensors went through change(dict) -> dict (metadata kept)."""
+    shutil.copytree(lora, out)
+    with safe_open(lora / DIFFUSERS_FILE, framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(change(tensors), str(out / DIFFUSERS_FILE), metadata=metadata)
+    return out
+
+
+def _truncated(lora: Path, out: Path) -> Path:
+    shutil.copytree(lora, out)
+    data = (out / DIFFUSERS_FILE).read_bytes()
+    (out / DIFFUSERS_FILE).write_bytes(data[:len(data) // 2])  # a copy cut off halfway
+    return out
+
+
+def _wider_base(tensors: dict) -> dict:
+    """The LoRA of a base whose layers are twice as wide: every lora_A reads twice the input features."""
+    return {k: torch.cat([v, v], dim=1) if "lora_A" in k else v for k, v in tensors.items()}
+
+
+def _half_renamed(tensors: dict) -> dict:
+    """The LoRA of a base with other block names: diffusers loads the rest and only warns."""
+    return {k.replace("down_blocks.0.", "down_blocks.7.") if "lora_A" in k else k: v for k, v in tensors.items()}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "wider_base", "half_renamed"])
+def test_a_lora_that_does_not_load_onto_its_base_is_refused_and_nothing_is_registered(world, tmp_path, damage):
+    root, base = world
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    lora = root / "pcm" / "lora"
+    out = tmp_path / damage / "lora"
+    bad = _truncated(lora, out) if damage == "truncated" else _rewrite(
+        lora, out, _wider_base if damage == "wider_base" else _half_renamed)
+    with pytest.raises(LoRAError) as refused:
+        stages.register(_cfg(base, tmp_path, uri, bad, 50.0))
+    message = str(refused.value)
+    assert "\n" not in message and f"register.lora={bad / DIFFUSERS_FILE}" in message and "pcm distill" in message
+    assert MlflowClient(uri).search_registered_models() == [] and not (tmp_path / "registered.json").exists()
+
+
+def test_the_gate_reads_only_metrics_measured_on_this_very_file(world, tmp_path):
+    root, base = world
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    lora = root / "pcm" / "lora"
+    other = "0" * 64
+    cfg = _cfg(base, tmp_path, uri, lora, 50.0, evaluated=other)  # an evaluation of another LoRA file
+    with pytest.raises(RegistryError) as refused:
+        stages.register(cfg)
+    message = str(refused.value)
+    assert "\n" not in message and cfg.register.eval_metrics in message and other in message
+    assert lora_sha256(lora) in message and "pcm evaluate" in message
+    assert MlflowClient(uri).search_registered_models() == []
+    # an evaluation that records no sha256 (older, or hand-written): registered as a candidate, never champion
+    result = stages.register(_cfg(base, tmp_path, uri, lora, 50.0, evaluated=False))
+    assert result["created"] and not result["promoted"] and result["aliases"] == ["candidate"]
+    assert "records no sha256" in result["gate"]
+    tags = MlflowClient(uri).get_model_version("tiny-pcm", "1").tags
+    assert tags[SHA_TAG] == lora_sha256(lora) and not any(k.startswith("eval.") for k in tags)
+
+
+def test_evaluate_records_each_lora_file_and_register_gates_on_it(world, tmp_path):
+    """The real pcm evaluate writes the sha256 that pcm register then checks (smallest settings)."""
+    root, base = world
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    lora = root / "pcm" / "lora"
+    evaluation = {"loras": [str(lora)], "num_prompts": 2, "seeds": [0], "steps": [2], "reference_steps": 2,
+                  "batch_size": 2, "num_reference": 8, "shapes_net_steps": 2, "grid_prompts": 1, "oracle": False,
+                  "output_dir": str(tmp_path / "eval"), "cache_dir": str(tmp_path / "cache")}
+    stages.evaluate(config_from_dict({**base, "eval": evaluation}), progress=False)
+    info = json.loads((tmp_path / "eval" / "info.json").read_text())
+    assert info["lora_sha256"] == {"pcm-M2": lora_sha256(lora)}
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert all(isinstance(v, float) for v in metrics.values())  # still flat numbers for dvc and Kubeflow
+    register = {"lora": str(lora), "model_name": "tiny-pcm", "eval_metrics": str(tmp_path / "eval" / "metrics.json"),
+                "gate_metric": "pcm-M2/k2/fid_teacher", "gate_threshold": 1e9, "output": str(tmp_path / "r.json")}
+    tracking = {"uri": uri, "experiment": "registry-test"}
+    result = stages.register(config_from_dict({**base, "tracking": tracking, "register": register}))
+    assert result["promoted"] and result["aliases"] == ["candidate", "champion"]
+    tags = MlflowClient(uri).get_model_version("tiny-pcm", "1").tags
+    assert float(tags["pcm.gate_value"]) == metrics["pcm-M2/k2/fid_teacher"]
+    variant = _variant(lora, tmp_path / "retrained" / "lora", 1.5)  # another file, the same evaluation
+    with pytest.raises(RegistryError, match="was measured on a LoRA file with sha256"):
+        stages.register(config_from_dict({**base, "tracking": tracking, "register": {**register,
+                                                                                      "lora": str(variant)}}))
+
+
+def test_loading_a_version_refuses_a_lora_file_that_is_not_the_recorded_one(world, tmp_path):
+    root, base = world
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    lora = root / "pcm" / "lora"
+    cfg = _cfg(base, tmp_path, uri, lora, 50.0)
+    stages.register(cfg)
+    client = MlflowClient(uri)
+    sha = lora_sha256(lora)
+    # the registry's record differs from the artifact (another sha256 tag on the version)
+    client.set_model_version_tag("tiny-pcm", "1", SHA_TAG, "f" * 64)
+    with pytest.raises(RegistryError, match=f"records sha256 {'f' * 64}.*its artifact has {sha}"):
+        load_registered(cfg, "models:/tiny-pcm@champion")
+    client.set_model_version_tag("tiny-pcm", "1", SHA_TAG, sha)
+    # the artifact itself changed after registration (its model_config still records the original sha256)
+    stored = [p for p in (tmp_path / "artifacts").rglob(DIFFUSERS_FILE) if p.parent.name == "lora"]
+    assert len(stored) == 1
+    stored[0].write_bytes(stored[0].read_bytes()[:-8] + b"\x00" * 8)
+    with pytest.raises(RegistryError) as refused:
+        load_registered(cfg, "models:/tiny-pcm/1")
+    message = str(refused.value)
+    assert "\n" not in message and f"records {sha}" in message and "register it again" in message

@@ -30,6 +30,7 @@ from pcm.eval.generate import Sampler, initial_noise, load_samplers, sample_late
 from pcm.eval.prompts import load_prompts
 from pcm.eval.references import feature_function, reference_stats, teacher_reference
 from pcm.eval.report import write_report
+from pcm.inference import lora_sha256
 from pcm.models.families import load_teacher
 
 
@@ -180,6 +181,13 @@ def evaluate_sampler(teacher, sampler: Sampler, batches: Batches, reference: tor
     return list(rows.values()), tiles
 
 
+def _lora_files(samplers: list[Sampler], folders: tuple[str, ...]) -> dict[str, str]:
+    """{row label: sha256 of the LoRA file the row sampled}: `pcm register` gates only on its own file's metrics.
+    Adapter eval<i> is folders[i] (pcm.eval.generate.load_samplers)."""
+    shas = [lora_sha256(folder) for folder in folders]
+    return {s.label: shas[int(s.adapter.removeprefix("eval"))] for s in samplers if s.adapter is not None}
+
+
 def evaluate(cfg: Config, progress: bool = True) -> dict:
     """Runs the whole evaluation and writes the report under eval.output_dir; returns the summary."""
     e, start = cfg.eval, time.perf_counter()
@@ -190,6 +198,7 @@ def evaluate(cfg: Config, progress: bool = True) -> dict:
         raise ValueError(f"{len(prompts)} prompt(s) x {len(e.seeds)} seed(s): FID needs at least 2 samples")
     teacher = load_teacher(cfg.teacher, device)
     samplers = [teacher_sampler(e.teacher_guidance_scale), *load_samplers(teacher, e.loras, e.guidance_scales)]
+    lora_files = _lora_files(samplers, e.loras)  # hashed as loaded, not after a long run
     scorers = Scorers(cfg, device, progress)
     reference_images = reference_stats(cfg, scorers.features, progress)
     batches = Batches(teacher, prompts, e.seeds, e.batch_size, cfg.data.resolution, cfg.data.frames)
@@ -216,6 +225,7 @@ def evaluate(cfg: Config, progress: bool = True) -> dict:
     info = {"prompts": len(prompts), "seeds": list(e.seeds), "samples": len(batches.samples),
             "skipped_prompt_lines": skipped, "teacher_reference_cached": cache_hit, "features": scorers.features.name,
             "reference_images": reference_images.count, "teacher": cfg.teacher.model, "loras": list(e.loras),
+            "lora_sha256": lora_files,
             "teacher_guidance_scale": e.teacher_guidance_scale, "reference_steps": e.reference_steps,
             **({"frames": cfg.data.frames, "motion_adapter": cfg.teacher.motion_adapter} if teacher.is_video else {}),
             "seconds": round(time.perf_counter() - start, 1)}
