@@ -9,6 +9,7 @@ A SIGTERM saves a checkpoint and raises Preempted (the CLI exits 143 so an orche
 import contextlib
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from pcm.models.discriminator import Discriminator
 from pcm.models.families import Teacher, load_teacher
 from pcm.models.lora import adapters_off, attach_lora, export_lora, load_lora_state_dict, lora_state_dict
 from pcm.sampling import pcm_timesteps
-from pcm.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from pcm.train.checkpoint import CheckpointWarning, load_checkpoint, repair_checkpoints, resolve_resume, save_checkpoint
 from pcm.train.ema import EMA
 from pcm.train.loop import lr_factor, target_net_for
 from pcm.train.sink import JsonlSink, MultiSink, Sink
@@ -97,6 +98,32 @@ def _discriminator(cfg: Config, teacher: Teacher) -> tuple[Discriminator | None,
                                    weight_decay=a.weight_decay)
 
 
+def _resolve(cfg: Config, resume: str | None, accelerator: Accelerator) -> Path | None:
+    """The checkpoint to resume from (None: start fresh); a broken newest one is skipped with one printed line."""
+    with warnings.catch_warnings(record=True) as skipped:
+        warnings.simplefilter("always", CheckpointWarning)
+        checkpoint = resolve_resume(Path(cfg.train.output_dir) / "checkpoints", resume)
+    for warning in skipped:
+        accelerator.print(f"warning: {warning.message}")
+    return checkpoint
+
+
+def _load(checkpoint: Path, cfg: Config, teacher: Teacher, optimizer: torch.optim.Optimizer, others: dict,
+          scheduler, ema: EMA | None, disc) -> tuple[int, tuple, int]:
+    """The checkpoint into the LoRA, optimizers, schedule, EMA and heads; returns (step, data position, non-finite
+    count)."""
+    lora, state = load_checkpoint(checkpoint, optimizer, others)
+    shadow = [lora.pop(k) for k in state["ema_keys"]]  # EMA copies ride along in the same file
+    heads = {k.removeprefix(DISC_PREFIX): lora.pop(k) for k in list(lora) if k.startswith(DISC_PREFIX)}
+    if disc is not None:
+        disc.load_state_dict(heads)  # the reference loses the heads on resume; we keep them
+    load_lora_state_dict(teacher.unet, lora)
+    scheduler.load_state_dict(state["scheduler"])
+    if ema is not None:
+        ema.load_state_dict({"decay": cfg.distill.ema_decay, "shadow": shadow})
+    return state["step"], tuple(state["position"]), state["nonfinite_total"]
+
+
 def setup(cfg: Config, make_data: DataFactory, resume: str | None, latents: bool = False) -> Run:
     """Accelerator, teacher + LoRA, optimizer, schedule, EMA, data; restored from a checkpoint when resuming.
 
@@ -125,22 +152,16 @@ def setup(cfg: Config, make_data: DataFactory, resume: str | None, latents: bool
     others = {"disc_optimizer": disc_optimizer} if disc is not None else {}
     out = Path(t.output_dir)
     step, position, nonfinite = 0, (0, 0), 0
-    checkpoint = resolve_resume(out / "checkpoints", resume)
+    checkpoint = _resolve(cfg, resume, accelerator)
     if checkpoint is not None:
-        lora, state = load_checkpoint(checkpoint, optimizer, others)
-        shadow = [lora.pop(k) for k in state["ema_keys"]]  # EMA copies ride along in the same file
-        heads = {k.removeprefix(DISC_PREFIX): lora.pop(k) for k in list(lora) if k.startswith(DISC_PREFIX)}
-        if disc is not None:
-            disc.load_state_dict(heads)  # the reference loses the heads on resume; we keep them
-        load_lora_state_dict(teacher.unet, lora)
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict({"decay": cfg.distill.ema_decay, "shadow": shadow})
-        step, position, nonfinite = state["step"], tuple(state["position"]), state["nonfinite_total"]
+        step, position, nonfinite = _load(checkpoint, cfg, teacher, optimizer, others, scheduler, ema, disc)
         accelerator.print(f"resumed from {checkpoint} at step {step}")
     student_unet, optimizer = accelerator.prepare(teacher.unet, optimizer)
     if disc is not None:
         disc, disc_optimizer = accelerator.prepare(disc, disc_optimizer)
+    accelerator.wait_for_everyone()  # every rank has read its checkpoint: the main process may now tidy the folder
+    if accelerator.is_main_process:
+        repair_checkpoints(out / "checkpoints")  # e.g. resumed from a finished temp folder a kill left unrenamed
     micro = per_process // accelerator.num_processes
     data = make_data(micro, accelerator.process_index, accelerator.num_processes, position)
     return Run(accelerator, teacher, student_unet, params, optimizer, scheduler, ema, data, micro, disc,
