@@ -126,11 +126,11 @@ class Outbox:
         self.start()
         self._closing.set()
         self._thread.join(timeout)
-        if self._thread.is_alive():  # stuck in a request: the records are saved from here
-            with self._lock:
-                self._abandoned = True
-                left = self.pending + self._drain() + ([self._end] if self._end else [])
-                self.pending, self._end = [], None
+        with self._lock:  # normally nothing is left; else the thread is stuck in a request (or died of a bug)
+            self._abandoned = True
+            left = self.pending + self._drain() + ([self._end] if self._end else [])
+            self.pending, self._end = [], None
+        if left or self._spill:
             log.error("MLflow at %s still had not taken the %s run's records after tracking.close_timeout=%g s; "
                       "the %d left are saved in %s (the one in flight may arrive too)", self.describe,
                       self.file.header().get("stage"), timeout, len(left) + len(self._spill), self.file.path)
@@ -157,7 +157,8 @@ class Outbox:
             log.exception("MLflow delivery to %s failed unexpectedly; saving its records", self.describe)
             self.given_up, self.error = True, err
             with self._lock:
-                left, self.pending = self.pending + self._drain(), []
+                left, self.pending = self.pending + self._drain() + ([self._end] if self._end else []), []
+                self._end = None
             if not self._abandoned:
                 self.file.save(left + self._pop_spill(), "internal error", err)
 
@@ -171,7 +172,8 @@ class Outbox:
                     self.pending.append(self._queue.get(timeout=IDLE_WAIT))
                 except queue.Empty:
                     pass
-            self.pending += self._drain()
+            if len(self.pending) <= 1 or self.given_up:  # pending holds one queue's worth at most: memory stays bounded
+                self.pending += self._drain()
             if not self.pending and self._closing.is_set():
                 if self._end is None:
                     return False
