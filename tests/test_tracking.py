@@ -224,6 +224,26 @@ def test_a_corrupt_unlogged_file_is_moved_aside_and_the_records_still_saved(tmp_
     assert any("moved to" in r.getMessage() for r in caplog.records)
 
 
+def test_a_bug_in_delivery_reaches_neither_the_stage_nor_loses_records(tmp_path, caplog):
+    cfg = _cfg(tmp_path, experiment="tracking-test")
+    tracker = Tracker(cfg, "unit", tmp_path / "out")
+
+    def broken():
+        raise KeyError("a bug in the delivery thread")
+
+    tracker.outbox._batch = broken  # the thread dies at its first record
+    with caplog.at_level(logging.WARNING, logger="pcm.tracking"):
+        for step in range(1, 4):
+            tracker.log(step, {"loss": float(step)})
+        assert _wait_for(lambda: not tracker.outbox._thread.is_alive(), 10.0)
+        tracker.log(4, {"loss": 4.0})  # after the thread is gone: still no error, still kept
+        tracker.close()
+    saved = json.loads((tmp_path / "out" / UNLOGGED_FILE).read_text())
+    records = [op for entry in saved for op in entry["pending"]]
+    assert sorted(op[1] for op in records if op[0] == "metrics") == [1, 2, 3, 4] and records[-1][0] == "end"
+    assert any("failed unexpectedly" in r.getMessage() for r in caplog.records)
+
+
 def _disk_full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
