@@ -26,7 +26,7 @@ TASK_SECRETS = {
     "demo-teacher": MLFLOW,
     "distill": HUB + MLFLOW,  # a hub-id teacher (gated weights need the token)
     "evaluate": HUB + MLFLOW,  # the teacher's reference samples load the same teacher
-    "register": MLFLOW,
+    "register": HUB + MLFLOW,  # it loads the LoRA onto its base model (a hub id too) before registering
 }
 
 GRACE_ANNOTATION = "pcm-pipelines/termination-grace-seconds"
@@ -45,7 +45,7 @@ class TaskSize:
 def _sizes() -> dict[str, TaskSize]:
     # evaluate generates with the teacher and every LoRA at 1-16 steps (eval.device: cuda in the SDXL config)
     return {"demo-data": TaskSize("2", "8Gi"), "prepare": TaskSize("16", "64Gi"), "demo-teacher": TaskSize("4", "16Gi"),
-            "evaluate": TaskSize("16", "128Gi", gpus=1), "register": TaskSize("2", "8Gi")}
+            "evaluate": TaskSize("16", "128Gi", gpus=1), "register": TaskSize("4", "32Gi")}  # register loads the base
 
 
 @dataclass

@@ -65,8 +65,10 @@ def make_pipeline(name: str, demo: bool, params_text: str, teacher_model: str, r
             tasks["prepare"] = prepared = c.prepare(**common, shard_urls=shard_urls, dvc_repo=dvc_repo,
                                                     dvc_rev=dvc_rev, dvc_path=dvc_path)
         with dsl.ParallelFor(runs) as run:
+            # run.name is the loop channel's own name ("runs-loop-item", the same in every iteration), not the
+            # item's "name" key: ask for that sub-variable explicitly
             tasks["distill"] = distilled = c.distill(
-                **common, **run_scope, teacher_model=teacher_model, run_name=run.name, method=run.method,
+                **common, **run_scope, teacher_model=teacher_model, run_name=run.__getattr__("name"), method=run.method,
                 num_phases=run.num_phases, max_steps=max_steps, num_gpus=r.gpus if r else 0,
                 prepared=prepared.outputs["prepared"], **teacher)
         tasks["evaluate"] = evaluated = c.evaluate(**common, **run_scope, teacher_model=teacher_model,

@@ -95,7 +95,7 @@ def test_every_task_has_limits_retries_the_image_user_and_only_its_secret_keys(c
         keys = {k["secretKey"] for s in config["secretAsEnv"] for k in s["keyToEnv"]}
         assert keys == set(TASK_SECRETS[task_name]) and set(MLFLOW) <= keys, task_name
         assert ("AWS_SECRET_ACCESS_KEY" in keys) == (task_name == "prepare")  # object-store keys: prepare only
-        assert ("HF_TOKEN" in keys) == (task_name in ("distill", "evaluate"))  # the teacher's hub token
+        assert ("HF_TOKEN" in keys) == (task_name in ("distill", "evaluate", "register"))  # they load the teacher
         gpus = int(resources.get("accelerator", {}).get("resourceCount", 0))
         assert gpus == {"distill": 8, "evaluate": 1}.get(task_name, 0), task_name
 
@@ -150,6 +150,9 @@ def test_work_folders_are_scoped_by_the_pipeline_run(compiled, name):
     spec, _, _ = compiled[name]
     assert spec["root"]["inputDefinitions"]["parameters"]["continue_run"]["defaultValue"] == ""
     tasks = _tasks(spec)
+    # each distillation has its own folder: run_name is the ParallelFor item's name, not one constant for all
+    run_name = tasks["distill"]["inputs"]["parameters"]["run_name"]
+    assert run_name["parameterExpressionSelector"] == 'parseJson(string_value)["name"]'
     for task_name in ("distill", "evaluate"):
         inputs = tasks[task_name]["inputs"]["parameters"]
         assert inputs["pipeline_run"]["runtimeValue"]["constant"] == dsl.PIPELINE_JOB_ID_PLACEHOLDER
@@ -355,9 +358,10 @@ def test_the_sd15_demo_pipeline_runs_under_kfp_local_and_registers_a_model(tmp_p
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # the work folders are scoped by the run id kfp.local resolved for the placeholder
     runs = tmp_path / "work" / "runs"
-    assert {p.parent.parent.name for p in runs.glob("*/*/lora")} == {"runs"}
-    assert sorted(p.parent.name for p in runs.glob("*/*/lora")) == ["lcm", "pcm-m1", "pcm-m2", "pcm-m4"]
-    assert list(runs.glob("*/eval-cache/*"))
+    loras = sorted(runs.glob("*/*/lora"))
+    assert sorted(p.parent.name for p in loras) == ["lcm", "pcm-m1", "pcm-m2", "pcm-m4"], loras
+    assert len({p.parent.parent for p in loras}) == 1  # one pipeline run: one id for all its distillations
+    assert list((loras[0].parent.parent / "eval-cache").iterdir())  # and for its evaluation's cache
     registered = [json.loads(p.read_text()) for p in (tmp_path / "root").rglob("registered")]
     assert len(registered) == 1 and registered[0]["version"] == 1 and registered[0]["model_name"]
     assert "champion" in registered[0]["aliases"]
