@@ -37,4 +37,4 @@ def test_demo_data_then_prepare(tmp_path, demo_overrides, capsys):
 def test_prepare_refuses_pipe_urls_with_the_key_to_set(tmp_path, capsys):
     code = main(["prepare", "--params", "params.yaml", "data.inputs=pipe:curl http://example.com/a.tar",
                  f"data.output_dir={tmp_path}/out"])
-    assert code == 1 and "data.allow_pipe_urls" in capsys.readouterr().err
+    assert code == 2 and "data.allow_pipe_urls" in capsys.readouterr().err
