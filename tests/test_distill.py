@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pcm import stages
 from pcm.cli import main
 from pcm.config import config_from_dict
 from pcm.data.loader import loader_factory
@@ -20,26 +19,14 @@ from pcm.models.lora import read_metadata
 from pcm.train.distill import Preempted, _micro_losses, distill, setup
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_families import save_tiny  # noqa: E402
+from worlds import distill_world  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distill")
-    base = {"demo": {"output_dir": str(root / "shapes"), "num_images": 32, "shard_size": 8},
-            "data": {"inputs": [str(root / "shapes" / "shard-{00000..00003}.tar")],
-                     "output_dir": str(root / "prepared"), "shard_size": 8, "resolution": 16, "min_side": 16},
-            "teacher": {"model": str(save_tiny(root / "teacher", "sd15"))},
-            "lora": {"rank": 4, "alpha": 4.0},
-            "distill": {"num_solver_steps": 20, "num_phases": 2},
-            "train": {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-3, "log_every": 1,
-                      "validate_every": 0, "data_split": "samples", "shuffle_buffer": 8}}
-    cfg = config_from_dict(base)
-    stages.demo_data(cfg, progress=False)
-    stages.prepare(cfg, progress=False)
-    return root, base
+    return distill_world(tmp_path_factory.mktemp("distill"), shards=4)
 
 
 def _cfg(base, out, **sections):

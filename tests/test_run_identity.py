@@ -16,25 +16,14 @@ from pcm.config import config_from_dict
 from pcm.train.manifest import MANIFEST, RunManifest, RunMismatch, claim
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_families import save_tiny  # noqa: E402
+from worlds import distill_world  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("identity")
-    base = {"demo": {"output_dir": str(root / "shapes"), "num_images": 16, "shard_size": 8},
-            "data": {"inputs": [str(root / "shapes" / "shard-{00000..00001}.tar")],
-                     "output_dir": str(root / "prepared"), "shard_size": 8, "resolution": 16, "min_side": 16},
-            "teacher": {"model": str(save_tiny(root / "teacher", "sd15"))},
-            "lora": {"rank": 4, "alpha": 4.0},
-            "distill": {"num_solver_steps": 20, "num_phases": 2},
-            "train": {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-3, "log_every": 1, "validate_every": 0,
-                      "data_split": "samples", "shuffle_buffer": 8}}
-    stages.demo_data(config_from_dict(base), progress=False)
-    stages.prepare(config_from_dict(base), progress=False)
-    return root, base
+    return distill_world(tmp_path_factory.mktemp("identity"), shards=2)
 
 
 def _cfg(base, out, **sections):

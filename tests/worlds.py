@@ -14,6 +14,22 @@ METHODS = {"pcm": {"method": "pcm", "num_solver_steps": 20, "num_phases": 2},
            "lcm": {"method": "lcm", "num_solver_steps": 20, "num_phases": 1}}
 
 
+def distill_world(root: Path, shards: int = 4) -> tuple[Path, dict]:
+    """(root, params as a dict) of a world for distillation tests: 8 shapes images per shard at 16 px, prepared, and
+    a tiny SD1.5 teacher; batch 4, N = 20, M = 2, 2 steps, a record every step, no grids."""
+    base = {"demo": {"output_dir": str(root / "shapes"), "num_images": 8 * shards, "shard_size": 8},
+            "data": {"inputs": [str(root / "shapes" / f"shard-{{00000..{shards - 1:05d}}}.tar")],
+                     "output_dir": str(root / "prepared"), "shard_size": 8, "resolution": 16, "min_side": 16},
+            "teacher": {"model": str(save_tiny(root / "teacher", "sd15"))},
+            "lora": {"rank": 4, "alpha": 4.0},
+            "distill": {"num_solver_steps": 20, "num_phases": 2},
+            "train": {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-3, "log_every": 1,
+                      "validate_every": 0, "data_split": "samples", "shuffle_buffer": 8}}
+    stages.demo_data(config_from_dict(base), progress=False)
+    stages.prepare(config_from_dict(base), progress=False)
+    return root, base
+
+
 def tiny_world(root: Path, methods: tuple[str, ...] = ("pcm",)) -> dict:
     """Params (as a dict) of a world under root: 24 shapes images at 16 px, a tiny teacher, and a LoRA per method
     under root/<method>/lora after 2 distillation steps."""
