@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from pcm.cli import main
-from pcm.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
+from pcm.config import Config, ConfigError, config_from_dict, config_from_yaml, config_to_dict, load_config
+from pcm.config.errors import parse_yaml
 
 BAD = [  # (params, override, the key the message must name, a fragment of the fix)
     ({}, "distill.num_solver_steps=30", "distill.num_solver_steps=30", "choose one of"),
@@ -68,11 +69,28 @@ def test_load_config_errors_name_the_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("distill: [1, 2\n")
-    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad.yaml: line 2, column 1: not valid YAML") as caught:
         load_config(bad)
+    assert "<unicode string>" not in str(caught.value) and "\n" not in str(caught.value)
     bad.write_text("- 1\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(bad)
+
+
+def test_a_key_given_twice_is_an_error_naming_the_key_and_line(tmp_path):
+    """PyYAML keeps the last of two equal keys: the first distill section would be dropped without a word."""
+    params = tmp_path / "params.yaml"
+    params.write_text("seed: 1\ndistill:\n  num_phases: 2\ntrain:\n  max_steps: 5\ndistill:\n  num_phases: 4\n")
+    with pytest.raises(ConfigError, match=r"params.yaml: line 6: duplicate key 'distill' \(first at line 2\)"):
+        load_config(params)
+    params.write_text("distill:\n  num_phases: 2\n  num_phases: 1\n")  # nested mappings too
+    with pytest.raises(ConfigError, match=r"line 3: duplicate key 'num_phases'"):
+        load_config(params)
+    with pytest.raises(ConfigError, match=r"the params text: line 2: duplicate key 'seed'"):
+        config_from_yaml("seed: 1\nseed: 2\n")
+    # a merged anchor's keys may be overridden beside the merge: that is not a duplicate
+    merged = parse_yaml("a: &d {x: 1, y: 2}\nb:\n  <<: *d\n  x: 3\n", "anchors.yaml")
+    assert merged["b"] == {"x": 3, "y": 2}
 
 
 def test_cli_config_show_and_check(tmp_path, capsys):

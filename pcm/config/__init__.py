@@ -14,7 +14,7 @@ from typing import Literal
 
 import yaml
 
-from pcm.config.errors import ConfigError, require
+from pcm.config.errors import ConfigError, parse_yaml, require
 from pcm.config.mlops import DistillRun, PipelineConfig, RegisterConfig, TrackingConfig
 from pcm.config.world import DataConfig, DemoConfig, DemoTeacherConfig, EvalConfig
 
@@ -307,26 +307,33 @@ def config_from_dict(data: dict, overrides: typing.Sequence[str] = ()) -> Config
 def config_from_yaml(text: str, overrides: typing.Sequence[str] = (), tracking_uri: str = "") -> Config:
     """Config from the text of a params file (YAML, or JSON as the pipelines pass it) plus overrides (what pipeline
     components receive); a non-empty tracking_uri sets tracking.uri."""
-    try:  # JSON first: PyYAML reads JSON's 2e-06 (no decimal point) as a string
-        data = json.loads(text) if text.lstrip().startswith("{") else (yaml.safe_load(text) or {})
-    except (ValueError, yaml.YAMLError) as err:
-        raise ConfigError(f"the params text is neither JSON nor valid YAML: {err}") from err
+    if text.lstrip().startswith("{"):  # JSON first: PyYAML reads JSON's 2e-06 (no decimal point) as a string
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            raise ConfigError(f"the params text is not valid JSON: {err}") from err
+    else:
+        data = parse_yaml(text, "the params text") or {}
     require(isinstance(data, dict), "the params text: the top level must be a mapping")
     return config_from_dict(data, [*overrides, *([f"tracking.uri={tracking_uri}"] if tracking_uri else [])])
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
     """Config from a params.yaml file (None: the defaults) plus overrides."""
-    data = {}
-    if path is not None:
-        path = Path(path)
-        require(path.is_file(), f"params file {path} not found; pass --params path/to/params.yaml")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise ConfigError(f"params file {path} is not valid YAML: {err}") from err
-        require(isinstance(data, dict), f"params file {path}: the top level must be a mapping")
-    return config_from_dict(data, overrides)
+    return config_from_dict({} if path is None else read_params(path), overrides)
+
+
+def read_params(path: str | Path) -> dict:
+    """The mapping of a params file, parsed strictly (duplicate keys are errors); ConfigError names the file."""
+    path = Path(path)
+    require(path.is_file(), f"params file {path} not found; pass --params path/to/params.yaml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"params file {path} is unreadable ({type(err).__name__}: {err})") from err
+    data = parse_yaml(text, str(path)) or {}
+    require(isinstance(data, dict), f"params file {path}: the top level must be a mapping")
+    return data
 
 
 def config_to_dict(config: Config) -> dict:
@@ -353,4 +360,4 @@ __all__ = ["AdversarialConfig", "Config", "ConfigError", "DataConfig", "DemoConf
            "DistillConfig", "DistillRun", "EvalConfig", "LORA_TARGETS", "LoraConfig", "PipelineConfig",
            "RegisterConfig", "SampleConfig", "ScheduleConfig", "TeacherConfig", "TrackingConfig", "TrainConfig",
            "ValidationConfig", "config_from_dict", "config_from_yaml", "config_to_dict", "config_to_yaml",
-           "load_config"]
+           "load_config", "parse_yaml", "read_params"]
