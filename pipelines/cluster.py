@@ -43,9 +43,16 @@ class TaskSize:
 
 
 def _sizes() -> dict[str, TaskSize]:
-    # evaluate generates with the teacher and every LoRA at 1-16 steps (eval.device: cuda in the SDXL config)
+    # evaluate generates with the teacher and every LoRA at 1-16 steps; register loads the LoRA onto its base model.
+    # Their GPUs follow eval.device / register.device of the params (`device_gpus`, the compile options).
     return {"demo-data": TaskSize("2", "8Gi"), "prepare": TaskSize("16", "64Gi"), "demo-teacher": TaskSize("4", "16Gi"),
-            "evaluate": TaskSize("16", "128Gi", gpus=1), "register": TaskSize("4", "32Gi")}  # register loads the base
+            "evaluate": TaskSize("16", "128Gi", gpus=1), "register": TaskSize("4", "32Gi", gpus=1)}
+
+
+def device_gpus(device: str) -> int:
+    """The GPUs a task whose config says `device` asks for by default: a GPU unless the config pins the CPU (auto
+    would otherwise fall back to the CPU on a node without one, silently and slowly)."""
+    return 0 if device == "cpu" else 1
 
 
 @dataclass

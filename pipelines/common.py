@@ -10,16 +10,15 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
-
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the components package
 if str(ROOT / "pipelines") not in sys.path:
     sys.path.insert(0, str(ROOT / "pipelines"))  # cluster.py beside this file
-from cluster import Resources, apply, spec_patch  # noqa: E402
+from cluster import Resources, apply, device_gpus, spec_patch  # noqa: E402
 
 
 def runs_of(params_text: str) -> list[dict]:
@@ -84,37 +83,94 @@ def make_pipeline(name: str, demo: bool, params_text: str, teacher_model: str, r
     return pipeline
 
 
-def _parser(name: str, default_params: Path) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python pipelines/{name}.py", description=f"the {name} Kubeflow pipeline")
-    parser.add_argument("--params", default=str(default_params), help=f"params file (default: {default_params})")
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes in one line (argparse prints the whole usage first), pointing at --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not (sep and key):
+        raise argparse.ArgumentTypeError(f"{item!r}: expected KEY=VALUE, e.g. "
+                                         "nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3")
+    return key, value
+
+
+def _argument(item: str) -> tuple[str, object]:
+    name, sep, value = item.partition("=")
+    try:
+        if not (sep and name):
+            raise ValueError("no '='")
+        return name, json.loads(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{item!r}: expected NAME=JSON, e.g. 'max_steps=100' or "
+                                         f"'shard_urls=[\"s3://b/{{00000..00331}}.tar\"]' ({err})") from None
+
+
+def _gpu_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a GPU count >= 0")
+    return count
+
+
+def _add_cluster_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--gpus", type=_gpu_count, default=8, help="GPUs of each distill task, one node "
+                         "(default 8); 0 = no GPU request in any task (a CPU cluster)")
+    command.add_argument("--eval-gpus", type=_gpu_count, metavar="N", help="GPUs of the evaluate task (default: 1 "
+                         "unless the params' eval.device is cpu)")
+    command.add_argument("--register-gpus", type=_gpu_count, metavar="N", help="GPUs of the register task (default: "
+                         "1 unless the params' register.device is cpu)")
+    command.add_argument("--node-selector", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                         help="a node label the GPU tasks must have (repeat for several)")
+    command.add_argument("--data-pvc", default="pcm-data", help="PVC with shards and teacher weights, mounted at "
+                         "/mnt/data (default pcm-data)")
+    command.add_argument("--work-pvc", default="pcm-work", help="PVC for checkpoints and caches, mounted at "
+                         "/mnt/work (default pcm-work)")
+    command.add_argument("--secret", default="pcm-secrets", help="Kubernetes secret whose keys the tasks get as "
+                         "env vars, each task only its own (default pcm-secrets)")
+
+
+def _parser(script: str, name: str, default_params: Path) -> argparse.ArgumentParser:
+    prog = f"python pipelines/{script}"
+    parser = _Parser(prog=prog, description=f"the {name} Kubeflow pipeline: compile it for "
+                                     "`kfp run create`, submit it, or run it here with kfp.local",
+                                     epilog=f"example: {prog} compile -o {Path(script).stem}.yaml --gpus 8")
+    parser.add_argument("--params", default=str(default_params), help=f"params file whose values become the "
+                        f"pipeline's defaults (default: {default_params.relative_to(ROOT)})")
     parser.add_argument("--image", help="project image the components run in (default: $PCM_IMAGE or the "
                         "published one)")
     commands = parser.add_subparsers(dest="command", required=True)
     compile_ = commands.add_parser("compile", help="write the pipeline package for `kfp run create`")
-    compile_.add_argument("-o", "--output", required=True, help="output .yaml")
-    for command in (compile_, submit := commands.add_parser("submit", help="compile and submit to a KFP host")):
-        command.add_argument("--gpus", type=int, default=8, help="GPUs of the distill task (default 8)")
-        command.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE")
-        command.add_argument("--data-pvc", default="pcm-data")
-        command.add_argument("--work-pvc", default="pcm-work")
-        command.add_argument("--secret", default="pcm-secrets")
+    compile_.add_argument("-o", "--output", required=True, help="output .yaml (the spec patch goes beside it)")
+    submit = commands.add_parser("submit", help="compile and submit to a KFP host")
+    for command in (compile_, submit):
+        _add_cluster_options(command)
     submit.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
-    submit.add_argument("--experiment", required=True)
-    submit.add_argument("--arg", action="append", default=[], metavar="NAME=JSON", help="a pipeline argument")
+    submit.add_argument("--experiment", required=True, help="KFP experiment the run belongs to (made if missing)")
     local = commands.add_parser("run", help="run it here with kfp.local (SubprocessRunner, this venv, no cluster)")
-    local.add_argument("--local", action="store_true", required=True)
+    local.add_argument("--local", action="store_true", required=True, help="required: the only runner is kfp.local")
     local.add_argument("--root", default="local_outputs", help="kfp.local pipeline root (artifacts)")
-    local.add_argument("--arg", action="append", default=[], metavar="NAME=JSON", help="a pipeline argument")
+    for command in (submit, local):
+        command.add_argument("--arg", type=_argument, action="append", default=[], metavar="NAME=JSON",
+                             help="a pipeline argument, its value as JSON, e.g. 'max_steps=100' (repeat)")
     return parser
 
 
-def _resources(args, params_text: str) -> Resources:
-    from pcm.config import config_from_yaml
-
-    selector = dict(item.split("=", 1) for item in args.node_selector)
-    grace = config_from_yaml(params_text).pipeline.termination_grace_seconds
-    return Resources(gpus=args.gpus, node_selector=selector, data_pvc=args.data_pvc, work_pvc=args.work_pvc,
-                     secret=args.secret, grace_seconds=grace)
+def _resources(args, config) -> Resources:
+    """The cluster settings of the compile options; evaluate's and register's GPUs follow the config's devices."""
+    sizes = Resources().sizes
+    for task, option, device in (("evaluate", args.eval_gpus, config.eval.device),
+                                 ("register", args.register_gpus, config.register.device)):
+        sizes[task] = replace(sizes[task], gpus=device_gpus(device) if option is None else option)
+    return Resources(gpus=args.gpus, node_selector=dict(args.node_selector), data_pvc=args.data_pvc,
+                     work_pvc=args.work_pvc, secret=args.secret, sizes=sizes,
+                     grace_seconds=config.pipeline.termination_grace_seconds)
 
 
 def spec_patch_path(package: str | Path) -> Path:
@@ -123,27 +179,40 @@ def spec_patch_path(package: str | Path) -> Path:
     return package.with_name(package.stem + ".spec-patch.json")
 
 
-def _arguments(items: list[str]) -> dict:
-    return {key: json.loads(value) for key, value in (item.split("=", 1) for item in items)}
+def main(name: str, demo: bool, default_params: Path, teacher_model: str, argv: list[str] | None = None,
+         script: str = "") -> int:
+    """The command line of the pipeline file `script`; a bad params file or option is one line on stderr, exit 2."""
+    script = script or f"{name}.py"
+    parser = _parser(script, name, default_params)
+    args = parser.parse_args(argv)
+    try:
+        return _run(args, name, demo, teacher_model)
+    except (ValueError, OSError) as err:  # ConfigError is a ValueError: the params file, a value in it
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return 2
 
 
-def main(name: str, demo: bool, default_params: Path, teacher_model: str, argv: list[str] | None = None) -> int:
-    args = _parser(name, default_params).parse_args(argv)
+def _run(args, name: str, demo: bool, teacher_model: str) -> int:
+    from pcm.config import config_from_dict, read_params
+
     if args.image:
         os.environ["PCM_IMAGE"] = args.image  # read when the components are first imported
+    params = read_params(args.params)
+    config = config_from_dict(params)  # checked here, so a broken params file fails before kfp compiles anything
     # one line of JSON (YAML parses it): kfp writes defaults into the package's header comment, where a multi-line
     # string would break the YAML
-    params_text = json.dumps(yaml.safe_load(Path(args.params).read_text(encoding="utf-8")))
+    params_text = json.dumps(params)
     if args.command == "run":
         from kfp import local
 
         # tasks run as subprocesses of this venv; the components package must be importable there as in the image
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(Path(args.root).resolve()))
-        run = make_pipeline(name, demo, params_text, teacher_model, None)(**_arguments(args.arg))
+        run = make_pipeline(name, demo, params_text, teacher_model, None)(**dict(args.arg))
         print(json.dumps({"state": str(getattr(run, "state", "SUCCEEDED")), "root": args.root}))
         return 0
-    resources = _resources(args, params_text)
+    resources = _resources(args, config)
     pipeline = make_pipeline(name, demo, params_text, teacher_model, resources)
     if args.command == "compile":
         from kfp import compiler
@@ -157,7 +226,6 @@ def main(name: str, demo: bool, default_params: Path, teacher_model: str, argv: 
     import kfp
 
     client = kfp.Client(host=args.host)
-    result = client.create_run_from_pipeline_func(pipeline, arguments=_arguments(args.arg),
-                                                  experiment_name=args.experiment)
+    result = client.create_run_from_pipeline_func(pipeline, arguments=dict(args.arg), experiment_name=args.experiment)
     print(json.dumps({"run_id": result.run_id, "experiment": args.experiment, "host": args.host}))
     return 0

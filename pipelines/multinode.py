@@ -127,11 +127,14 @@ def trainjob(args) -> list[dict]:
 def parser() -> argparse.ArgumentParser:
     from pcm.config import PipelineConfig
 
-    p = argparse.ArgumentParser(prog="python pipelines/multinode.py", description=__doc__.split("\n")[0])
-    p.add_argument("--nodes", type=int, required=True)
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--kind", choices=["trainjob", "pytorchjob"], default="trainjob")
-    p.add_argument("--image", default="ghcr.io/pcm-pipelines/pcm:0.1.0")
+    p = argparse.ArgumentParser(prog="python pipelines/multinode.py", description=__doc__.split("\n")[0],
+                                epilog="example: python pipelines/multinode.py --nodes 4 --gpus-per-node 8 "
+                                "-o distill-4x8.yaml")
+    p.add_argument("--nodes", type=int, required=True, help="nodes (pods) of the job, each running torchrun")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (processes) per node (default 8)")
+    p.add_argument("--kind", choices=["trainjob", "pytorchjob"], default="trainjob", help="Kubeflow Trainer's "
+                   "TrainJob (default) or the training operator's PyTorchJob")
+    p.add_argument("--image", default="ghcr.io/pcm-pipelines/pcm:0.1.0", help="the project image of the pods")
     p.add_argument("--params", default="/mnt/data/configs/sdxl-cc3m.yaml", help="params file inside the pod")
     p.add_argument("--run-name", default="sdxl-pcm-m4", help="the distillation; with the run id it names the job "
                    "and its folder on the work PVC")
@@ -139,31 +142,45 @@ def parser() -> argparse.ArgumentParser:
                    "an earlier manifest's id continues that run's checkpoints")
     p.add_argument("--grace-seconds", type=int, default=PipelineConfig().termination_grace_seconds,
                    help="terminationGracePeriodSeconds of the pods (pipeline.termination_grace_seconds)")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--data-pvc", default="pcm-data")
-    p.add_argument("--work-pvc", default="pcm-work")
-    p.add_argument("--secret", default="pcm-secrets")
-    p.add_argument("--shm-size", default="64Gi")
-    p.add_argument("--cpu", default="32")
-    p.add_argument("--memory", default="480Gi")
-    p.add_argument("--retries", type=int, default=3)
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a params override passed to `pcm distill`, e.g. train.max_steps=5000 (repeat)")
+    p.add_argument("--data-pvc", default="pcm-data", help="PVC with shards and weights at /mnt/data (default pcm-data)")
+    p.add_argument("--work-pvc", default="pcm-work", help="PVC for the run folder at /mnt/work (default pcm-work)")
+    p.add_argument("--secret", default="pcm-secrets", help="secret whose distill keys become env vars")
+    p.add_argument("--shm-size", default="64Gi", help="size of the Memory emptyDir at /dev/shm (default 64Gi)")
+    p.add_argument("--cpu", default="32", help="CPU limit per pod (default 32)")
+    p.add_argument("--memory", default="480Gi", help="memory limit per pod (default 480Gi)")
+    p.add_argument("--retries", type=int, default=3, help="restarts of failed pods before the job fails (default 3)")
+    p.add_argument("-o", "--output", required=True, help="output manifest .yaml, for `kubectl apply -f`")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.nodes < 1 or args.gpus_per_node < 1:
-        raise SystemExit("--nodes and --gpus-per-node must be >= 1")
-    if args.grace_seconds <= AGENT_MARGIN:
-        raise SystemExit(f"--grace-seconds must be > {AGENT_MARGIN} (torchrun waits {AGENT_MARGIN} s less for its "
-                         "workers' checkpoint)")
-    if not all(c.isalnum() or c == "-" for c in args.run_id) or args.run_id != args.run_id.lower():
-        raise SystemExit(f"--run-id {args.run_id!r}: lower-case letters, digits and '-' (it names Kubernetes objects)")
+    problem = _problem(args)
+    if problem:
+        print(f"python pipelines/multinode.py: error: {problem}", file=sys.stderr)
+        return 2
     manifests = trainjob(args) if args.kind == "trainjob" else pytorchjob(args)
-    Path(args.output).write_text(yaml.safe_dump_all(manifests, sort_keys=False, width=10_000))
+    try:
+        Path(args.output).write_text(yaml.safe_dump_all(manifests, sort_keys=False, width=10_000))
+    except OSError as err:
+        print(f"python pipelines/multinode.py: error: -o {args.output}: {err.strerror or err}", file=sys.stderr)
+        return 2
     print(args.output)
     return 0
+
+
+def _problem(args) -> str:
+    """What is wrong with the options, in one line; empty when nothing is."""
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        return "--nodes and --gpus-per-node must be >= 1"
+    if args.grace_seconds <= AGENT_MARGIN:
+        return (f"--grace-seconds must be > {AGENT_MARGIN} (torchrun waits {AGENT_MARGIN} s less for its workers' "
+                "checkpoint)")
+    if not all(c.isalnum() or c == "-" for c in args.run_id) or args.run_id != args.run_id.lower():
+        return f"--run-id {args.run_id!r}: lower-case letters, digits and '-' (it names Kubernetes objects)"
+    return ""
 
 
 if __name__ == "__main__":

@@ -12,4 +12,5 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main("pcm-sd15-demo", demo=True, default_params=ROOT / "params.yaml", teacher_model=""))
+    sys.exit(main("pcm-sd15-demo", demo=True, default_params=ROOT / "params.yaml", teacher_model="",
+                  script=Path(__file__).name))

@@ -14,4 +14,4 @@ from common import ROOT, main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main("pcm-sdxl", demo=False, default_params=ROOT / "configs" / "sdxl-cc3m.yaml",
-                  teacher_model="stabilityai/stable-diffusion-xl-base-1.0"))
+                  teacher_model="stabilityai/stable-diffusion-xl-base-1.0", script=Path(__file__).name))

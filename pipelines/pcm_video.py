@@ -18,4 +18,4 @@ from common import ROOT, main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main("pcm-video", demo=False, default_params=ROOT / "configs" / "animatediff-webvid.yaml",
-                  teacher_model="stable-diffusion-v1-5/stable-diffusion-v1-5"))
+                  teacher_model="stable-diffusion-v1-5/stable-diffusion-v1-5", script=Path(__file__).name))

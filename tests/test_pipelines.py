@@ -97,7 +97,64 @@ def test_every_task_has_limits_retries_the_image_user_and_only_its_secret_keys(c
         assert ("AWS_SECRET_ACCESS_KEY" in keys) == (task_name == "prepare")  # object-store keys: prepare only
         assert ("HF_TOKEN" in keys) == (task_name in ("distill", "evaluate", "register"))  # they load the teacher
         gpus = int(resources.get("accelerator", {}).get("resourceCount", 0))
-        assert gpus == {"distill": 8, "evaluate": 1}.get(task_name, 0), task_name
+        # evaluate and register get a GPU where their params say eval.device / register.device: cuda (SDXL, video),
+        # none in the CPU demo
+        on_gpu = {"distill": 8} if name == "pcm_sd15" else {"distill": 8, "evaluate": 1, "register": 1}
+        assert gpus == on_gpu.get(task_name, 0), task_name
+        assert ("nodeSelector" in config) == (gpus > 0), task_name  # --node-selector pins the GPU tasks only
+
+
+def test_evaluate_and_register_gpus_are_compile_options(tmp_path):
+    spec, platform = _compile(tmp_path, "pcm_sdxl", "--gpus", "4", "--eval-gpus", "2", "--register-gpus", "0")
+    executors = spec["deploymentSpec"]["executors"]
+    gpus = {key: int(e["container"]["resources"].get("accelerator", {}).get("resourceCount", 0))
+            for key, e in executors.items()}
+    assert gpus == {"exec-prepare": 0, "exec-distill": 4, "exec-evaluate": 2, "exec-register": 0}
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert k8s["exec-evaluate"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert "tolerations" not in k8s["exec-register"]
+    params = yaml.safe_load((ROOT / "configs" / "sdxl-cc3m.yaml").read_text())
+    params["register"]["device"] = "cpu"  # the default follows the params: a CPU register asks for no GPU
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    spec, _ = _compile(tmp_path, "pcm_sdxl", params=tmp_path / "p.yaml")
+    register = spec["deploymentSpec"]["executors"]["exec-register"]["container"]["resources"]
+    assert "accelerator" not in register and register["resourceCpuLimit"] == "4"
+    assert "accelerator" in spec["deploymentSpec"]["executors"]["exec-evaluate"]["container"]["resources"]
+
+
+def test_pipeline_scripts_report_bad_input_in_one_line(tmp_path):
+    """What a user mistypes is one line on stderr naming the problem (and the script by its real file name)."""
+    (tmp_path / "twice.yaml").write_text("seed: 1\nseed: 2\n")
+    (tmp_path / "broken.yaml").write_text("distill: [1, 2\n")
+    (tmp_path / "zero.yaml").write_text("distill:\n  num_phases: 0\n")
+    cases = [(["--params", "missing.yaml", "compile", "-o", "x.yaml"], "params file missing.yaml not found"),
+             (["--params", "twice.yaml", "compile", "-o", "x.yaml"], "twice.yaml: line 2: duplicate key 'seed'"),
+             (["--params", "broken.yaml", "compile", "-o", "x.yaml"], "broken.yaml: line 2, column 1"),
+             (["--params", "zero.yaml", "compile", "-o", "x.yaml"], "distill.num_phases=0"),
+             (["compile", "-o", "x.yaml", "--node-selector", "pool"], "'pool': expected KEY=VALUE"),
+             (["compile", "-o", "x.yaml", "--eval-gpus", "-1"], "expected a GPU count >= 0"),
+             (["run", "--local", "--arg", "max_steps=ten"], "expected NAME=JSON")]
+    for argv, fragment in cases:
+        out = subprocess.run([sys.executable, str(ROOT / "pipelines" / "pcm_sdxl.py"), *argv], cwd=tmp_path,
+                             capture_output=True, text=True)
+        assert out.returncode == 2, (argv, out.stderr)
+        assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+        assert out.stderr.startswith("python pipelines/pcm_sdxl.py") and fragment in out.stderr, out.stderr
+    assert not (tmp_path / "x.yaml").exists()
+
+
+def test_every_pipeline_option_has_help_and_the_usage_names_the_file():
+    import argparse
+
+    import common
+
+    parser = common._parser("pcm_sdxl.py", "pcm-sdxl", ROOT / "configs" / "sdxl-cc3m.yaml")
+    assert parser.format_usage().startswith("usage: python pipelines/pcm_sdxl.py ")
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for prog, p in [("", parser), *commands.items()]:
+        for action in p._actions:
+            if not isinstance(action, argparse._SubParsersAction):
+                assert action.help, (prog, action.option_strings)
 
 
 @pytest.mark.parametrize("name", ["pcm_sd15", "pcm_sdxl", "pcm_video"])
@@ -239,7 +296,7 @@ def test_multinode_manifests(tmp_path, kind):
         assert docs[0]["metadata"]["name"] == "pcm-pcm-m4-r1"
 
 
-def test_each_generated_manifest_is_a_new_run_unless_a_run_id_is_given(tmp_path):
+def test_each_generated_manifest_is_a_new_run_unless_a_run_id_is_given(tmp_path, capsys):
     runs = []
     for i in range(2):
         (tmp_path / str(i)).mkdir()
@@ -250,8 +307,13 @@ def test_each_generated_manifest_is_a_new_run_unless_a_run_id_is_given(tmp_path)
     assert again[0]["metadata"]["name"] == first[0]["metadata"]["name"]  # continues the first run's folder
     import multinode
 
-    with pytest.raises(SystemExit, match="--grace-seconds must be > 15"):
-        multinode.main(["--nodes", "1", "--grace-seconds", "10", "-o", str(tmp_path / "x.yaml")])
+    assert multinode.main(["--nodes", "1", "--grace-seconds", "10", "-o", str(tmp_path / "x.yaml")]) == 2
+    assert multinode.main(["--nodes", "1", "-o", str(tmp_path / "no" / "x.yaml")]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert errors[0] == ("python pipelines/multinode.py: error: --grace-seconds must be > 15 (torchrun waits 15 s "
+                         "less for its workers' checkpoint)")
+    assert errors[1].startswith("python pipelines/multinode.py: error: -o ") and "No such file" in errors[1]
+    assert all(a.help for a in multinode.parser()._actions), "every option says what it does"
 
 
 FAKE_TORCHRUN = """#!{python} -S
