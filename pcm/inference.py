@@ -2,8 +2,10 @@
 the same generator; and what every loader of an exported LoRA shares: its identity (the sha256 of its diffusers
 file, recorded by evaluation and the registry) and a load that refuses a file that does not fit its base model."""
 
+import dataclasses
 import hashlib
 import logging
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -11,8 +13,10 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from pcm.config import Config
-from pcm.models.lora import DIFFUSERS_FILE, load_lora
+from pcm.config import Config, TeacherConfig
+from pcm.models.lora import CONFIG_FILE, DIFFUSERS_FILE, load_lora
+
+log = logging.getLogger(__name__)
 
 
 class LoRAError(ValueError):
@@ -48,25 +52,27 @@ def _quiet(*names: str):
     for logger in loggers:
         logger.setLevel(logging.CRITICAL)
     try:
-        yield
+        with warnings.catch_warnings():  # peft names every module it could not match through warnings.warn
+            warnings.simplefilter("ignore")
+            yield
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
 
 
-def load_checked(unet, folder: str | Path, adapter: str, key: str) -> None:
+def load_checked(unet, folder: str | Path, adapter: str, key: str, sides: str = "") -> None:
     """Loads a LoRA folder onto unet (as pcm.models.lora.load_lora) and checks that every tensor of the file sits,
     unchanged, on a LoRA layer of this UNet and that no layer was made without one: diffusers only warns when keys
     do not match, which would leave a LoRA for another base half-loaded. LoRAError (one line, naming key and the
-    file) otherwise."""
+    file, and sides: the LoRA's recorded base against the model it meets) otherwise."""
     path = Path(folder) / DIFFUSERS_FILE
-    advice = (f"re-export it with `pcm distill`, or set {key} to a LoRA trained on this base model "
-              "(base_model in its pcm_config.json)")
+    advice = (f"{sides + '; ' if sides else ''}re-export it with `pcm distill`, or set {key} to a LoRA trained on "
+              "this base model (base_model in its pcm_config.json)")
     try:
         state = load_file(path)
         # diffusers logs the whole mismatch list (hundreds of keys for SDXL) and only warns about keys that match
         # no layer; both are checked and reported below
-        with _quiet("diffusers.loaders.peft", "diffusers.utils.peft_utils"):
+        with _quiet("diffusers.loaders.peft", "diffusers.utils.peft_utils", "peft"):
             load_lora(unet, folder, adapter)
     except FileNotFoundError as err:
         raise LoRAError(f"{key}={path}: no such file; point {key} at a LoRA folder written by `pcm distill`") from err
@@ -85,18 +91,71 @@ def load_checked(unet, folder: str | Path, adapter: str, key: str) -> None:
                         f"layers (e.g. {wrong[0]}): a LoRA of another base; {advice}")
 
 
-def _direct(cfg: Config, lora: str, rows: list[dict]) -> list[bytes]:
-    """PNG bytes from the teacher in cfg.teacher with the LoRA folder, sampled as the registered model does."""
+TEACHER_FROM = ("lora", "config")  # the base model a --lora samples on: its card's base_model, or teacher.*
+
+
+def same_model(a: str, b: str) -> bool:
+    return Path(a).resolve() == Path(b).resolve() if Path(a).is_dir() and Path(b).is_dir() else a == b
+
+
+def recorded_base(meta: dict, folder: str | Path) -> str:
+    """The base model a LoRA's card records; a relative path (as params.yaml gives teacher.model) is read against
+    the working directory, else against the LoRA's project (pcm.tracking.project_root), where distill ran."""
+    from pcm.tracking import project_root
+
+    base = meta["base_model"]
+    beside = project_root(folder) / base
+    return str(beside) if not Path(base).is_absolute() and not Path(base).exists() and beside.is_dir() else base
+
+
+def check_family(meta: dict, teacher: TeacherConfig, key: str, fix: str) -> None:
+    """A LoRA meets a teacher of its own family, or LoRAError in one line naming both sides and fix."""
+    if meta.get("family", teacher.family) != teacher.family:
+        raise LoRAError(f"{key} is a {meta['family']} LoRA (base_model {meta.get('base_model', '?')} in its "
+                        f"{CONFIG_FILE}) but the teacher is {teacher.family} (teacher.model={teacher.model}); {fix}")
+
+
+def base_for(cfg: Config, lora: str, meta: dict, teacher_from: str) -> TeacherConfig:
+    """The teacher a --lora samples on: the base model its card records (teacher_from='lora', the default) or
+    cfg.teacher (teacher_from='config'), checked against the card: another family is refused, another base model
+    of the same family is warned about (a fine-tune of the base is a fair thing to ask for)."""
+    if teacher_from not in TEACHER_FROM:
+        raise ValueError(f"teacher_from={teacher_from!r}; allowed: {', '.join(TEACHER_FROM)}")
+    if teacher_from == "lora" and meta.get("base_model"):
+        return dataclasses.replace(cfg.teacher, family=meta["family"], model=recorded_base(meta, lora),
+                                   motion_adapter=meta.get("motion_adapter", cfg.teacher.motion_adapter))
+    base = recorded_base(meta, lora) if meta.get("base_model") else cfg.teacher.model
+    check_family(meta, cfg.teacher, f"--lora={lora}", f"drop --teacher-from config to sample on its own base, or "
+                 f"set teacher.family={meta.get('family')} teacher.model={base}")
+    if not same_model(base, cfg.teacher.model):
+        log.warning("--lora=%s was distilled from %s but samples on teacher.model=%s (--teacher-from config); drop "
+                    "--teacher-from config to sample on its own base", lora, base, cfg.teacher.model)
+    return cfg.teacher
+
+
+def _direct(cfg: Config, lora: str, rows: list[dict], teacher_from: str = "lora") -> list[bytes]:
+    """PNG bytes from the LoRA folder on its base (base_for), sampled as the registered model does."""
     from pcm.eval.generate import generate_pngs, read_lora_config
     from pcm.models.families import load_teacher
 
-    teacher = load_teacher(cfg.teacher, cfg.register.device if cfg.register.device != "auto" else "cpu")
-    load_checked(teacher.unet, lora, "pcm", "--lora")
-    return generate_pngs(teacher, read_lora_config(lora), "pcm", rows)
+    meta = read_lora_config(lora)
+    teacher_cfg = base_for(cfg, lora, meta, teacher_from)
+    sides = (f"the LoRA records a {meta.get('family')} base {meta.get('base_model')}, the teacher is "
+             f"{teacher_cfg.family} {teacher_cfg.model}")
+    try:
+        teacher = load_teacher(teacher_cfg, cfg.register.device if cfg.register.device != "auto" else "cpu")
+    except (OSError, ValueError) as err:
+        if teacher_from != "lora":
+            raise
+        raise LoRAError(f"--lora={lora}: its base model {teacher_cfg.model} (base_model in its {CONFIG_FILE}) does "
+                        f"not load ({one_line(err)}); make it available there, or sample on teacher.model "
+                        "with --teacher-from config") from err
+    load_checked(teacher.unet, lora, "pcm", "--lora", sides)
+    return generate_pngs(teacher, meta, "pcm", rows)
 
 
 def sample_pngs(cfg: Config, prompts: list[str], out: str, model: str, lora: str, negative_prompt: str,
-                steps: int | None, guidance_scale: float | None, seed: int) -> dict:
+                steps: int | None, guidance_scale: float | None, seed: int, teacher_from: str = "lora") -> dict:
     if bool(model) == bool(lora):
         raise ValueError("give exactly one of --model (a registered model, e.g. models:/NAME@champion) and --lora "
                          "(an exported LoRA folder)")
@@ -110,7 +169,7 @@ def sample_pngs(cfg: Config, prompts: list[str], out: str, model: str, lora: str
         frame = pd.DataFrame([{k: v for k, v in row.items() if v is not None} for row in rows])  # optional columns
         images = list(load_registered(cfg, model).predict(frame)["image"])
     else:
-        images = _direct(cfg, lora, rows)
+        images = _direct(cfg, lora, rows, teacher_from)
     target = Path(out)
     suffix = ".gif" if images[0][:4] == b"GIF8" else ".png"  # a video LoRA's clips are animated GIFs
     if target.suffix.lower() in (".png", ".gif"):

@@ -21,8 +21,6 @@ version instead of a duplicate.
 
 import json
 import logging
-import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -33,20 +31,16 @@ from mlflow.types import ColSpec, Schema
 
 from pcm.config import Config, TeacherConfig
 from pcm.eval.generate import generate_pngs
-from pcm.inference import load_checked, lora_sha256, one_line
+from pcm.inference import check_family, load_checked, lora_sha256, one_line
 from pcm.models.families import ModelLoadError
 from pcm.models.lora import CONFIG_FILE, DIFFUSERS_FILE
-from pcm.tracking import RUN_FILE, experiment, http_settings, lineage_tags, read_run_file, tracking_uri
+from pcm.registry_store import RegistryError, connect, resolve, tracking_store
+from pcm.tracking import RUN_FILE, experiment, lineage_tags, read_run_file, tracking_uri
 
 COLUMNS = {"prompt": str, "negative_prompt": str, "steps": int, "guidance_scale": float, "seed": int}
 ADAPTER = "pcm"
 SHA_TAG = "pcm.lora_sha256"
 log = logging.getLogger(__name__)
-
-
-class RegistryError(ValueError):
-    """What `pcm register` or loading a registered model refuses: metrics of another file, a LoRA file that is not
-    the one the version recorded, an unreadable LoRA folder or metrics file. The message is one line."""
 
 
 class PCMPipelineModel(PythonModel):
@@ -58,10 +52,16 @@ class PCMPipelineModel(PythonModel):
 
         c, lora = context.model_config, context.artifacts["lora"]
         self.lora_sha256 = check_recorded_sha(lora, c.get("lora_sha256"), "its model_config")
-        self.teacher = load_teacher(TeacherConfig(family=c["family"], model=c["base_model"], dtype=c.get(
-            "dtype", "float32"), motion_adapter=c.get("motion_adapter", "")), c.get("device", "cpu"))
-        load_checked(self.teacher.unet, lora, ADAPTER, "registered LoRA")
         self.meta = lora_config(lora, "registered LoRA")
+        teacher = TeacherConfig(family=c["family"], model=c["base_model"], dtype=c.get("dtype", "float32"),
+                                motion_adapter=c.get("motion_adapter", ""))
+        # model_config may be overridden at load time (a moved base): the LoRA still has to meet its own family
+        check_family(self.meta, teacher, "the registered LoRA", "load it with model_config={'family': "
+                     f"'{self.meta['family']}', 'base_model': <a {self.meta['family']} base>}} or leave both as "
+                     "registered")
+        self.teacher = load_teacher(teacher, c.get("device", "cpu"))
+        load_checked(self.teacher.unet, lora, ADAPTER, "registered LoRA", f"the LoRA records a {self.meta['family']} "
+                     f"base {self.meta['base_model']}, model_config's base_model is {teacher.family} {teacher.model}")
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         if "prompt" not in model_input:
@@ -127,6 +127,13 @@ def eval_metrics(cfg: Config, sha: str) -> tuple[dict, str | None]:
     if not path.is_file():
         return {}, None  # the gate says: run pcm evaluate first
     metrics = _read_json(path, f"register.eval_metrics={path}")
+    if not isinstance(metrics, dict) or r.gate_metric not in metrics:  # a typo must not read as "not evaluated yet"
+        keys = sorted(metrics) if isinstance(metrics, dict) else []
+        shown = ", ".join(keys[:20]) + (f" and {len(keys) - 20} more" if len(keys) > 20 else "")
+        reason = (f"register.gate_metric={r.gate_metric} is not a key of {path} (its keys: {shown or 'none'}); set "
+                  "register.gate_metric to one of them")
+        log.warning("not promoted: %s", reason)
+        return {}, reason
     info, label = path.with_name("info.json"), r.gate_metric.split("/")[0]
     files = _read_json(info, f"register.eval_metrics={path}").get("lora_sha256") if info.is_file() else None
     recorded = files.get(label) if isinstance(files, dict) else None
@@ -138,41 +145,6 @@ def eval_metrics(cfg: Config, sha: str) -> tuple[dict, str | None]:
                             f"{recorded}, but register.lora={r.lora} has sha256 {sha}; evaluate this LoRA (`pcm "
                             "evaluate` with it in eval.loras) or point register.eval_metrics at its evaluation")
     return metrics, None
-
-
-def _client(cfg: Config):
-    """An MlflowClient that answers; otherwise a RuntimeError naming the URI and saying nothing was lost."""
-    from mlflow import MlflowClient
-
-    uri = tracking_uri(cfg.tracking)
-    http_settings(cfg.tracking)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(uri)
-    try:
-        client.search_experiments(max_results=1)
-    except Exception as err:
-        raise RuntimeError(f"cannot reach the MLflow tracking store at {uri} ({type(err).__name__}: {err}). Nothing "
-                           f"was registered; the LoRA ({cfg.register.lora}) and the evaluation metrics "
-                           f"({cfg.register.eval_metrics}) are unchanged on disk. Start the server (or fix "
-                           "tracking.uri / MLFLOW_TRACKING_URI) and run `pcm register` again") from err
-    return client
-
-
-@contextmanager
-def tracking_store(uri: str):
-    """MLflow's fluent API (start_run, log_model, load_model) pointed at uri inside the block only:
-    mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI, which must not outlive the call."""
-    previous_env, previous_uri = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous_uri)
-        if previous_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 def _base_model(model: str) -> str:
@@ -255,7 +227,7 @@ def register(cfg: Config) -> dict:
     sha = lora_sha256(lora)
     metrics, unverified = eval_metrics(cfg, sha)
     check_loads(cfg, lora, meta)
-    client = _client(cfg)
+    client = connect(cfg)
     existing = [v for v in client.search_model_versions(f"name='{r.model_name}'") if v.tags.get(SHA_TAG) == sha]
     if existing:  # search results carry no aliases: read the version itself
         version = client.get_model_version(r.model_name, existing[0].version)
@@ -326,11 +298,13 @@ def _requirements() -> list[str]:
 def load_registered(cfg: Config, uri: str):
     """The registered pyfunc (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/...), generating on register.device.
     Its LoRA file must have the sha256 the version recorded: in its model_config (checked while loading) and, for a
-    models:/ URI, in the registry's tag."""
-    client = _client(cfg)
-    with tracking_store(tracking_uri(cfg.tracking)):
-        model = mlflow.pyfunc.load_model(uri, model_config={"device": cfg.register.device})
-    version = _version(client, uri)
+    models:/ URI, in the registry's tag. A read: it creates no store and writes nothing into the artifact store
+    (the version loads from its storage location; pcm.registry_store says why)."""
+    store = tracking_uri(cfg.tracking)
+    client = connect(cfg, read=True)
+    version, location = resolve(client, uri, store)
+    with tracking_store(store):
+        model = mlflow.pyfunc.load_model(location, model_config={"device": cfg.register.device})
     recorded = version.tags.get(SHA_TAG) if version is not None else None
     loaded = model.unwrap_python_model().lora_sha256
     if recorded and len(recorded) == 64 and loaded != recorded:
@@ -338,15 +312,3 @@ def load_registered(cfg: Config, uri: str):
                             f"its artifact has {loaded}: the artifact store was changed after registration; register "
                             "the LoRA again (`pcm register`)")
     return model
-
-
-def _version(client, uri: str):
-    """The model version a models:/NAME@ALIAS or models:/NAME/VERSION URI names; None for other URIs."""
-    ref = uri.removeprefix("models:/")
-    if ref == uri:
-        return None
-    if "@" in ref:
-        name, alias = ref.rsplit("@", 1)
-        return client.get_model_version_by_alias(name, alias)
-    name, _, number = ref.rpartition("/")
-    return client.get_model_version(name, number) if number.isdigit() else None

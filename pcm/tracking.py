@@ -9,7 +9,12 @@ at most `tracking.close_timeout` for the store, then saves what is left there. M
 off (they would hold a request for minutes).
 
 The store: `tracking.uri`, else $MLFLOW_TRACKING_URI, else the embedded SQLite database mlflow/mlflow.db with its
-artifacts in mlflow/artifacts (no server; browse with `mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db`).
+artifacts in mlflow/artifacts (no server; browse with `mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db`),
+under the project's root (project_root), never under whatever folder a command happens to run in: the folder named
+by $PCM_PROJECT_DIR (the CLI sets it from --params), else the nearest folder at or above the working directory
+that holds params.yaml or dvc.yaml, else the source checkout pcm runs from, else the working directory. A relative
+sqlite:/// URI given in tracking.uri or $MLFLOW_TRACKING_URI is the user's own and stays relative to the
+working directory, as MLflow reads it.
 Each stage writes <stage output>/mlflow_run.json (run id, experiment, URI), so a pipeline finds its run from its
 outputs. Lineage tags: git commit and dirty flag, the DVC hash of the prepared data (from dvc.lock when it records
 it, else a digest of the shards' index), the params hash, the pcm version.
@@ -35,10 +40,46 @@ log = logging.getLogger(__name__)
 RUN_FILE = "mlflow_run.json"
 UNLOGGED_FILE = "mlflow_unlogged.json"
 EMBEDDED_DB = "mlflow/mlflow.db"
+PROJECT_ENV = "PCM_PROJECT_DIR"
+PROJECT_MARKERS = ("params.yaml", "dvc.yaml")
+
+
+def project_root(start: str | Path | None = None) -> Path:
+    """The folder the embedded store lives under. From start (a params file or a folder; default: $PCM_PROJECT_DIR
+    as is, else the working directory) up to the first folder holding params.yaml or dvc.yaml, as git and dvc find
+    their roots; failing that, the source checkout pcm itself runs from (the demo's project), then start."""
+    if start is None and os.environ.get(PROJECT_ENV):
+        return Path(os.environ[PROJECT_ENV]).resolve()
+    begin = Path(start).resolve() if start is not None else Path.cwd()
+    begin = begin.parent if begin.is_file() else begin
+    for folder in (begin, *begin.parents):
+        if any((folder / marker).is_file() for marker in PROJECT_MARKERS):
+            return folder
+    checkout = Path(__file__).resolve().parent.parent  # an installed wheel sits in site-packages: no markers
+    return checkout if any((checkout / m).is_file() for m in PROJECT_MARKERS) else begin
+
+
+def use_params_file(path: str | Path) -> Path:
+    """Makes the project of a params file the one every later default store resolves against, in this process and
+    in the ranks it launches (the environment is inherited); returns that root. What `pcm --params FILE` calls."""
+    root = project_root(path)
+    os.environ[PROJECT_ENV] = str(root)
+    return root
+
+
+def default_store() -> str:
+    """sqlite:////<project root>/mlflow/mlflow.db: the embedded store, as an absolute URI."""
+    return f"sqlite:///{(project_root() / EMBEDDED_DB).as_posix()}"
 
 
 def tracking_uri(t: TrackingConfig) -> str:
-    return t.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{EMBEDDED_DB}"
+    return t.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_store()
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI (relative ones against the working directory, as SQLAlchemy reads
+    them); None for any other store."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 def experiment(client, t: TrackingConfig, uri: str) -> str:
@@ -210,8 +251,8 @@ class Tracker:
         from mlflow import MlflowClient
 
         if self._client is None:
-            if self.uri == f"sqlite:///{EMBEDDED_DB}":
-                Path(EMBEDDED_DB).parent.mkdir(parents=True, exist_ok=True)
+            if self.uri == default_store():  # the embedded store is made on first use; a user's URI is theirs
+                sqlite_file(self.uri).parent.mkdir(parents=True, exist_ok=True)
             self._client = MlflowClient(self.uri)
         if self.run_id is None:
             experiment_id = experiment(self._client, self.t, self.uri)

@@ -15,6 +15,7 @@ Generation is batched; features are streamed into running sums; the teacher's re
 images' statistics are cached under eval.cache_dir, keyed by everything they depend on.
 """
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ from pcm.eval.references import feature_function, reference_stats, teacher_refer
 from pcm.eval.report import write_report
 from pcm.inference import lora_sha256
 from pcm.models.families import load_teacher
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -107,6 +110,19 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_lora_meets_teacher(cfg: Config, folder: str, meta: dict) -> None:
+    """Teacher-relative metrics need the LoRA's own teacher: another family is refused before any work (it would
+    not even load), another base model of the family is warned about (a fine-tune may be what is measured)."""
+    from pcm.inference import check_family, recorded_base, same_model
+
+    base = recorded_base(meta, folder) if meta.get("base_model") else cfg.teacher.model
+    check_family(meta, cfg.teacher, f"eval.loras entry {folder}", f"set teacher.family={meta.get('family')} "
+                 f"teacher.model={base} to evaluate it against its own base, or drop it from eval.loras")
+    if not same_model(base, cfg.teacher.model):
+        log.warning("eval.loras entry %s was distilled from %s, evaluated against teacher.model=%s: teacher-relative "
+                    "metrics compare it with another model", folder, base, cfg.teacher.model)
+
+
 def check_inputs(cfg: Config) -> None:
     """Fails before any work when a file or directory the evaluation needs is missing, naming the key to set."""
     from pcm.eval.clip_score import check_clip_dir
@@ -119,7 +135,7 @@ def check_inputs(cfg: Config) -> None:
         raise ValueError("eval.loras is empty: list the LoRA folders to evaluate (pcm distill writes "
                          "train.output_dir/lora)")
     for folder in e.loras:
-        read_lora_config(folder)
+        check_lora_meets_teacher(cfg, folder, read_lora_config(folder))
     if e.features == "inception" and not Path(e.inception_weights).is_file():
         raise FileNotFoundError(f"eval.inception_weights={e.inception_weights}: no such file (pytorch-fid's "
                                 "weights converted with `pcm convert-inception`)")

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pcm.inference import load_checked
 from pcm.math import SolverGrid
 from pcm.models.families import ModelLoadError, Teacher
-from pcm.models.lora import CONFIG_FILE, load_lora
+from pcm.models.lora import CONFIG_FILE
 from pcm.sampling import ddim_timesteps, lcm_timesteps, pcm_timesteps, sample_lcm, sample_pcm
 
 
@@ -73,7 +74,9 @@ def load_samplers(teacher: Teacher, folders: tuple[str, ...], guidance_scales: t
         raise ValueError(f"eval.loras={list(folders)}: two entries give the same row label {names}; list each once")
     samplers = []
     for i, (folder, meta, name) in enumerate(zip(folders, metas, names, strict=True)):
-        load_lora(teacher.unet, folder, adapter_name=f"eval{i}")
+        load_checked(teacher.unet, folder, f"eval{i}", f"eval.loras entry {folder}",
+                     f"the LoRA records a {meta.get('family')} base {meta.get('base_model')}, the teacher "
+                     f"(teacher.model) is {teacher.family}")
         for g in guidance_scales:
             label = name if len(guidance_scales) == 1 else f"{name}-cfg{g:g}"
             samplers.append(lora_sampler(meta, f"eval{i}", g, label))
