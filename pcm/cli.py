@@ -4,14 +4,26 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
+from pcm import __version__
 from pcm.config import ConfigError, config_to_yaml, load_config
 
+DEFAULT_PARAMS = "params.yaml"
 
-def _add_params(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+
+def _add_params(parser: argparse.ArgumentParser, override: str, default: str | None = DEFAULT_PARAMS,
+                default_help: str = "params.yaml") -> None:
+    parser.add_argument("--params", default=default, help=f"params file (default: {default_help}); commands run "
+                        "from the repository root, where params.yaml is")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="overrides of params keys, e.g. distill.num_phases=2")
+                        help=f"overrides of params keys, values as YAML, e.g. {override}")
+
+
+def _command(commands, name: str, help_text: str, example: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help says what it does and shows one command line of its own."""
+    return commands.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def _config_show(args) -> int:
@@ -41,6 +53,24 @@ def _stage(name: str):
     return run
 
 
+EXAMPLES = {  # command -> (an override of the keys it reads, a whole command line); what its --help shows
+    "config show": ("distill.num_phases=2", "pcm config show --params configs/quick.yaml distill.num_phases=2"),
+    "config check": ("train.max_steps=5000", "pcm config check --params configs/sdxl-cc3m.yaml train.max_steps=5000"),
+    "demo-data": ("demo.num_images=400", "pcm demo-data demo.num_images=400 demo.output_dir=data/shapes-small"),
+    "prepare": ("data.resolution=64", "pcm prepare 'data.inputs=[\"data/shapes/shard-{00000..00003}.tar\"]' "
+                "data.num_workers=2"),
+    "demo-teacher": ("demo_teacher.unet_steps=600", "pcm demo-teacher demo_teacher.unet_steps=600"),
+    "precompute": ("teacher.dtype=float16", "pcm precompute --params configs/sdxl-cc3m.yaml teacher.dtype=float16"),
+    "distill": ("train.max_steps=200", "pcm distill --resume latest distill.num_phases=2 train.max_steps=200"),
+    "evaluate": ("eval.num_prompts=50", "pcm evaluate 'eval.steps=[1, 2, 4]' eval.num_prompts=50"),
+    "register": ("register.gate_threshold=50", "pcm register register.model_name=pcm-demo-sd15-4phase "
+                 "register.gate_threshold=50"),
+    "sample": ("sample.gamma=0.2", "pcm sample --model models:/pcm-demo-sd15-4phase@champion "
+               "--prompt 'a red circle in the center on a gray background' --out red.png"),
+    "convert-inception": ("", "pcm convert-inception pt_inception-2015-12-05-6726825d.pth "
+                          "models/inception.safetensors"),
+}
+
 STAGES = {  # command -> (stages function, help)
     "demo-data": ("demo_data", "write the shapes demo world as input shards (demo.*)"),
     "prepare": ("prepare", "input shards -> filtered, resized, cropped prepared shards + stats.json (data.*)"),
@@ -59,7 +89,10 @@ STAGES = {  # command -> (stages function, help)
 def _sample(args) -> int:
     from pcm import stages
 
-    result = stages.sample(load_config(args.params, args.overrides), args.prompt, args.out, model=args.model or "",
+    params = args.params
+    if params is None:  # a registered model carries its base and sampling: a params file is optional then
+        params = DEFAULT_PARAMS if Path(DEFAULT_PARAMS).is_file() or not args.model else None
+    result = stages.sample(load_config(params, args.overrides), args.prompt, args.out, model=args.model or "",
                            lora=args.lora or "", negative_prompt=args.negative_prompt, steps=args.steps,
                            guidance_scale=args.guidance_scale, seed=args.seed)
     print(json.dumps(result, indent=2))
@@ -67,9 +100,10 @@ def _sample(args) -> int:
 
 
 def _add_sample(commands) -> None:
-    sample = commands.add_parser("sample", help="images from a registered model or a LoRA folder (the base model "
-                                 "from teacher.*), sampled over the LoRA's trained edges")
-    _add_params(sample)
+    sample = _command(commands, "sample", "images from a registered model or a LoRA folder (the base model from "
+                      "teacher.*), sampled over the LoRA's trained edges", EXAMPLES["sample"][1])
+    _add_params(sample, EXAMPLES["sample"][0], default=None,
+                default_help="params.yaml; with --model and no params.yaml here, the built-in defaults")
     source = sample.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a registered model URI, e.g. models:/pcm-demo-sd15-4phase@champion")
     source.add_argument("--lora", help="an exported LoRA folder, e.g. models/pcm/lora")
@@ -89,33 +123,57 @@ def _convert_inception(args) -> int:
     return 0
 
 
+def _config_usage(args) -> int:
+    print("pcm config: say what to do: `pcm config show` prints the resolved config, `pcm config check` validates "
+          "it; e.g. pcm config check --params params.yaml", file=sys.stderr)
+    return 2
+
+
+def _add_config(commands) -> None:
+    config = commands.add_parser("config", help="show or check the resolved config", description="show or check "
+                                 "the resolved config (a params file + overrides)", epilog="example:\n  "
+                                 + EXAMPLES["config check"][1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    config.set_defaults(func=_config_usage)
+    config_commands = config.add_subparsers(dest="config_command", metavar="{show,check}")
+    for name, function, help_text in (("show", _config_show, "print the resolved config (params file + overrides)"),
+                                      ("check", _config_check, "validate the config; exit 2 with the reason on "
+                                                               "error")):
+        override, example = EXAMPLES[f"config {name}"]
+        command = _command(config_commands, name, help_text, example)
+        _add_params(command, override)
+        command.set_defaults(func=function)
+
+
+def _add_distill_options(stage: argparse.ArgumentParser) -> None:
+    run = stage.add_mutually_exclusive_group()
+    run.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint under "
+                     "train.output_dir/checkpoints (latest) or from a checkpoint folder; refused when the folder's "
+                     "run manifest differs from this config, data or teacher")
+    run.add_argument("--overwrite", action="store_true", help="replace the run already in train.output_dir (its "
+                     "checkpoints, LoRA, samples, metrics) instead of refusing")
+    stage.add_argument("--processes", type=int, default=1, metavar="N", help="ranks on this machine (accelerate "
+                       "launch --multi_gpu); a SIGTERM to this process reaches them all")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pcm", description="Phased Consistency Model distillation pipelines")
+    parser = argparse.ArgumentParser(prog="pcm", description="Phased Consistency Model distillation pipelines",
+                                     epilog="example:\n  pcm config check --params params.yaml\n"
+                                     "`pcm COMMAND --help` shows each command's options and an example",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"pcm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    config = commands.add_parser("config", help="show or check the resolved config")
-    config_commands = config.add_subparsers(dest="config_command", required=True)
-    show = config_commands.add_parser("show", help="print the resolved config (params file + overrides)")
-    _add_params(show)
-    show.set_defaults(func=_config_show)
-    check = config_commands.add_parser("check", help="validate the config; exit 2 with the reason on error")
-    _add_params(check)
-    check.set_defaults(func=_config_check)
+    _add_config(commands)
     for command, (function, help_text) in STAGES.items():
-        stage = commands.add_parser(command, help=help_text)
-        _add_params(stage)
+        override, example = EXAMPLES[command]
+        stage = _command(commands, command, help_text, example)
+        _add_params(stage, override)
         if command == "distill":
-            run = stage.add_mutually_exclusive_group()
-            run.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint "
-                               "under train.output_dir/checkpoints (latest) or from a checkpoint folder; refused "
-                               "when the folder's run manifest differs from this config, data or teacher")
-            run.add_argument("--overwrite", action="store_true", help="replace the run already in "
-                               "train.output_dir (its checkpoints, LoRA, samples, metrics) instead of refusing")
-            stage.add_argument("--processes", type=int, default=1, metavar="N", help="ranks on this machine "
-                               "(accelerate launch --multi_gpu); a SIGTERM to this process reaches them all")
+            _add_distill_options(stage)
         stage.set_defaults(func=_stage(function))
     _add_sample(commands)
-    convert = commands.add_parser("convert-inception", help="pytorch-fid's FID Inception .pth -> safetensors "
-                                  "(for eval.inception_weights; read with weights_only, no pickled code runs)")
+    convert = _command(commands, "convert-inception", "pytorch-fid's FID Inception .pth -> safetensors (for "
+                       "eval.inception_weights; read with weights_only, no pickled code runs)",
+                       EXAMPLES["convert-inception"][1])
     convert.add_argument("source", help="pt_inception-2015-12-05-6726825d.pth")
     convert.add_argument("target", help="output .safetensors file")
     convert.set_defaults(func=_convert_inception)

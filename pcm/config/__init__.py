@@ -326,7 +326,9 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
 def read_params(path: str | Path) -> dict:
     """The mapping of a params file, parsed strictly (duplicate keys are errors); ConfigError names the file."""
     path = Path(path)
-    require(path.is_file(), f"params file {path} not found; pass --params path/to/params.yaml")
+    where = "" if path.is_absolute() else f" in {Path.cwd()}"  # a relative path: pcm may run from the wrong folder
+    require(path.is_file(), f"params file {path} not found{where}; pcm commands run from the repository root, or "
+                            "pass --params path/to/params.yaml")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:

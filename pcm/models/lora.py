@@ -118,10 +118,42 @@ def _add_metadata(path: Path, extra: dict[str, str]) -> None:
     save_file(load_file(path), path, metadata={**metadata, **extra})
 
 
+class LoraFileError(ValueError):
+    """An exported LoRA file that is missing or unreadable: one line naming the path and what to do."""
+
+
+REEXPORT = "re-export the LoRA with `pcm distill` (train.output_dir/lora) or restore the folder from its MLflow run"
+
+
+def _first_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+
+
+def read_card(folder: str | Path, key: str = "lora") -> dict:
+    """pcm_config.json of an exported LoRA folder (method, family, base model, edges, ...); LoraFileError naming
+    key, the path and the fix when it is missing, truncated or not a JSON object."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise LoraFileError(f"{key}={folder}: no {CONFIG_FILE} there; point {key} at a LoRA folder written by "
+                            "`pcm distill` (train.output_dir/lora)")
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise LoraFileError(f"{key}: {path} is unreadable ({_first_line(err)}); {REEXPORT}") from err
+    if not isinstance(card, dict):
+        raise LoraFileError(f"{key}: {path} holds {type(card).__name__}, not a JSON object; {REEXPORT}")
+    return card
+
+
 def read_metadata(path: str | Path) -> dict:
-    """The 'pcm' metadata of an exported LoRA file."""
-    with safe_open(path, framework="pt") as f:
-        return json.loads((f.metadata() or {}).get("pcm", "{}"))
+    """The 'pcm' metadata of an exported LoRA file; LoraFileError naming the file when it is truncated or damaged."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("pcm", "{}"))
+    except FileNotFoundError as err:
+        raise LoraFileError(f"{path}: no such file; {REEXPORT}") from err
+    except Exception as err:  # safetensors' SafetensorError (truncated header), OSError, a broken JSON value
+        raise LoraFileError(f"{path} is unreadable, truncated or damaged ({_first_line(err)}); {REEXPORT}") from err
 
 
 def load_lora(unet: torch.nn.Module, folder: str | Path, adapter_name: str) -> None:
@@ -130,6 +162,10 @@ def load_lora(unet: torch.nn.Module, folder: str | Path, adapter_name: str) -> N
     path = Path(folder) / DIFFUSERS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a LoRA folder exported by `pcm distill`")
-    state, alphas, adapter_metadata = StableDiffusionPipeline.lora_state_dict(Path(folder), return_lora_metadata=True)
+    try:
+        state, alphas, adapter_metadata = StableDiffusionPipeline.lora_state_dict(Path(folder),
+                                                                                  return_lora_metadata=True)
+    except Exception as err:  # safetensors' own error for a truncated file, OSError, a broken metadata JSON
+        raise LoraFileError(f"{path} is unreadable, truncated or damaged ({_first_line(err)}); {REEXPORT}") from err
     unet.load_lora_adapter(state, prefix="unet", network_alphas=alphas, adapter_name=adapter_name,
                            metadata=adapter_metadata)
