@@ -1,0 +1,128 @@
+"""A LoRA always meets its own teacher (issue 22 §1): `pcm sample --lora` samples on the base model its card records
+(the config's teacher only when asked), and a LoRA of another family or with other shapes is refused in one line
+naming both sides and the override — in `pcm sample`, `pcm evaluate` and the registered pyfunc — instead of peft's
+warning over ~100 modules and torch's size-mismatch dump."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from diffusers import UNet2DConditionModel
+from test_families import save_tiny
+
+from pcm.cli import main
+from pcm.config import LORA_TARGETS, config_from_dict
+from pcm.inference import LoRAError, sample_pngs
+from pcm.models.lora import CONFIG_FILE, DIFFUSERS_FILE, attach_lora, export_lora
+from pcm.registry import PCMPipelineModel, lora_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def card(family: str, base: str) -> dict:
+    """pcm_config.json of a 2-phase PCM LoRA over a 20-step grid at 16 px (what pcm distill writes)."""
+    return {"method": "pcm", "family": family, "base_model": base, "num_solver_steps": 20, "num_phases": 2,
+            "edges": [0, 499], "sampling_timesteps": [999, 499, 0], "guidance": "small_cfg", "w_min": 4.0,
+            "w_max": 5.0, "recommended_steps": 2, "recommended_guidance_scale": 1.0,
+            "recommended_scheduler": "TCDScheduler", "resolution": 16, "lcm_sigma_data": 0.5,
+            "lcm_timestep_scaling": 10.0}
+
+
+def make_lora(teacher: Path, family: str, out: Path, seed: int = 0) -> Path:
+    """An exported LoRA of the tiny teacher's UNet with random B (no distillation: only its shapes and card
+    matter here); another seed, another file."""
+    unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")
+    attach_lora(unet, 4, 4.0, LORA_TARGETS)
+    generator = torch.Generator().manual_seed(seed)
+    for name, p in unet.named_parameters():
+        if "lora_B" in name:
+            p.data = 0.01 * torch.randn(p.shape, generator=generator)
+    export_lora(unet, family, out, card(family, str(teacher)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bases")
+    sd15, sdxl = save_tiny(root / "sd15", "sd15"), save_tiny(root / "sdxl", "sdxl")
+    return root, sd15, sdxl, make_lora(sdxl, "sdxl", root / "sdxl-lora")
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "pcm.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _params(root: Path, teacher: Path, **sections) -> Path:
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump({"teacher": {"model": str(teacher)}, "data": {"resolution": 16},
+                                    "tracking": {"enabled": False}, **sections}))
+    return path
+
+
+def _errors(stderr: str) -> list[str]:
+    """stderr without log records and the loaders' progress bars: what is left is what the command reports."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith(("INFO ", "WARNING "))
+            and "it/s]" not in line]
+
+
+def test_an_sdxl_lora_on_the_sd15_teacher_is_one_line_in_pcm_evaluate(bases, tmp_path, capsys):
+    root, sd15, sdxl, lora = bases
+    params = _params(tmp_path, sd15, eval={"loras": [str(lora)], "output_dir": str(tmp_path / "eval")})
+    assert main(["evaluate", "--params", str(params)]) == 2  # the CLI in-process: refused before any model loads
+    errors = _errors(capsys.readouterr().err)
+    assert len(errors) == 1, errors
+    line = errors[0]
+    assert line.startswith("pcm evaluate: LoRAError:") and "sdxl LoRA" in line and "the teacher is sd15" in line
+    assert f"teacher.family=sdxl teacher.model={sdxl}" in line and "size mismatch" not in line
+
+
+def test_sample_lora_uses_the_base_its_card_records_and_the_config_teacher_only_when_asked(bases, tmp_path):
+    root, sd15, sdxl, lora = bases
+    cfg = config_from_dict({"teacher": {"model": str(sd15)}})  # the config names the sd15 teacher
+    out = sample_pngs(cfg, ["a red circle"], str(tmp_path / "x.png"), "", str(lora), "", 1, None, 0)
+    assert Path(out["images"][0]).stat().st_size > 0  # sampled on the sdxl base of its card
+    with pytest.raises(LoRAError) as refused:
+        sample_pngs(cfg, ["a red circle"], str(tmp_path / "y.png"), "", str(lora), "", 1, None, 0, "config")
+    message = str(refused.value)
+    assert "\n" not in message and "sdxl LoRA" in message and "the teacher is sd15" in message
+    assert "drop --teacher-from config" in message and f"teacher.model={sdxl}" in message
+    with pytest.raises(ValueError, match="allowed: lora, config"):
+        sample_pngs(cfg, ["a"], str(tmp_path / "z.png"), "", str(lora), "", 1, None, 0, "teacher")
+
+
+def test_a_lora_with_another_base_s_shapes_is_one_line_in_pcm_sample(bases, tmp_path):
+    """The card says sd15 (on the sd15 teacher), the tensors are the sdxl UNet's: the shapes give it away."""
+    root, sd15, sdxl, lora = bases
+    liar = tmp_path / "liar"
+    liar.mkdir()
+    (liar / DIFFUSERS_FILE).write_bytes((lora / DIFFUSERS_FILE).read_bytes())
+    (liar / CONFIG_FILE).write_text(json.dumps(card("sd15", str(sd15))))
+    params = _params(tmp_path, sd15)
+    done = _cli(["sample", "--params", str(params), "--lora", str(liar), "--prompt", "a red circle",
+                 "--out", str(tmp_path / "s.png")], tmp_path)
+    assert done.returncode == 2, done.stderr
+    errors = _errors(done.stderr)
+    assert len(errors) == 1, done.stderr
+    line = errors[0]
+    assert line.startswith("pcm sample: LoRAError: --lora=") and f"records a sd15 base {sd15}" in line
+    assert f"the teacher is sd15 {sd15}" in line and "set --lora to a LoRA trained on this base" in line
+
+
+def test_the_registered_pyfunc_refuses_a_base_of_another_family(bases):
+    root, sd15, sdxl, lora = bases
+    meta = lora_config(lora)
+    context = SimpleNamespace(artifacts={"lora": str(lora)},
+                              model_config={"family": "sd15", "base_model": str(sd15), "lora_sha256": None})
+    with pytest.raises(LoRAError) as refused:
+        PCMPipelineModel().load_context(context)  # a load-time override of the base, to another family
+    message = str(refused.value)
+    assert "\n" not in message and "sdxl LoRA" in message and "the teacher is sd15" in message
+    assert "model_config={'family': 'sdxl'" in message and meta["family"] == "sdxl"
