@@ -110,7 +110,7 @@ def resolve(client, uri: str, store: str):
                             f"(registered: {registered(client)})")
     aliases = _aliases(client, known[name])
     numbers = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-    have = (f"{name} has versions {', '.join(map(str, numbers)) or 'none'} and aliases "
+    have = (f"{name}: versions {', '.join(map(str, numbers)) or 'none'}; aliases "
             f"{', '.join(f'{a}={v}' for a, v in sorted(aliases.items())) or 'none'}")
     if alias:
         if alias not in aliases:

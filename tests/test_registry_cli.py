@@ -18,7 +18,7 @@ from pcm import stages
 from pcm.cli import main
 from pcm.config import config_from_dict
 from pcm.inference import lora_sha256
-from pcm.tracking import EMBEDDED_DB, PROJECT_ENV, project_root, tracking_uri
+from pcm.tracking import EMBEDDED_DB, PROJECT_ENV, project_root, tracking_uri, use_params_file
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -120,8 +120,11 @@ def test_a_project_without_a_store_is_refused_in_one_line_and_none_is_created(tm
                    f"({tmp_path / EMBEDDED_DB} does not exist; the default store of project {tmp_path}; run from the "
                    "project, pass its --params, or set tracking.uri / MLFLOW_TRACKING_URI)")
     assert not (tmp_path / "mlflow").exists() and not (tmp_path / "deep" / "er" / "mlflow").exists()
-    monkeypatch.setenv(PROJECT_ENV, str(REPO))  # what the CLI sets from --params wins over the walk
-    assert project_root() == REPO
+    monkeypatch.setenv(PROJECT_ENV, "")  # restored (removed) after the test
+    monkeypatch.chdir("/")
+    assert use_params_file(tmp_path / "params.yaml") == tmp_path  # what `pcm --params FILE` calls
+    assert project_root() == tmp_path and tracking_uri(config_from_dict({}).tracking).endswith(
+        f"{tmp_path}/{EMBEDDED_DB}")
 
 
 def test_a_gate_metric_that_does_not_exist_lists_the_keys_and_does_not_promote(project):
