@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -442,3 +443,86 @@ def test_the_loader_fails_clearly_on_an_epoch_with_nothing_decodable(tmp_path, n
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
     assert issubclass(EmptyEpochError, RuntimeError)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"  # a zombie has exited
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def _prepare_with_hanging_workers(urls, out, pids: Path) -> None:
+    def hang(*_):
+        with open(pids, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        signal.pause()
+
+    prepare_module.process_sample = hang  # this forked child's copy of the module only
+    _run(urls, out)
+
+
+def test_workers_of_a_killed_stage_die_with_it(tmp_path, two_datasets):
+    """A stage killed with SIGKILL runs no cleanup; its workers must not live on (and write into a rerun's files)."""
+    a, _ = two_datasets
+    pids = tmp_path / "pids"
+    child = multiprocessing.get_context("fork").Process(target=_prepare_with_hanging_workers,
+                                                        args=(a, tmp_path / "out", pids))
+    child.start()
+    for _ in range(200):  # both workers are inside a sample
+        if pids.exists() and len(pids.read_text().split()) == 2:
+            break
+        time.sleep(0.05)
+    workers = [int(p) for p in pids.read_text().split()]
+    try:
+        assert len(workers) == 2 and all(map(_alive, workers))
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        for _ in range(100):
+            if not any(map(_alive, workers)):
+                break
+            time.sleep(0.05)
+        assert not any(map(_alive, workers))
+    finally:  # should the guard ever fail, the paused workers must not outlive the test
+        for pid in filter(_alive, workers):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_workers_fork_safely_after_the_parent_decoded_video(tmp_path, monkeypatch):
+    """Uncollected garbage of the parent holding decoded frames (their ffmpeg scaler owns slice threads) must not be
+    freed in a forked worker: freeing it there joins threads that exist only in the parent, and the worker hangs."""
+    import gc
+
+    import av
+
+    from pcm.data.video import encode_video
+
+    clip = encode_video(np.full((4, 48, 64, 3), 90, np.uint8), fps=8)
+    real = prepare_module.process_sample
+
+    def collecting(*args):  # the worker's collector runs, as it does after its first few hundred allocations
+        gc.enable()
+        gc.collect()
+        return real(*args)
+
+    monkeypatch.setattr(prepare_module, "process_sample", collecting)
+    gc.disable()  # the cycle stays uncollected until the fork, as it would between two automatic collections
+    try:
+        with av.open(io.BytesIO(clip)) as container:
+            frames = list(container.decode(video=0))
+        for frame in frames:  # each decoded frame keeps the scaler it used
+            frame.reformat(width=64, height=48, format="rgb24")
+        cycle = [frames]
+        cycle.append(cycle)
+        del frames, frame, cycle
+        previous = signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("a worker hung")))
+        signal.alarm(30)
+        try:
+            stats = _run([_write_tar(tmp_path / "in.tar", _sample("clip", clip, "mp4"))], tmp_path / "out",
+                         modality="video", frames=2, num_workers=1)
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+    finally:
+        gc.enable()
+    assert stats["samples_written"] == 1 and stats["shards_failed"] == []

@@ -118,3 +118,32 @@ def test_sample_split_gives_every_world_size_the_same_global_batches(prepared):
     ranks = [_take(make_loader(prepared, 3, 4, rank, 2, shuffle_buffer=12, split="samples"), 10) for rank in (0, 1)]
     for j in range(10):
         assert single[j]["key"] == ranks[0][j]["key"] + ranks[1][j]["key"]
+
+
+def test_worker_count_does_not_change_the_batches_when_an_epoch_holds_an_odd_number(tmp_path):
+    """3 batches per epoch and 2 workers: worker turns run on across epochs, so torch's round robin still delivers
+    the single-process sequence (with turns restarting each epoch, epoch 1 would begin with its second batch)."""
+    writer = ShardWriter(tmp_path, shard_size=6)
+    for n in range(6):
+        meta = {"original_height": 8, "original_width": 8, "crop_top": 0, "crop_left": 0}
+        writer.write(f"k{n}", {"png": _png(n), "txt": b"c", "json": json.dumps(meta).encode()})
+    writer.close()
+    (tmp_path / "index.json").write_text(json.dumps({"shards": [{"name": writer.names[0], "samples": 6}]}))
+    assert PreparedShards(tmp_path, 2, 0).batches_per_epoch(0) == 3
+    single = _take(make_loader(tmp_path, 2, seed=5, shuffle_buffer=4), 9)
+    multi = _take(make_loader(tmp_path, 2, seed=5, shuffle_buffer=4, num_workers=2), 9)
+    expected = [(e, j) for e in range(3) for j in range(3)]
+    assert [b["position"] for b in multi] == [b["position"] for b in single] == expected
+    assert _keys(multi) == _keys(single)
+
+
+def test_a_wholly_corrupt_batch_is_counted_in_the_next_batch(tmp_path):
+    writer = ShardWriter(tmp_path, shard_size=6)
+    for n in range(6):
+        meta = {"original_height": 8, "original_width": 8, "crop_top": 0, "crop_left": 0}
+        image = b"corrupt" if n < 2 else _png(n)
+        writer.write(f"k{n}", {"png": image, "txt": b"c", "json": json.dumps(meta).encode()})
+    writer.close()
+    (tmp_path / "index.json").write_text(json.dumps({"shards": [{"name": writer.names[0], "samples": 6}]}))
+    batches = _take(make_loader(tmp_path, 2, seed=0, shuffle_buffer=1), 2)  # buffer 1 keeps the order: k0 k1 first
+    assert batches[0]["position"] == (0, 1) and batches[0]["skipped"] == 2 and batches[1]["skipped"] == 0

@@ -9,9 +9,10 @@ What goes wrong, and what happens then:
   a bad sample (corrupt, too large, filtered)  skipped and counted per reason in stats.json; the stage goes on
   a shard that cannot be read (fully or in part), or whose worker dies (out of memory, a decoder crash)
                                                named under shards_failed with why; the other shards finish
-  writing the output fails (a full disk)       the stage fails with PrepareError; nothing is published, so the
-                                               previous prepared shards stay as they were
-  nothing read, or nothing passed the filters  the stage fails with PrepareError (stats.json says why)
+  writing the output fails (a full disk)       the stage fails with OutputError (a PrepareError): before publishing,
+                                               the previous prepared shards stay as they were; while publishing,
+                                               the folder is left without index.json until a rerun succeeds
+  nothing could be read at all                 the stage fails with PrepareError (stats.json says why)
 index.json is written last and atomically; a folder without it is incomplete (the loader asks for `pcm prepare`).
 
 What a sample becomes, or why it is skipped, is pcm.data.samples. A prepared folder holds one modality
@@ -29,6 +30,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,19 +48,25 @@ log = logging.getLogger(__name__)
 
 
 class PrepareError(RuntimeError):
-    """Nothing at all could be read or kept, or the output could not be written."""
+    """Nothing at all could be read, or the output could not be written."""
 
 
 class OutputError(PrepareError):
     """Writing the prepared shards failed (a full disk, a read-only folder): the stage's fault, not the data's."""
 
 
-def output_error(path: Path | str, err: OSError, publishing: bool = False) -> OutputError:
-    hint = ("the disk is full: free space or point data.output_dir at a larger disk"
-            if err.errno in (errno.ENOSPC, errno.EDQUOT) else "check that data.output_dir is writable")
-    state = ("data.output_dir was being replaced and has no index.json until `pcm prepare` succeeds" if publishing
-             else "nothing was published, the previous prepared shards (if any) are unchanged")
-    return OutputError(f"writing the prepared shards failed at {path}: {err.strerror or err} ({hint}); {state}")
+@contextmanager
+def _writing(path: Path | str, publishing: bool = False) -> Iterator[None]:
+    """Turns an OSError of the block (writes to the output) into OutputError, naming the cause and the state left."""
+    try:
+        yield
+    except OSError as err:
+        hint = ("the disk is full: free space or point data.output_dir at a larger disk"
+                if err.errno in (errno.ENOSPC, errno.EDQUOT) else "check that data.output_dir is writable")
+        state = ("data.output_dir was being replaced and has no index.json until `pcm prepare` succeeds" if publishing
+                 else "nothing was published, the previous prepared shards (if any) are unchanged")
+        raise OutputError(f"writing the prepared shards failed at {path}: {err.strerror or err} ({hint}); {state}") \
+            from err
 
 
 @dataclass
@@ -94,10 +102,8 @@ class _Part:
         self.file = self._do(open, path, "wb")
 
     def _do(self, fn, *args):
-        try:
+        with _writing(self.path):
             return fn(*args)
-        except OSError as err:
-            raise output_error(self.path, err) from err
 
     def write(self, blob: bytes) -> None:
         self._do(self.file.write, blob)
@@ -202,25 +208,21 @@ def _process_all(urls: list[str], cfg: DataConfig, seed: int, staging: Path, pro
         if result.fatal:
             raise OutputError(result.fatal)
         totals.add(result)
-        try:
+        with _writing(staging):
             totals.skipped["duplicate_key"] += _merge_part(result, writer, seen)
-        except OSError as err:
-            raise output_error(staging, err) from err
         bar.update()
         bar.set_postfix(written=sum(writer.counts), skipped=sum(totals.skipped.values()))
     bar.close()
-    try:
+    with _writing(staging):
         writer.close()
-    except OSError as err:
-        raise output_error(staging, err) from err
     return totals, writer
 
 
 def _publish(staging: Path, out: Path, writer: ShardWriter, index: dict, stats: dict) -> None:
     """Moves the new shards into place and removes shards of an earlier, larger run. The old index.json goes first
     and the new one comes last, so no index.json ever names shards of another run, whatever is interrupted."""
-    (out / "index.json").unlink(missing_ok=True)
-    try:
+    with _writing(out, publishing=True):
+        (out / "index.json").unlink(missing_ok=True)
         fsync_path(out)
         for old in out.glob("shard-*.tar"):
             if old.name not in writer.names:
@@ -230,8 +232,6 @@ def _publish(staging: Path, out: Path, writer: ShardWriter, index: dict, stats: 
         shutil.rmtree(staging)
         write_text(out / "stats.json", json.dumps(stats, indent=2) + "\n")
         write_text(out / "index.json", json.dumps(index, indent=2) + "\n")
-    except OSError as err:
-        raise output_error(out, err, publishing=True) from err
 
 
 def _stats(urls: list[str], totals: Totals, writer: ShardWriter, workers: int, seconds: float) -> dict:
@@ -245,20 +245,21 @@ def _stats(urls: list[str], totals: Totals, writer: ShardWriter, workers: int, s
     }
 
 
-def _nothing_kept(stats: dict, urls: list[str]) -> str | None:
-    """Why the run produced no data (the stage then fails), or None."""
+def _unreadable(stats: dict, urls: list[str]) -> str | None:
+    """Why nothing at all could be read (the stage then fails), or None. A run that read samples but kept none
+    still publishes its (empty) shards and stats.json, with a warning naming the reasons."""
     if stats["samples_read"] == 0:
         reasons = "; ".join(f"{f['url']}: {f['error']}" for f in stats["shards_failed"][:5])
         return f"no sample could be read from any of the {len(urls)} input shard(s) ({reasons}); check data.inputs"
     if stats["samples_written"] == 0:
         top = ", ".join(f"{reason}: {count}" for reason, count in Counter(stats["skipped"]).most_common(3))
-        return (f"none of the {stats['samples_read']} samples read passed the filters ({top}); see stats.json and "
-                "the data.* filters")
+        log.warning("none of the %d samples read passed the filters (%s): see stats.json and the data.* filters",
+                    stats["samples_read"], top)
     return None
 
 
 def prepare(cfg: DataConfig, seed: int, progress: bool = True) -> dict:
-    """Runs the stage; returns (and writes) stats.json. Raises PrepareError when nothing could be read or kept, and
+    """Runs the stage; returns (and writes) stats.json. Raises PrepareError when nothing could be read, and
     OutputError (a PrepareError) when the output could not be written."""
     start = time.perf_counter()
     urls = expand_inputs(cfg.inputs, cfg.allow_pipe_urls)
@@ -268,13 +269,14 @@ def prepare(cfg: DataConfig, seed: int, progress: bool = True) -> dict:
     staging = out / f".staging-{uuid.uuid4().hex[:8]}"  # a killed run's workers can never write into this run's
     workers = min(cfg.num_workers or available_cpus(), len(urls))
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        for leftover in out.glob(".staging*"):  # of runs that were killed
-            shutil.rmtree(leftover, ignore_errors=True)
-        staging.mkdir()
+        with _writing(out):
+            out.mkdir(parents=True, exist_ok=True)
+            for leftover in out.glob(".staging*"):  # of runs that were killed
+                shutil.rmtree(leftover, ignore_errors=True)
+            staging.mkdir()
         totals, writer = _process_all(urls, cfg, seed, staging, progress, workers)
         stats = _stats(urls, totals, writer, workers, time.perf_counter() - start)
-        failure = _nothing_kept(stats, urls)
+        failure = _unreadable(stats, urls)
         if failure is None:
             index = {"resolution": cfg.resolution, "image_format": cfg.image_format,
                      **({"frames": cfg.frames} if cfg.modality == "video" else {}),
@@ -282,9 +284,8 @@ def prepare(cfg: DataConfig, seed: int, progress: bool = True) -> dict:
                                 for n, c, d in zip(writer.names, writer.counts, writer.digests, strict=True)]}
             _publish(staging, out, writer, index, stats)
             return stats
-        write_text(out / "stats.json", json.dumps(stats, indent=2) + "\n")
-    except OSError as err:
-        raise output_error(out, err) from err
+        with _writing(out):
+            write_text(out / "stats.json", json.dumps(stats, indent=2) + "\n")
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # a failed run gives its disk space back
     raise PrepareError(failure)

@@ -8,7 +8,7 @@ the seconds a shard of thousands of samples takes.
 
 import contextlib
 import ctypes
-import ctypes.util
+import gc
 import math
 import multiprocessing
 import multiprocessing.connection
@@ -96,10 +96,8 @@ def _death(exitcode: int | None) -> str:
 
 def _die_with_parent(parent: int) -> None:
     """A worker whose stage was killed (SIGKILL, no cleanup) must not live on and write into the next run's files."""
-    libc = ctypes.util.find_library("c")
-    if libc is not None:
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(libc, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    with contextlib.suppress(OSError, AttributeError):  # Linux only: elsewhere the worker outlives a killed stage
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # the process's own symbols include libc's
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
 
@@ -126,6 +124,19 @@ def _collect(recv, process, job, failed: Callable):
     return failed(job, value if kind == "error" else _death(process.exitcode))
 
 
+def _fork(process) -> None:
+    """Starts process with the parent's objects frozen out of the child's garbage collector. Garbage the parent has
+    not collected yet (an exception's traceback holding a decoded video frame) would otherwise be freed in the
+    child, where freeing an ffmpeg scaler joins threads that exist only in the parent: a deadlock."""
+    frozen_already = gc.get_freeze_count() > 0
+    gc.freeze()
+    try:
+        process.start()
+    finally:
+        if not frozen_already:  # the parent collects as before; someone else's freeze is theirs to undo
+            gc.unfreeze()
+
+
 def run_ordered(fn: Callable, jobs: Iterable, workers: int, failed: Callable) -> Iterator:
     """fn(job) for every job, each in a forked process of its own, at most `workers` at a time; the results in job
     order (later ones wait). A job whose process raises or dies yields failed(job, why) instead."""
@@ -140,7 +151,7 @@ def run_ordered(fn: Callable, jobs: Iterable, workers: int, failed: Callable) ->
                 recv, send = context.Pipe(duplex=False)
                 process = context.Process(target=_child, args=(fn, jobs[started], send, os.getpid()),
                                           daemon=True)
-                process.start()
+                _fork(process)
                 send.close()  # the child's end only: a dead child then reads as EOF here
                 running[recv] = (started, jobs[started], process)
                 started += 1
