@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pcm import stages
+from pcm.data.digest import prepared_digest
 from pcm.data.loader import loader_factory
 from pcm.data.precompute import find_latents, precomputed_dir, teacher_key
 from pcm.train.distill import setup
@@ -38,6 +39,7 @@ def test_precomputed_latents_give_the_same_losses_and_no_vae_is_loaded(own_world
 
     meta = stages.precompute(fly, progress=False)
     assert meta["samples"] == 32 and meta["passed_through_unreadable"] == 0
+    assert meta["teacher_key"] == teacher_key(fly) and meta["data_digest"] == prepared_digest(fly.data.output_dir)
     folder = find_latents(fly)
     assert folder == precomputed_dir(fly) and json.loads((folder / "index.json").read_text())["latents"]
     pre = _cfg(own_world, tmp_path / "pre", train=train)

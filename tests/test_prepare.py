@@ -139,6 +139,8 @@ def test_every_broken_input_is_skipped_and_counted_and_every_good_sample_written
     assert set(written) == expected_keys
     assert stats["samples_written"] == len(expected_keys) and stats["samples_read"] == 18 + 4 + 2 + 2
     assert stats["shards_written"] == 4  # 13 samples in shards of 4
+    assert stats["samples_read"] == stats["samples_written"] + sum(stats["skipped"].values())  # nothing vanishes
+    assert stats["samples_without_json"] == 0 and stats["workers"] == 2
     failed = {Path(f["url"].removeprefix("file://")).name: f["error"] for f in stats["shards_failed"]}
     assert set(failed) == {"truncated.tar", "missing-shard.tar"}
     assert "No such file" in failed["missing-shard.tar"]

@@ -77,7 +77,7 @@ class ShardResult:
     keys: list[str] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)  # bytes of each kept sample in the part file
     read: int = 0
-    without_json: int = 0  # samples read that had no KEY.json (data.require_json does not apply to them)
+    without_json: int = 0  # whole samples read without a KEY.json (data.require_json does not apply to them)
     skipped: Counter = field(default_factory=Counter)
     converted: Counter = field(default_factory=Counter)
     error: str | None = None  # why the shard could not be read (fully or in part)
@@ -116,7 +116,7 @@ def _take(raw: RawSample, job: tuple, result: ShardResult, part: _Part, seen: se
     """One input sample: written to the part file, or counted under its skip reason."""
     _, url, cfg, seed, _ = job
     result.read += 1
-    result.without_json += int("json" not in raw.files and "json" not in raw.oversized)
+    result.without_json += int(not raw.truncated and "json" not in raw.files and "json" not in raw.oversized)
     try:
         if raw.key in seen:
             raise SkipSample("duplicate_key")
