@@ -40,9 +40,12 @@ def _config_check(args) -> int:
 def _stage(name: str):
     def run(args) -> int:
         from pcm import stages  # heavy imports (torch, PIL) only for the commands that need them
+        from pcm.tracking import use_params_file
 
         kwargs = {k: getattr(args, k) for k in ("resume", "overwrite", "processes") if getattr(args, k, None)}
-        result = getattr(stages, name)(load_config(args.params, args.overrides), **kwargs)
+        cfg = load_config(args.params, args.overrides)
+        use_params_file(args.params)  # the default MLflow store is the params file's project's, wherever pcm runs
+        result = getattr(stages, name)(cfg, **kwargs)
         table = result.pop("table", None)  # a markdown step table reads better as itself than inside JSON
         summary = {k: v for k, v in result.items() if not isinstance(v, list) or len(v) <= 8}
         print(json.dumps(summary, indent=2))
@@ -92,9 +95,14 @@ def _sample(args) -> int:
     params = args.params
     if params is None:  # a registered model carries its base and sampling: a params file is optional then
         params = DEFAULT_PARAMS if Path(DEFAULT_PARAMS).is_file() or not args.model else None
-    result = stages.sample(load_config(params, args.overrides), args.prompt, args.out, model=args.model or "",
+    cfg = load_config(params, args.overrides)
+    if params is not None:
+        from pcm.tracking import use_params_file
+
+        use_params_file(params)  # the default MLflow store is the params file's project's, wherever pcm runs
+    result = stages.sample(cfg, args.prompt, args.out, model=args.model or "",
                            lora=args.lora or "", negative_prompt=args.negative_prompt, steps=args.steps,
-                           guidance_scale=args.guidance_scale, seed=args.seed)
+                           guidance_scale=args.guidance_scale, seed=args.seed, teacher_from=args.teacher_from)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -112,6 +120,9 @@ def _add_sample(commands) -> None:
     sample.add_argument("--steps", type=int, help="sampling steps (default: the LoRA's recommended, M)")
     sample.add_argument("--guidance-scale", type=float, help="inference CFG (default: the LoRA's recommended)")
     sample.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    sample.add_argument("--teacher-from", choices=("lora", "config"), default="lora",
+                        help="--lora: sample on the base model its pcm_config.json records (lora, the default) or on "
+                             "teacher.* of the params file (config, e.g. a fine-tune of that base)")
     sample.add_argument("--out", default="sample.png", help="output PNG; several prompts give OUT-0.png, ...")
     sample.set_defaults(func=_sample)
 

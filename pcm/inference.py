@@ -154,23 +154,40 @@ def _direct(cfg: Config, lora: str, rows: list[dict], teacher_from: str = "lora"
     return generate_pngs(teacher, meta, "pcm", rows)
 
 
-def sample_pngs(cfg: Config, prompts: list[str], out: str, model: str, lora: str, negative_prompt: str,
-                steps: int | None, guidance_scale: float | None, seed: int, teacher_from: str = "lora") -> dict:
-    if bool(model) == bool(lora):
+@dataclasses.dataclass(frozen=True)
+class SampleRequest:
+    """What `pcm sample` is asked for: prompts, where the images go, the model, and how to sample it (None: the
+    LoRA's recommended steps and CFG)."""
+
+    prompts: tuple[str, ...]
+    out: str = "sample.png"  # one prompt: this file; several: OUT-0.png, OUT-1.png, ...
+    model: str = ""  # a registered model URI, models:/NAME@ALIAS or models:/NAME/VERSION
+    lora: str = ""  # or an exported LoRA folder
+    negative_prompt: str = ""
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int = 0
+    teacher_from: str = "lora"  # --lora: sample on the base its card records (lora) or on teacher.* (config)
+
+
+def sample_pngs(cfg: Config, request: SampleRequest) -> dict:
+    """The request's images as PNG (or GIF for clips) files; {'images': [paths], 'source': model or LoRA}."""
+    r = request
+    if bool(r.model) == bool(r.lora):
         raise ValueError("give exactly one of --model (a registered model, e.g. models:/NAME@champion) and --lora "
                          "(an exported LoRA folder)")
-    if not prompts:
+    if not r.prompts:
         raise ValueError("give at least one --prompt")
-    rows = [{"prompt": p, "negative_prompt": negative_prompt, "seed": seed, "steps": steps,
-             "guidance_scale": guidance_scale} for p in prompts]  # None: the LoRA's recommended value
-    if model:
+    rows = [{"prompt": p, "negative_prompt": r.negative_prompt, "seed": r.seed, "steps": r.steps,
+             "guidance_scale": r.guidance_scale} for p in r.prompts]  # None: the LoRA's recommended value
+    if r.model:
         from pcm.registry import load_registered
 
         frame = pd.DataFrame([{k: v for k, v in row.items() if v is not None} for row in rows])  # optional columns
-        images = list(load_registered(cfg, model).predict(frame)["image"])
+        images = list(load_registered(cfg, r.model).predict(frame)["image"])
     else:
-        images = _direct(cfg, lora, rows, teacher_from)
-    target = Path(out)
+        images = _direct(cfg, r.lora, rows, r.teacher_from)
+    target = Path(r.out)
     suffix = ".gif" if images[0][:4] == b"GIF8" else ".png"  # a video LoRA's clips are animated GIFs
     if target.suffix.lower() in (".png", ".gif"):
         target = target.with_suffix(suffix)
@@ -179,4 +196,4 @@ def sample_pngs(cfg: Config, prompts: list[str], out: str, model: str, lora: str
     for path, image in zip(paths, images, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(image)
-    return {"images": [str(p) for p in paths], "source": model or lora}
+    return {"images": [str(p) for p in paths], "source": r.model or r.lora}

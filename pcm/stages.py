@@ -132,14 +132,14 @@ def register(cfg: Config) -> dict:
     return result
 
 
-def sample(cfg: Config, prompts: list[str], out: str, model: str = "", lora: str = "", negative_prompt: str = "",
-           steps: int | None = None, guidance_scale: float | None = None, seed: int = 0) -> dict:
-    """PNG files of prompts from a registered model (model: models:/NAME@ALIAS) or a LoRA folder on cfg.teacher
-    (lora); steps and guidance_scale default to the LoRA's recommended ones. One file per prompt: out, or
-    out-<i>.png when there are several."""
-    from pcm.inference import sample_pngs
+def sample(cfg: Config, prompts: list[str], out: str, **options) -> dict:
+    """Image files of prompts from a registered model (model=models:/NAME@ALIAS) or an exported LoRA folder (lora=,
+    on the base model its card records, or cfg.teacher with teacher_from="config"); options are the fields of
+    pcm.inference.SampleRequest (steps and guidance_scale default to the LoRA's recommended ones). One file per
+    prompt: out, or out-<i>.png when there are several."""
+    from pcm.inference import SampleRequest, sample_pngs
 
-    return sample_pngs(cfg, prompts, out, model, lora, negative_prompt, steps, guidance_scale, seed)
+    return sample_pngs(cfg, SampleRequest(tuple(prompts), out, **options))
 
 
 def distill_job(cfg: Config, num_processes: int, export_dir: str) -> dict:

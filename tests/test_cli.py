@@ -81,8 +81,9 @@ def test_no_pil_fallback_notice_on_a_stage_that_imports_diffusers(tmp_path):
     argv = ("evaluate", "--params", str(ROOT / "params.yaml"), f"eval.loras=[{tmp_path}]", "tracking.enabled=false")
     run = _pcm(*argv, cwd=tmp_path)
     assert run.returncode == 2 and "torchvision" not in (run.stdout + run.stderr).replace(str(tmp_path), "")
-    assert run.stderr.strip().endswith(f"eval.loras entry {tmp_path}: no {CONFIG_FILE} there (not a folder "
-                                       "written by `pcm distill`, which exports to train.output_dir/lora)")
+    assert run.stderr.strip().splitlines() == [f"pcm evaluate: LoraFileError: eval.loras={tmp_path}: no {CONFIG_FILE} "
+                                               "there; point eval.loras at a LoRA folder written by `pcm distill` "
+                                               "(train.output_dir/lora)"]
     control = _pcm(*argv, cwd=tmp_path, prelude="import logging, pcm\n"
                    "logging.getLogger('transformers.utils.import_utils').filters.clear()")
     assert control.stderr.count("requires torchvision (not installed)") == 2

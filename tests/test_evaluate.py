@@ -90,7 +90,7 @@ def test_prompt_file_lines_that_are_empty_or_not_utf8_are_skipped_and_counted(wo
 
 
 @pytest.mark.parametrize("override,message", [
-    ("eval.loras=['{root}/nowhere']", "eval.loras entry .*nowhere"),
+    ("eval.loras=['{root}/nowhere']", "eval.loras=.*nowhere: no pcm_config.json"),
     ("eval.clip_model={root}/no-clip", "eval.clip_model=.*no-clip"),
     ("eval.prompts={root}/no-prompts.txt", "eval.prompts=.*no-prompts.txt"),
 ])

@@ -18,7 +18,7 @@ from test_families import save_tiny
 
 from pcm.cli import main
 from pcm.config import LORA_TARGETS, config_from_dict
-from pcm.inference import LoRAError, sample_pngs
+from pcm.inference import LoRAError, SampleRequest, sample_pngs
 from pcm.models.lora import CONFIG_FILE, DIFFUSERS_FILE, attach_lora, export_lora
 from pcm.registry import PCMPipelineModel, lora_config
 
@@ -87,15 +87,17 @@ def test_an_sdxl_lora_on_the_sd15_teacher_is_one_line_in_pcm_evaluate(bases, tmp
 def test_sample_lora_uses_the_base_its_card_records_and_the_config_teacher_only_when_asked(bases, tmp_path):
     root, sd15, sdxl, lora = bases
     cfg = config_from_dict({"teacher": {"model": str(sd15)}})  # the config names the sd15 teacher
-    out = sample_pngs(cfg, ["a red circle"], str(tmp_path / "x.png"), "", str(lora), "", 1, None, 0)
+    out = sample_pngs(cfg, SampleRequest(("a red circle",), str(tmp_path / "x.png"), lora=str(lora), steps=1))
     assert Path(out["images"][0]).stat().st_size > 0  # sampled on the sdxl base of its card
     with pytest.raises(LoRAError) as refused:
-        sample_pngs(cfg, ["a red circle"], str(tmp_path / "y.png"), "", str(lora), "", 1, None, 0, "config")
+        sample_pngs(cfg, SampleRequest(("a red circle",), str(tmp_path / "y.png"), lora=str(lora), steps=1,
+                                       teacher_from="config"))
     message = str(refused.value)
     assert "\n" not in message and "sdxl LoRA" in message and "the teacher is sd15" in message
     assert "drop --teacher-from config" in message and f"teacher.model={sdxl}" in message
     with pytest.raises(ValueError, match="allowed: lora, config"):
-        sample_pngs(cfg, ["a"], str(tmp_path / "z.png"), "", str(lora), "", 1, None, 0, "teacher")
+        sample_pngs(cfg, SampleRequest(("a",), str(tmp_path / "z.png"), lora=str(lora), steps=1,
+                                       teacher_from="teacher"))
 
 
 def test_a_lora_with_another_base_s_shapes_is_one_line_in_pcm_sample(bases, tmp_path):

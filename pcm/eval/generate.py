@@ -5,7 +5,6 @@ A Sampler names a row source: the teacher (adapters off, DDIM with "trailing" sp
 multistep rule). Initial noises are a function of (seed, prompt index) only, so every row starts from the same ones.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +13,8 @@ import torch
 
 from pcm.inference import load_checked
 from pcm.math import SolverGrid
-from pcm.models.families import ModelLoadError, Teacher
-from pcm.models.lora import CONFIG_FILE
+from pcm.models.families import Teacher
+from pcm.models.lora import read_card
 from pcm.sampling import ddim_timesteps, lcm_timesteps, pcm_timesteps, sample_lcm, sample_pcm
 
 
@@ -53,12 +52,9 @@ def lora_sampler(meta: dict, adapter: str, guidance_scale: float, label: str) ->
 
 
 def read_lora_config(folder: str | Path) -> dict:
-    """pcm_config.json of an exported LoRA folder; fails naming eval.loras when it is not one."""
-    path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
-        raise ModelLoadError(f"eval.loras entry {folder}: no {CONFIG_FILE} there (not a folder written by "
-                             "`pcm distill`, which exports to train.output_dir/lora)")
-    return json.loads(path.read_text())
+    """pcm_config.json of an exported LoRA folder; one line naming eval.loras, the path and the fix when it is
+    missing, truncated or not a JSON object."""
+    return read_card(folder, "eval.loras")
 
 
 def load_samplers(teacher: Teacher, folders: tuple[str, ...], guidance_scales: tuple[float, ...]) -> list[Sampler]:
