@@ -119,3 +119,21 @@ def test_lr_warmup_must_fit_in_the_run():
         config_from_dict({"train": {"max_steps": 10, "lr_warmup_steps": 10}})
     with pytest.raises(ConfigError, match="constant, cosine"):
         config_from_dict({}, ["train.lr_schedule=linear"])
+
+
+def test_a_float_field_takes_numbers_as_users_type_them():
+    """YAML 1.1 reads 5e-6 (no decimal point) as a string; a float field takes it, as it takes an int."""
+    cfg = config_from_dict({"eval": {"guidance_scales": [1, "1.5e0"]}},
+                           ["train.learning_rate=5e-6", "distill.w_max=6", "adversarial.learning_rate=1E-5"])
+    assert cfg.train.learning_rate == 5e-6 and isinstance(cfg.train.learning_rate, float)
+    assert cfg.distill.w_max == 6.0 and isinstance(cfg.distill.w_max, float)
+    assert cfg.adversarial.learning_rate == 1e-5 and cfg.eval.guidance_scales == (1.0, 1.5)
+    assert config_from_yaml("train:\n  learning_rate: 5e-6\n").train.learning_rate == 5e-6
+
+
+@pytest.mark.parametrize("override", ["train.learning_rate=fast", "train.learning_rate=true", "train.learning_rate=nan",
+                                      "train.learning_rate=-inf", "distill.num_phases='4'"])
+def test_a_number_field_still_refuses_what_is_not_a_number(override):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({}, [override])
+    assert override.split("=")[0] in str(err.value) and "expected" in str(err.value)

@@ -7,6 +7,7 @@ data, demo world and evaluation live in `pcm.config.world`; all are importable f
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,7 +243,7 @@ def _divisors(n: int) -> str:
 
 
 def _convert(value, tp, key: str):
-    """value checked (and int -> float widened) against the annotation tp; errors name the key."""
+    """value checked (int and numeric strings -> float) against the annotation tp; errors name the key."""
     if dataclasses.is_dataclass(tp):
         require(isinstance(value, dict), f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return _build(tp, value, key + ".")
@@ -258,11 +259,22 @@ def _convert(value, tp, key: str):
         require(isinstance(value, dict), f"{key}: expected a mapping, got {value!r}")
         key_tp, value_tp = typing.get_args(tp)
         return {_convert(k, key_tp, key): _convert(v, value_tp, f"{key}.{k}") for k, v in value.items()}
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if tp is float and not isinstance(value, bool) and isinstance(value, int | str):
+        return _as_float(value, key)
     ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
     require(ok, f"{key}={value!r}: expected {tp.__name__}, got {type(value).__name__}")
     return value
+
+
+def _as_float(value: int | str, key: str) -> float:
+    """A float field takes numbers as users type them: 5 and '5e-6' (YAML 1.1 reads 5e-6, no decimal point, as a
+    string). Booleans and non-numbers stay errors; so do 'nan' and 'inf' as strings (no invariant would catch them)."""
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        number = math.nan
+    require(math.isfinite(number), f"{key}={value!r}: expected float, got {type(value).__name__}")
+    return number
 
 
 def _build(cls, data: dict, prefix: str = ""):
