@@ -9,7 +9,7 @@ from pcm.math import SolverGrid
 from pcm.models.toy import ResidualMLPStudent
 from pcm.train.ema import EMA
 from pcm.train.loop import target_net_for
-from pcm.train.rng import keyed_draws
+from pcm.rng import keyed_draws
 from pcm.train.step import Batch, lcm_loss, method_loss, pcm_loss
 
 

@@ -22,7 +22,7 @@ from pcm.data.shards import RawSample
 from pcm.data.video import FRAMES_KEY, decode_clip, encode_frames, encode_video
 from pcm.demo.dataset import write_shapes_shards
 from pcm.demo.motion import DIRECTIONS, generate_clip, motion_direction, parse_motion_caption, score_clip
-from pcm.train.rng import keyed_unit
+from pcm.rng import keyed_unit
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_prepare import _written  # noqa: E402  (the prepared shards' files by key and extension)

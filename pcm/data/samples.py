@@ -19,7 +19,7 @@ from pcm.data.images import (
 )
 from pcm.data.shards import IMAGE_EXTENSIONS, KEY_PATTERN, TEXT_EXTENSIONS, Limits, RawSample
 from pcm.data.video import FRAMES_KEY, VIDEO_EXTENSIONS, crop_clip, decode_clip, encode_frames
-from pcm.train.rng import keyed_unit
+from pcm.rng import keyed_unit
 
 
 def _caption(raw: RawSample, cfg: DataConfig) -> str:

@@ -25,7 +25,7 @@ from pcm.math import (
     teacher_solver_step,
 )
 from pcm.models.denoiser import Cond, EpsFn, cat_cond, where_cond
-from pcm.train.rng import U_DROP, U_GRID, U_R, U_W, Draws, keyed_draws
+from pcm.rng import U_DROP, U_GRID, U_R, U_W, Draws, keyed_draws
 
 
 class Discriminate(Protocol):
