@@ -3,6 +3,7 @@ import os
 import pytest
 import torch
 from hypothesis import settings
+from worlds import distill_world
 
 settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True)
 settings.load_profile("ci")
@@ -24,3 +25,9 @@ def fresh_accelerate_state():
 
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
+
+
+@pytest.fixture(scope="module")
+def shapes_world(tmp_path_factory):
+    """(root, params as a dict) of worlds.distill_world with 4 shards, built once per test module."""
+    return distill_world(tmp_path_factory.mktemp("distill"), shards=4)

@@ -6,32 +6,18 @@ import math
 
 import pytest
 import torch
-from diffusers import AnimateDiffPipeline, StableDiffusionPipeline, TCDScheduler, UNetMotionModel
+from builders import VIDEO_CAPTIONS, save_tiny_animatediff
+from diffusers import AnimateDiffPipeline, TCDScheduler, UNetMotionModel
 
 from pcm.config import LORA_TARGETS, ConfigError, TeacherConfig, config_from_dict
 from pcm.models.families import ModelLoadError, load_teacher
 from pcm.models.lora import attach_lora, export_lora, load_lora
-from pcm.models.tiny import build_tokenizer, tiny_animatediff_components
 from pcm.sampling import sample_pcm
 from pcm.train.distill import distill, metadata
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
-CAPTIONS = ["a red circle moving left on a gray background", "a blue square moving up on a white background"]
 FRAMES = 4
-
-
-def save_tiny_animatediff(root, captions=CAPTIONS) -> dict:
-    """An AnimateDiffPipeline directory, and the same weights as an SD1.5 directory plus a MotionAdapter directory."""
-    torch.manual_seed(0)
-    components = tiny_animatediff_components(build_tokenizer(captions))
-    adapter = components["motion_adapter"]
-    sd15 = {**{k: components[k] for k in ("unet", "vae", "tokenizer", "text_encoder", "scheduler")},
-            "safety_checker": None, "feature_extractor": None, "image_encoder": None}
-    StableDiffusionPipeline(**sd15, requires_safety_checker=False).save_pretrained(root / "sd15")
-    adapter.save_pretrained(root / "adapter")
-    AnimateDiffPipeline(**components).save_pretrained(root / "animatediff")
-    return {"pipeline": root / "animatediff", "sd15": root / "sd15", "adapter": root / "adapter"}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +27,7 @@ def tiny(tmp_path_factory):
 
 def _inputs(teacher):
     x = torch.randn(2, 4, FRAMES, 8, 8, generator=torch.Generator().manual_seed(0))
-    return x, torch.tensor([999, 10]), teacher.encode_prompts(CAPTIONS)
+    return x, torch.tensor([999, 10]), teacher.encode_prompts(VIDEO_CAPTIONS)
 
 
 def test_both_layouts_load_to_the_same_motion_unet_with_per_frame_conditioning(tiny):
@@ -144,7 +130,7 @@ def _clip_batches(batch_size: int):
                 for f in range(FRAMES):
                     pixels[:, f, 0, 6:10, 12 - 3 * f:16 - 3 * f] = 1.0
                 pixels += 0.05 * torch.randn(pixels.shape, generator=gen)
-                yield {"pixels": pixels, "caption": [CAPTIONS[0]] * batch_size,
+                yield {"pixels": pixels, "caption": [VIDEO_CAPTIONS[0]] * batch_size,
                        "original_size": torch.full((batch_size, 2), 16), "crop_top_left": torch.zeros(batch_size, 2),
                        "skipped": 0, "position": (0, batch)}
                 batch += 1
@@ -163,7 +149,7 @@ def test_a_few_distillation_steps_on_clips_train_and_export(tiny, tmp_path):
         "distill": {"num_solver_steps": 20, "num_phases": 2},
         "train": {"batch_size": 2, "max_steps": 3, "learning_rate": 1e-2, "validate_every": 3, "log_every": 1,
                   "output_dir": str(tmp_path / "run")},
-        "validation": {"prompts": [CAPTIONS[0]], "seeds": [0]},
+        "validation": {"prompts": [VIDEO_CAPTIONS[0]], "seeds": [0]},
     })
     summary = distill(cfg, _clip_batches(2), progress=False)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()

@@ -15,7 +15,6 @@ import random
 import re
 import shutil
 import signal
-import sys
 import traceback
 import warnings
 from collections.abc import Callable
@@ -25,15 +24,13 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
+from worlds import tiny_world
 
 from pcm.config import config_from_dict
 from pcm.data.loader import loader_factory
 from pcm.train import checkpoint
 from pcm.train.checkpoint import CheckpointWarning, load_checkpoint, resolve_resume, save_checkpoint, verify_checkpoint
 from pcm.train.distill import distill
-
-sys.path.insert(0, str(Path(__file__).parent))
-from worlds import tiny_world  # noqa: E402
 
 STEPS, KEEP = 5, 2
 TRIALS = 36  # at least: each distinct point of a save is hit once (65 of them), random ones fill up to TRIALS

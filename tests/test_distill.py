@@ -11,30 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from worlds import world_cfg
 
 from pcm.cli import main
-from pcm.config import config_from_dict
 from pcm.data.loader import loader_factory
 from pcm.models.lora import read_metadata
 from pcm.train.distill import Preempted, _micro_losses, distill, setup
 
-sys.path.insert(0, str(Path(__file__).parent))
-from worlds import distill_world  # noqa: E402
-
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return distill_world(tmp_path_factory.mktemp("distill"), shards=4)
-
-
-def _cfg(base, out, **sections):
-    merged = {k: dict(v) for k, v in base.items()}
-    for section, values in sections.items():
-        merged.setdefault(section, {}).update(values)
-    merged["train"]["output_dir"] = str(out)
-    return config_from_dict(merged)
 
 
 def _lora(out) -> dict[str, torch.Tensor]:
@@ -47,9 +31,9 @@ def _lora(out) -> dict[str, torch.Tensor]:
     ({"method": "lcm", "num_phases": 1}, {}),
     ({"method": "pcm"}, {"mixed_precision": "bf16", "gradient_accumulation_steps": 2, "gradient_checkpointing": True}),
 ], ids=["pcm-small-cfg", "pcm-normal-cfg-ema", "lcm", "pcm-bf16-accumulate-checkpointing"])
-def test_each_method_and_variant_trains_exports_and_writes_grids(world, tmp_path, distill_cfg, train_cfg):
-    root, base = world
-    cfg = _cfg(base, tmp_path / "run", distill=distill_cfg, train={"validate_every": 2, **train_cfg})
+def test_each_method_and_variant_trains_exports_and_writes_grids(shapes_world, tmp_path, distill_cfg, train_cfg):
+    root, base = shapes_world
+    cfg = world_cfg(base, tmp_path / "run", distill=distill_cfg, train={"validate_every": 2, **train_cfg})
     summary = distill(cfg, loader_factory(cfg), progress=False)
     assert summary["steps"] == 2 and summary["nonfinite_steps"] == 0 and Path(summary["validation_grid"]).is_file()
     meta = read_metadata(summary["lora"])
@@ -61,10 +45,10 @@ def test_each_method_and_variant_trains_exports_and_writes_grids(world, tmp_path
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000002"]
 
 
-def test_loss_falls_over_50_steps_on_a_fixed_batch(world, tmp_path):
+def test_loss_falls_over_50_steps_on_a_fixed_batch(shapes_world, tmp_path):
     # the same images and the same draws (step key 0) every time: the student must fit this one problem
-    root, base = world
-    cfg = _cfg(base, tmp_path / "run", distill={"loss": "l2"}, train={"batch_size": 8, "learning_rate": 3e-3})
+    root, base = shapes_world
+    cfg = world_cfg(base, tmp_path / "run", distill={"loss": "l2"}, train={"batch_size": 8, "learning_rate": 3e-3})
     run = setup(cfg, loader_factory(cfg), None)
     batch = next(iter(run.data))
     losses = []
@@ -88,12 +72,12 @@ class SigtermAt:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_sigterm_checkpoint_and_resume_match_an_uninterrupted_run(world, tmp_path):
-    root, base = world
+def test_sigterm_checkpoint_and_resume_match_an_uninterrupted_run(shapes_world, tmp_path):
+    root, base = shapes_world
     train = {"max_steps": 6, "checkpoint_every": 100}
-    straight = _cfg(base, tmp_path / "straight", train=train, distill={"target_net": "ema"})
+    straight = world_cfg(base, tmp_path / "straight", train=train, distill={"target_net": "ema"})
     distill(straight, loader_factory(straight), progress=False)
-    interrupted = _cfg(base, tmp_path / "resumed", train=train, distill={"target_net": "ema"})
+    interrupted = world_cfg(base, tmp_path / "resumed", train=train, distill={"target_net": "ema"})
     with pytest.raises(Preempted, match="--resume latest"):
         distill(interrupted, loader_factory(interrupted), sink=SigtermAt(3), progress=False)
     # The signal lands while step 3 is logged, after that step's one host sync has read the flag: step 4 sees it
@@ -113,9 +97,9 @@ def _checkpoint(out, step):
 
 
 @pytest.mark.parametrize("schedule", ["joint", "alternate"])
-def test_adversarial_schedules_train_the_heads_and_checkpoint_them(world, tmp_path, schedule):
-    root, base = world
-    cfg = _cfg(base, tmp_path / "run", adversarial={**ADVERSARIAL, "schedule": schedule},
+def test_adversarial_schedules_train_the_heads_and_checkpoint_them(shapes_world, tmp_path, schedule):
+    root, base = shapes_world
+    cfg = world_cfg(base, tmp_path / "run", adversarial={**ADVERSARIAL, "schedule": schedule},
                train={"checkpoint_every": 1})
     assert distill(cfg, loader_factory(cfg), progress=False)["steps"] == 2
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -138,12 +122,12 @@ def test_adversarial_schedules_train_the_heads_and_checkpoint_them(world, tmp_pa
                                           "disc_optimizer.safetensors").is_file()
 
 
-def test_adversarial_resume_restores_the_heads_and_their_optimizer(world, tmp_path):
-    root, base = world
+def test_adversarial_resume_restores_the_heads_and_their_optimizer(shapes_world, tmp_path):
+    root, base = shapes_world
     train = {"max_steps": 4, "checkpoint_every": 100}
-    straight = _cfg(base, tmp_path / "straight", train=train, adversarial=ADVERSARIAL)
+    straight = world_cfg(base, tmp_path / "straight", train=train, adversarial=ADVERSARIAL)
     distill(straight, loader_factory(straight), progress=False)
-    interrupted = _cfg(base, tmp_path / "resumed", train=train, adversarial=ADVERSARIAL)
+    interrupted = world_cfg(base, tmp_path / "resumed", train=train, adversarial=ADVERSARIAL)
     with pytest.raises(Preempted):
         distill(interrupted, loader_factory(interrupted), sink=SigtermAt(2), progress=False)
     distill(interrupted, loader_factory(interrupted), resume="latest", progress=False)
@@ -154,7 +138,7 @@ def test_adversarial_resume_restores_the_heads_and_their_optimizer(world, tmp_pa
 
 
 def _cli_args(base, out, max_steps=3):
-    cfg = _cfg(base, out, train={"max_steps": max_steps})
+    cfg = world_cfg(base, out, train={"max_steps": max_steps})
     d = cfg.data
     return ["distill", "--params", "params.yaml", f"teacher.model={cfg.teacher.model}",
             f"data.output_dir={d.output_dir}", f"data.resolution={d.resolution}", f"train.output_dir={out}",
@@ -186,12 +170,12 @@ def _sigterm_the_parent_after_its_first_step(args: list[str], out: Path) -> tupl
     return parent.returncode, err
 
 
-def test_two_processes_match_one_and_a_sigterm_to_their_parent_checkpoints_and_resumes(world, tmp_path):
+def test_two_processes_match_one_and_a_sigterm_to_their_parent_checkpoints_and_resumes(shapes_world, tmp_path):
     # Same global batch, same samples (data_split=samples), same keyed draws: one and two processes differ only by
     # float rounding of batch-2 vs batch-4 kernels and the DDP all-reduce, which Adam's g / sqrt(v) normalisation
     # turns into weight differences up to the learning rate where a gradient is near zero (LoRA A's first
     # gradients are, with B = 0 at init): measured 8.5e-5 at lr 1e-4, hence lr 1e-5 here.
-    root, base = world
+    root, base = shapes_world
     code, err = _sigterm_the_parent_after_its_first_step(_cli_args(base, tmp_path / "two", 500), tmp_path / "two")
     assert code == 143, err[-3000:]
     assert "--resume latest" in err.strip().splitlines()[-1]
@@ -224,10 +208,10 @@ def test_bad_config_fails_before_any_model_loads_naming_the_key(override, messag
     assert code in (1, 2) and message in capsys.readouterr().err
 
 
-def test_non_finite_losses_are_skipped_counted_and_stop_the_run_after_ten(world, tmp_path, monkeypatch):
+def test_non_finite_losses_are_skipped_counted_and_stop_the_run_after_ten(shapes_world, tmp_path, monkeypatch):
     import pcm.train.distill as module
 
-    root, base = world
+    root, base = shapes_world
     real = module._micro_losses
     calls = {"n": 0}
 
@@ -239,7 +223,7 @@ def test_non_finite_losses_are_skipped_counted_and_stop_the_run_after_ten(world,
         return out
 
     monkeypatch.setattr(module, "_micro_losses", flaky)
-    cfg = _cfg(base, tmp_path / "run", train={"max_steps": 30, "checkpoint_every": 100})
+    cfg = world_cfg(base, tmp_path / "run", train={"max_steps": 30, "checkpoint_every": 100})
     with pytest.raises(module.NonFiniteLoss, match="10 steps in a row, the last at step 15"):
         distill(cfg, loader_factory(cfg), progress=False)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -2,20 +2,17 @@
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from builders import CAPTIONS
+from worlds import tiny_world
 
 from pcm import stages
 from pcm.cli import main
 from pcm.config import config_from_dict
 from pcm.models.tiny import save_tiny_clip
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_families import CAPTIONS  # noqa: E402
-from worlds import tiny_world  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

@@ -2,27 +2,13 @@
 
 import pytest
 import torch
+from builders import CAPTIONS, save_tiny
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from pcm.config import LORA_TARGETS, TeacherConfig
 from pcm.math import alphas_cumprod, eps_from_v
 from pcm.models.families import ModelLoadError, load_teacher
 from pcm.models.lora import adapters_off, attach_lora, export_lora, read_metadata
-from pcm.models.tiny import build_tokenizer, tiny_sd15_components, tiny_sdxl_components
-
-CAPTIONS = ["a red circle at the top left on a gray background", "a blue square in the center on a white background"]
-
-
-def save_tiny(path, family, prediction_type="epsilon"):
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer(CAPTIONS)
-    if family == "sd15":
-        pipe = StableDiffusionPipeline(**tiny_sd15_components(tokenizer, prediction_type=prediction_type),
-                                       requires_safety_checker=False)
-    else:
-        pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(tokenizer, prediction_type=prediction_type))
-    pipe.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module", params=["sd15", "sdxl"])

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import RGB_JPG, image_bytes, sample_members, write_tar, written_samples
 from PIL import Image
 
 import pcm.atomic
@@ -35,9 +36,6 @@ from pcm.data.precompute import find_latents, latents_key, precomputed_dir
 from pcm.data.prepare import OutputError, PrepareError, prepare
 from pcm.data.shards import Limits, ShardWriter, iter_tar
 from pcm.data.workers import available_cpus, cpu_quota
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_prepare import RGB_JPG, _image_bytes, _sample, _write_tar, _written  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BOMB_BYTES = 200 * 2**20  # what the 204 KB shard inflates to
@@ -76,12 +74,12 @@ def _gz_bomb(path: Path, header: tarfile.TarInfo) -> Path:
     200 KB), then one more good sample. Streamed through gzip: the test never holds the zeros either."""
     header.size = BOMB_BYTES
     with gzip.open(path, "wb", compresslevel=9) as out:
-        out.write(_tar_bytes(_sample("before0", RGB_JPG) + _sample("before1", RGB_JPG), end=False))
+        out.write(_tar_bytes(sample_members("before0", RGB_JPG) + sample_members("before1", RGB_JPG), end=False))
         out.write(header.tobuf(tarfile.GNU_FORMAT))
         zeros = bytes(2**20)
         for _ in range(BOMB_BYTES // len(zeros)):
             out.write(zeros)
-        out.write(_tar_bytes(_sample("after", RGB_JPG)))
+        out.write(_tar_bytes(sample_members("after", RGB_JPG)))
     return path
 
 
@@ -151,7 +149,7 @@ def test_compression_bombs_are_skipped_unread_in_bounded_memory(bombs, tmp_path)
     print(f"peak memory growth: naive read {naive / 1024:.0f} MiB, prepare of both bombs {growth / 1024:.1f} MiB")
     assert growth < 48 * 1024
     assert stats["skipped"]["too_large"] == 1  # the 200 MiB caption, left unread
-    assert set(_written(tmp_path / "out")) == {"before0", "before1", "after"}  # the rest of the shard is kept
+    assert set(written_samples(tmp_path / "out")) == {"before0", "before1", "after"}  # the rest of the shard is kept
     failed = {Path(f["url"]).name: f["error"] for f in stats["shards_failed"]}
     assert set(failed) == {"pax-bomb.tar.gz"} and "extended header of 209715200 bytes" in failed["pax-bomb.tar.gz"]
     assert _accounted(stats)
@@ -188,7 +186,7 @@ def test_member_limits_come_from_headers_before_reading(tmp_path):
 
 
 def test_a_tar_cut_at_a_header_boundary_is_flagged_truncated(tmp_path):
-    whole = _tar_bytes(_sample("k0", RGB_JPG) + _sample("k1", RGB_JPG), end=False)
+    whole = _tar_bytes(sample_members("k0", RGB_JPG) + sample_members("k1", RGB_JPG), end=False)
     cut = whole[:whole.index(b"k1.txt")]  # right after k1's image: no caption header, no end blocks
     (tmp_path / "cut.tar").write_bytes(cut)
     stats = _run([tmp_path / "cut.tar"], tmp_path / "out")
@@ -212,8 +210,8 @@ def _die(death: str) -> None:
 def test_a_worker_that_dies_mid_shard_is_named_and_the_other_shards_finish(tmp_path, monkeypatch, death, named):
     urls = []
     for s in range(3):
-        members = [m for i in range(4) for m in _sample(f"s{s}_{i}", RGB_JPG)]
-        urls.append(_write_tar(tmp_path / f"in-{s}.tar", members))
+        members = [m for i in range(4) for m in sample_members(f"s{s}_{i}", RGB_JPG)]
+        urls.append(write_tar(tmp_path / f"in-{s}.tar", members))
     real = prepare_module.process_sample
 
     def dying(raw, url, cfg, seed):  # the workers are forked: they inherit this
@@ -226,7 +224,7 @@ def test_a_worker_that_dies_mid_shard_is_named_and_the_other_shards_finish(tmp_p
     assert [Path(f["url"]).name for f in stats["shards_failed"]] == ["in-1.tar"]
     error = stats["shards_failed"][0]["error"]
     assert named in error and "none of this shard's samples" in error
-    assert set(_written(tmp_path / "out")) == {f"s{s}_{i}" for s in (0, 2) for i in range(4)}
+    assert set(written_samples(tmp_path / "out")) == {f"s{s}_{i}" for s in (0, 2) for i in range(4)}
     assert stats["samples_read"] == 8 and _accounted(stats)
     assert json.loads((tmp_path / "out" / "index.json").read_text())["shards"][1]["samples"] == 4
 
@@ -259,7 +257,7 @@ def test_prepare_starts_no_more_workers_than_the_quota(tmp_path, monkeypatch):
     root, proc_file = _cgroup(tmp_path, {"cpu.max": "100000 100000\n"}, "0::/\n")
     monkeypatch.setattr(workers_module, "CGROUP_ROOT", root)
     monkeypatch.setattr(workers_module, "PROC_CGROUP", proc_file)
-    urls = [_write_tar(tmp_path / f"in-{s}.tar", _sample(f"k{s}", RGB_JPG)) for s in range(3)]
+    urls = [write_tar(tmp_path / f"in-{s}.tar", sample_members(f"k{s}", RGB_JPG)) for s in range(3)]
     assert _run(urls, tmp_path / "out", num_workers=0)["workers"] == 1
 
 
@@ -274,9 +272,9 @@ def _to_dev_full(marker: str):
 
 @pytest.fixture
 def two_datasets(tmp_path) -> tuple[list[Path], list[Path]]:
-    a = [_write_tar(tmp_path / f"a{s}.tar", [m for i in range(3) for m in _sample(f"a{s}_{i}", RGB_JPG)])
+    a = [write_tar(tmp_path / f"a{s}.tar", [m for i in range(3) for m in sample_members(f"a{s}_{i}", RGB_JPG)])
          for s in range(2)]
-    b = [_write_tar(tmp_path / "b.tar", [m for i in range(4) for m in _sample(f"b{i}", RGB_JPG)])]
+    b = [write_tar(tmp_path / "b.tar", [m for i in range(4) for m in sample_members(f"b{i}", RGB_JPG)])]
     return a, b
 
 
@@ -319,7 +317,7 @@ def _consistent(out: Path) -> str:
         data = (out / shard["name"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == shard["sha256"]
         assert len(list(iter_tar(io.BytesIO(data)))) == shard["samples"]
-    return ",".join(sorted(_written(out)))
+    return ",".join(sorted(written_samples(out)))
 
 
 def _prepare_and_die_at(urls, out, kill_at: int) -> None:
@@ -367,8 +365,8 @@ def test_phone_photos_are_turned_upright_before_resizing(tmp_path, turn, top, si
     exif[0x0112] = turn
     photo = io.BytesIO()
     Image.fromarray(stored).save(photo, format="JPEG", quality=95, exif=exif.tobytes())
-    stats = _run([_write_tar(tmp_path / "in.tar", _sample("phone", photo.getvalue()))], tmp_path / "out")
-    files = _written(tmp_path / "out")["phone"]
+    stats = _run([write_tar(tmp_path / "in.tar", sample_members("phone", photo.getvalue()))], tmp_path / "out")
+    files = written_samples(tmp_path / "out")["phone"]
     meta = json.loads(files["json"])
     assert (meta["original_width"], meta["original_height"]) == size  # upright
     pixels = np.asarray(Image.open(io.BytesIO(files["png"])), dtype=int)
@@ -383,9 +381,9 @@ def test_phone_photos_are_turned_upright_before_resizing(tmp_path, turn, top, si
 def test_formats_we_do_not_train_on_are_skipped_under_their_own_reason(tmp_path):
     members = []
     for fmt, ext in (("GIF", "gif"), ("TIFF", "tiff"), ("BMP", "bmp"), ("GIF", "jpg")):  # the last a GIF named .jpg
-        members += _sample(f"as_{ext}_{fmt.lower()}", _image_bytes("RGB", fmt=fmt), ext)
-    members += _sample("fine", RGB_JPG)
-    stats = _run([_write_tar(tmp_path / "in.tar", members)], tmp_path / "out")
+        members += sample_members(f"as_{ext}_{fmt.lower()}", image_bytes("RGB", fmt=fmt), ext)
+    members += sample_members("fine", RGB_JPG)
+    stats = _run([write_tar(tmp_path / "in.tar", members)], tmp_path / "out")
     assert stats["skipped"] == {"unsupported_format": 4} and stats["samples_written"] == 1 and _accounted(stats)
 
 
@@ -518,7 +516,7 @@ def test_workers_fork_safely_after_the_parent_decoded_video(tmp_path, monkeypatc
         previous = signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("a worker hung")))
         signal.alarm(30)
         try:
-            stats = _run([_write_tar(tmp_path / "in.tar", _sample("clip", clip, "mp4"))], tmp_path / "out",
+            stats = _run([write_tar(tmp_path / "in.tar", sample_members("clip", clip, "mp4"))], tmp_path / "out",
                          modality="video", frames=2, num_workers=1)
         finally:
             signal.alarm(0)

@@ -11,40 +11,16 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 import yaml
-from diffusers import UNet2DConditionModel
-from test_families import save_tiny
+from builders import card, make_lora, save_tiny
 
 from pcm.cli import main
-from pcm.config import LORA_TARGETS, config_from_dict
+from pcm.config import config_from_dict
 from pcm.inference import LoRAError, SampleRequest, sample_pngs
-from pcm.models.lora import CONFIG_FILE, DIFFUSERS_FILE, attach_lora, export_lora
+from pcm.models.lora import CONFIG_FILE, DIFFUSERS_FILE
 from pcm.registry import PCMPipelineModel, lora_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def card(family: str, base: str) -> dict:
-    """pcm_config.json of a 2-phase PCM LoRA over a 20-step grid at 16 px (what pcm distill writes)."""
-    return {"method": "pcm", "family": family, "base_model": base, "num_solver_steps": 20, "num_phases": 2,
-            "edges": [0, 499], "sampling_timesteps": [999, 499, 0], "guidance": "small_cfg", "w_min": 4.0,
-            "w_max": 5.0, "recommended_steps": 2, "recommended_guidance_scale": 1.0,
-            "recommended_scheduler": "TCDScheduler", "resolution": 16, "lcm_sigma_data": 0.5,
-            "lcm_timestep_scaling": 10.0}
-
-
-def make_lora(teacher: Path, family: str, out: Path, seed: int = 0) -> Path:
-    """An exported LoRA of the tiny teacher's UNet with random B (no distillation: only its shapes and card
-    matter here); another seed, another file."""
-    unet = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet")
-    attach_lora(unet, 4, 4.0, LORA_TARGETS)
-    generator = torch.Generator().manual_seed(seed)
-    for name, p in unet.named_parameters():
-        if "lora_B" in name:
-            p.data = 0.01 * torch.randn(p.shape, generator=generator)
-    export_lora(unet, family, out, card(family, str(teacher)))
-    return out
 
 
 @pytest.fixture(scope="module")

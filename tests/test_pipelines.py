@@ -14,7 +14,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "pipelines"))
 sys.path.insert(0, str(ROOT))  # components
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 def _compile(tmp_path, name, *flags, params: Path | None = None) -> list[dict]:
@@ -408,9 +407,9 @@ def test_shards_are_fetched_from_a_dvc_repository_at_a_revision(tmp_path):
 
 @pytest.mark.slow
 def test_the_sd15_demo_pipeline_runs_under_kfp_local_and_registers_a_model(tmp_path):
-    from test_dvc import TINY, _merge
+    from builders import TINY, merge
 
-    params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     result = subprocess.run([sys.executable, str(ROOT / "pipelines" / "pcm_sd15.py"), "--params",

@@ -2,19 +2,16 @@
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+from worlds import world_cfg
 
 from pcm import stages
 from pcm.data.digest import prepared_digest
 from pcm.data.loader import loader_factory
 from pcm.data.precompute import find_latents, precomputed_dir, teacher_key
 from pcm.train.distill import setup
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_distill import _cfg, world  # noqa: E402, F401  (fixtures)
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -24,16 +21,16 @@ def _losses(out) -> list[float]:
 
 
 @pytest.fixture
-def own_world(world, tmp_path):  # noqa: F811  (the imported fixture)
+def own_world(shapes_world, tmp_path):
     """A copy of the prepared data, so precomputed latents stay out of the shared world."""
-    root, base = world
+    root, base = shapes_world
     shutil.copytree(base["data"]["output_dir"], tmp_path / "prepared")
     return {**base, "data": {**base["data"], "output_dir": str(tmp_path / "prepared")}}
 
 
 def test_precomputed_latents_give_the_same_losses_and_no_vae_is_loaded(own_world, tmp_path):
     train = {"max_steps": 5, "log_every": 1, "checkpoint_every": 100}
-    fly = _cfg(own_world, tmp_path / "fly", train=train)
+    fly = world_cfg(own_world, tmp_path / "fly", train=train)
     assert find_latents(fly) is None
     stages.distill(fly, progress=False)
 
@@ -42,7 +39,7 @@ def test_precomputed_latents_give_the_same_losses_and_no_vae_is_loaded(own_world
     assert meta["teacher_key"] == teacher_key(fly) and meta["data_digest"] == prepared_digest(fly.data.output_dir)
     folder = find_latents(fly)
     assert folder == precomputed_dir(fly) and json.loads((folder / "index.json").read_text())["latents"]
-    pre = _cfg(own_world, tmp_path / "pre", train=train)
+    pre = world_cfg(own_world, tmp_path / "pre", train=train)
     stages.distill(pre, progress=False)
     assert _losses(tmp_path / "pre") == pytest.approx(_losses(tmp_path / "fly"), abs=1e-4)
 
@@ -52,14 +49,14 @@ def test_precomputed_latents_give_the_same_losses_and_no_vae_is_loaded(own_world
 
 
 def test_the_key_changes_with_resolution_and_teacher_weights(own_world, tmp_path):
-    cfg = _cfg(own_world, tmp_path / "run")
+    cfg = world_cfg(own_world, tmp_path / "run")
     key = teacher_key(cfg)
-    assert teacher_key(_cfg(own_world, tmp_path / "other")) == key  # the output folder does not matter
-    other_res = _cfg(own_world, tmp_path / "run", data={"resolution": 32})
+    assert teacher_key(world_cfg(own_world, tmp_path / "other")) == key  # the output folder does not matter
+    other_res = world_cfg(own_world, tmp_path / "run", data={"resolution": 32})
     assert teacher_key(other_res) != key
     teacher = Path(tmp_path / "teacher")
     shutil.copytree(cfg.teacher.model, teacher)
-    moved = _cfg(own_world, tmp_path / "run", teacher={"model": str(teacher)})
+    moved = world_cfg(own_world, tmp_path / "run", teacher={"model": str(teacher)})
     assert teacher_key(moved) != key  # another reference
     before = teacher_key(moved)
     weights = next((teacher / "vae").glob("*.safetensors"))
@@ -70,11 +67,11 @@ def test_the_key_changes_with_resolution_and_teacher_weights(own_world, tmp_path
 
 
 def test_latents_of_another_teacher_are_refused(own_world, tmp_path):
-    cfg = _cfg(own_world, tmp_path / "run", train={"max_steps": 1})
+    cfg = world_cfg(own_world, tmp_path / "run", train={"max_steps": 1})
     folder = Path(stages.precompute(cfg, progress=False)["output_dir"])
     other_teacher = tmp_path / "teacher"
     shutil.copytree(cfg.teacher.model, other_teacher)
-    wrong = _cfg(own_world, tmp_path / "run", train={"max_steps": 1},
+    wrong = world_cfg(own_world, tmp_path / "run", train={"max_steps": 1},
                  teacher={"model": str(other_teacher)}, data={"output_dir": str(folder)})
     with pytest.raises(ValueError, match="run `pcm precompute` for this teacher"):
         stages.distill(wrong, progress=False)

@@ -3,12 +3,11 @@
 import io
 import json
 import struct
-import tarfile
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
+from builders import RGB_JPG, image_bytes, sample_members, write_tar, written_samples
 from PIL import Image
 
 from pcm.config import config_from_dict
@@ -16,58 +15,23 @@ from pcm.data.prepare import PrepareError, prepare
 from pcm.data.urls import UrlError, expand_inputs
 
 
-def _image_bytes(mode: str, size=(64, 48), fmt="PNG", **kw) -> bytes:
-    rng = np.random.default_rng(sum(map(ord, mode)) + size[0])
-    if mode == "I;16":
-        image = Image.fromarray(rng.integers(0, 65535, size[::-1], dtype=np.uint16))
-    elif mode == "P":
-        image = Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).convert("P")
-    else:
-        channels = {"RGB": 3, "RGBA": 4, "L": 1, "CMYK": 4}[mode]
-        array = rng.integers(0, 255, (*size[::-1], channels), dtype=np.uint8)
-        image = Image.fromarray(array.squeeze(-1) if channels == 1 else array, mode)
-    out = io.BytesIO()
-    image.save(out, format=fmt, **kw)
-    return out.getvalue()
-
-
 def _bomb_png(width=20000, height=20000) -> bytes:
     """A small PNG whose header claims width x height pixels (its pixel data is never decoded)."""
-    data = bytearray(_image_bytes("L", (8, 8)))
+    data = bytearray(image_bytes("L", (8, 8)))
     ihdr = 8 + 8  # signature, then length + type of the IHDR chunk
     data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
     data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
     return bytes(data)
 
 
-def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as archive:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return path
-
-
-def _sample(key, image=None, ext="jpg", caption=b"a photo of a thing", meta=None):
-    members = []
-    if image is not None:
-        members.append((f"{key}.{ext}", image))
-    if caption is not None:
-        members.append((f"{key}.txt", caption))
-    members.append((f"{key}.json", json.dumps(meta or {"status": "success"}).encode()))
-    return members
-
-
-RGB_JPG = _image_bytes("RGB", fmt="JPEG", quality=90)
 GOOD = {  # key -> (image bytes, extension, converted mode)
     "good_rgb": (RGB_JPG, "jpg", None),
-    "good_rgba": (_image_bytes("RGBA"), "png", "RGBA"),
-    "good_gray": (_image_bytes("L"), "png", "L"),
-    "good_cmyk": (_image_bytes("CMYK", fmt="JPEG"), "jpg", "CMYK"),
-    "good_palette": (_image_bytes("P"), "png", "P"),
-    "good_16bit": (_image_bytes("I;16"), "png", "I;16"),
-    "good_webp": (_image_bytes("RGB", fmt="WEBP"), "webp", None),
+    "good_rgba": (image_bytes("RGBA"), "png", "RGBA"),
+    "good_gray": (image_bytes("L"), "png", "L"),
+    "good_cmyk": (image_bytes("CMYK", fmt="JPEG"), "jpg", "CMYK"),
+    "good_palette": (image_bytes("P"), "png", "P"),
+    "good_16bit": (image_bytes("I;16"), "png", "I;16"),
+    "good_webp": (image_bytes("RGB", fmt="WEBP"), "webp", None),
 }
 
 
@@ -76,28 +40,28 @@ def inputs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("inputs")
     members = []
     for key, (data, ext, _) in GOOD.items():
-        members += _sample(key, data, ext)
-    members += _sample("zero_byte", b"")
-    members += _sample("not_an_image", b"this is not a jpeg at all")
-    members += _sample("one_pixel", _image_bytes("RGB", (1, 1)), "png")
-    members += _sample("bomb", _bomb_png(), "png")
-    members += _sample("no_caption", RGB_JPG, caption=None)
-    members += _sample("bad_utf8", RGB_JPG, caption=b"caf\xe9 \xff\xfe")
-    members += _sample("long_caption", RGB_JPG, caption=b"x" * 100_000)
-    members += _sample("download_failed", RGB_JPG, meta={"status": "failed_to_download"})
-    members += _sample("too_wide", _image_bytes("RGB", (400, 40)), "png")
-    members += _sample("good_rgb", RGB_JPG)  # the same key again within the shard
-    members += _sample("../../escape/evil", RGB_JPG)  # a key that would write outside the output folder
-    _write_tar(root / "mixed.tar", members)
+        members += sample_members(key, data, ext)
+    members += sample_members("zero_byte", b"")
+    members += sample_members("not_an_image", b"this is not a jpeg at all")
+    members += sample_members("one_pixel", image_bytes("RGB", (1, 1)), "png")
+    members += sample_members("bomb", _bomb_png(), "png")
+    members += sample_members("no_caption", RGB_JPG, caption=None)
+    members += sample_members("bad_utf8", RGB_JPG, caption=b"caf\xe9 \xff\xfe")
+    members += sample_members("long_caption", RGB_JPG, caption=b"x" * 100_000)
+    members += sample_members("download_failed", RGB_JPG, meta={"status": "failed_to_download"})
+    members += sample_members("too_wide", image_bytes("RGB", (400, 40)), "png")
+    members += sample_members("good_rgb", RGB_JPG)  # the same key again within the shard
+    members += sample_members("../../escape/evil", RGB_JPG)  # a key that would write outside the output folder
+    write_tar(root / "mixed.tar", members)
     # three good samples, then the tar is cut inside the fourth sample's image
     truncated = []
     for i in range(4):
-        truncated += _sample(f"t{i}", RGB_JPG)
-    full = _write_tar(root / "full.tar", truncated).read_bytes()
+        truncated += sample_members(f"t{i}", RGB_JPG)
+    full = write_tar(root / "full.tar", truncated).read_bytes()
     cut = full.index(b"t3.jpg") + 512 + len(RGB_JPG) // 2
     (root / "truncated.tar").write_bytes(full[:cut])
     (root / "full.tar").unlink()
-    _write_tar(root / "again.tar", _sample("good_rgb", RGB_JPG) + _sample("fresh", RGB_JPG))
+    write_tar(root / "again.tar", sample_members("good_rgb", RGB_JPG) + sample_members("fresh", RGB_JPG))
     folder = root / "folder"
     folder.mkdir()
     for key in ("f0", "f1"):
@@ -114,16 +78,6 @@ def _cfg(urls, out, **data):
                                       "num_workers": 2, **data}})
 
 
-def _written(out: Path) -> dict[str, dict]:
-    samples = {}
-    for shard in sorted(out.glob("shard-*.tar")):
-        with tarfile.open(shard) as archive:
-            for member in archive.getmembers():
-                key, _, ext = member.name.partition(".")
-                samples.setdefault(key, {})[ext] = archive.extractfile(member).read()
-    return samples
-
-
 def test_every_broken_input_is_skipped_and_counted_and_every_good_sample_written(inputs, tmp_path):
     cfg = _cfg(inputs["urls"], tmp_path / "out")
     stats = prepare(cfg.data, cfg.seed, progress=False)
@@ -135,7 +89,7 @@ def test_every_broken_input_is_skipped_and_counted_and_every_good_sample_written
     }
     assert stats["converted"] == {"CMYK": 1, "I;16": 1, "L": 1, "P": 1, "RGBA": 1}
     expected_keys = set(GOOD) | {"t0", "t1", "t2", "fresh", "f0", "f1"}
-    written = _written(tmp_path / "out")
+    written = written_samples(tmp_path / "out")
     assert set(written) == expected_keys
     assert stats["samples_written"] == len(expected_keys) and stats["samples_read"] == 18 + 4 + 2 + 2
     assert stats["shards_written"] == 4  # 13 samples in shards of 4
@@ -218,6 +172,6 @@ def test_decompression_guard_reads_only_the_header():
     from pcm.data.images import SkipSample, open_image
 
     with pytest.raises(SkipSample) as skip:
-        open_image(_image_bytes("RGB"), max_pixels=1000)  # 64 x 48 = 3072 pixels
+        open_image(image_bytes("RGB"), max_pixels=1000)  # 64 x 48 = 3072 pixels
     assert skip.value.reason == "too_large" and "data.max_pixels=1000" in str(skip.value)
-    assert open_image(_image_bytes("RGB"), max_pixels=3072).size == (64, 48)
+    assert open_image(image_bytes("RGB"), max_pixels=3072).size == (64, 48)

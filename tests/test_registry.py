@@ -23,6 +23,7 @@ from mlflow import MlflowClient
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
+from worlds import tiny_world
 
 from pcm import stages
 from pcm.cli import main
@@ -30,9 +31,6 @@ from pcm.config import config_from_dict
 from pcm.inference import LoRAError, lora_sha256
 from pcm.models.lora import DIFFUSERS_FILE
 from pcm.registry import SHA_TAG, RegistryError, load_registered, tracking_store
-
-sys.path.insert(0, str(Path(__file__).parent))
-from worlds import tiny_world  # noqa: E402
 
 PROMPT = "a red circle at the top left on a gray background"
 

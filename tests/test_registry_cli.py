@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from builders import make_lora, save_tiny
 from mlflow import MlflowClient
-from test_families import save_tiny
-from test_lora_meets_teacher import REPO, make_lora
 
 from pcm import stages
 from pcm.cli import main
@@ -21,6 +20,8 @@ from pcm.inference import lora_sha256
 from pcm.tracking import EMBEDDED_DB, PROJECT_ENV, project_root, tracking_uri, use_params_file
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _register(project: Path, params: dict, lora: Path, **register) -> dict:

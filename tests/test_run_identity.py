@@ -2,21 +2,18 @@
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from worlds import distill_world
 
 from pcm import stages
 from pcm.cli import main
 from pcm.config import config_from_dict
 from pcm.train.manifest import MANIFEST, RunManifest, RunMismatch, claim
-
-sys.path.insert(0, str(Path(__file__).parent))
-from worlds import distill_world  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

@@ -303,15 +303,10 @@ def test_a_corrupt_run_file_on_resume_starts_a_new_run_with_a_warning(tmp_path, 
 
 
 def test_distill_logs_its_losses_by_step_and_a_resumed_run_continues_its_mlflow_run(tmp_path):
-    import sys
-    from pathlib import Path
-
     from accelerate.state import AcceleratorState
+    from worlds import METHODS, tiny_world
 
     from pcm import stages
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from worlds import METHODS, tiny_world
 
     base = tiny_world(tmp_path, methods=())
     train = {**base["train"], "max_steps": 2, "log_every": 1, "output_dir": str(tmp_path / "run")}

@@ -3,7 +3,6 @@ prepared (F, H, W, 3) arrays batched as (B, F, 3, H, W); the moving-shapes demo 
 
 import io
 import json
-import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -12,6 +11,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from builders import written_samples
 from PIL import Image
 
 from pcm.config import ConfigError, DemoConfig, config_from_dict
@@ -23,9 +23,6 @@ from pcm.data.video import FRAMES_KEY, decode_clip, encode_frames, encode_video
 from pcm.demo.dataset import write_shapes_shards
 from pcm.demo.motion import DIRECTIONS, generate_clip, motion_direction, parse_motion_caption, score_clip
 from pcm.rng import keyed_unit
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_prepare import _written  # noqa: E402  (the prepared shards' files by key and extension)
 
 WIDTH, HEIGHT, NUM_FRAMES = 64, 48, 12
 F, STRIDE = 4, 3  # a clip covers 1 + (4 - 1) * 3 = 10 decoded frames
@@ -171,7 +168,7 @@ def test_broken_clips_are_skipped_and_counted_and_good_ones_sampled_at_the_strid
     stats = prepare(cfg.data, cfg.seed, progress=False)
     assert stats["skipped"] == dict(Counter(BROKEN.values()))
     assert stats["samples_read"] == len(GOOD) + len(BROKEN) and stats["samples_written"] == len(GOOD)
-    written = _written(tmp_path / "out")
+    written = written_samples(tmp_path / "out")
     assert set(written) == set(GOOD)
     for key, files in written.items():
         assert set(files) == {FRAMES_KEY, "txt", "json"}
@@ -195,7 +192,7 @@ def test_random_start_and_crop_are_keyed_one_box_for_all_frames_and_reruns_ident
     assert runs[0] == runs[1]
     assert (tmp_path / "a" / "index.json").read_bytes() == (tmp_path / "b" / "index.json").read_bytes()
     starts = set()
-    for key, files in _written(tmp_path / "a").items():
+    for key, files in written_samples(tmp_path / "a").items():
         meta, frames = json.loads(files["json"]), _frames(files)
         start = meta["start_frame"]
         assert start == int(keyed_unit(cfg.seed, f"clip/{key}") * (NUM_FRAMES - 10 + 1)), key
@@ -237,12 +234,12 @@ def test_loader_batches_clips_and_skips_a_corrupt_one(shard, tmp_path):
     batch = next(iter(PreparedShards(tmp_path / "out", batch_size=2, seed=0, shuffle_buffer=4)))
     assert batch["pixels"].dtype == torch.uint8 and batch["pixels"].shape == (2, F, 3, 32, 32)
     assert batch["original_size"].tolist() == [[HEIGHT, WIDTH]] * 2 and batch["skipped"] == 0
-    records = [RawSample(key, files) for key, files in _written(tmp_path / "out").items()]
+    records = [RawSample(key, files) for key, files in written_samples(tmp_path / "out").items()]
     records[1].files[FRAMES_KEY] = records[1].files[FRAMES_KEY][:200]
     records[2].files[FRAMES_KEY] = encode_frames(np.zeros((F, 32, 32, 3), np.uint8))[:-1]
     batch = decode_batch(records)
     assert batch["skipped"] == 2 and batch["pixels"].shape == (len(GOOD) - 2, F, 3, 32, 32)
-    first = _frames(_written(tmp_path / "out")[records[0].key])
+    first = _frames(written_samples(tmp_path / "out")[records[0].key])
     assert torch.equal(batch["pixels"][0], torch.from_numpy(first).permute(0, 3, 1, 2))
 
 
@@ -254,14 +251,14 @@ def test_demo_motion_clips_are_read_back_after_mp4_and_prepare(tmp_path):
     first = (tmp_path / "demo" / "shard-00000.tar").read_bytes()
     write_shapes_shards(demo, seed=3, progress=False)
     assert (tmp_path / "demo" / "shard-00000.tar").read_bytes() == first  # deterministic from (seed, index)
-    raw = _written(tmp_path / "demo")["000000"]
+    raw = written_samples(tmp_path / "demo")["000000"]
     meta = json.loads(raw["json"])
     assert (meta["width"], meta["height"], meta["fps"], meta["frames"], meta["duration"]) == (64, 64, 8, 8, 1.0)
     cfg = _cfg(sorted((tmp_path / "demo").glob("shard-*.tar")), tmp_path / "out", frames=8, frame_stride=1,
                max_pixels=10**6, num_workers=2)
     assert prepare(cfg.data, cfg.seed, progress=False)["samples_written"] == 40
     motion, colour, kind, directions = 0, 0.0, 0.0, set()
-    for files in _written(tmp_path / "out").values():
+    for files in written_samples(tmp_path / "out").values():
         caption = files["txt"].decode()
         wanted = parse_motion_caption(caption)
         directions.add(wanted["direction"])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from builders import save_tiny_animatediff
 from PIL import Image
 
 from pcm import stages
@@ -19,9 +20,6 @@ from pcm.config import config_from_dict
 from pcm.data.loader import loader_factory
 from pcm.models.tiny import save_tiny_clip
 from pcm.train.distill import distill
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_animatediff import save_tiny_animatediff  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,10 +3,10 @@
 from pathlib import Path
 
 from accelerate.state import AcceleratorState
-from test_families import save_tiny
+from builders import save_tiny
 
 from pcm import stages
-from pcm.config import config_from_dict
+from pcm.config import Config, config_from_dict
 from pcm.data.loader import loader_factory
 from pcm.train.distill import distill
 
@@ -48,3 +48,12 @@ def tiny_world(root: Path, methods: tuple[str, ...] = ("pcm",)) -> dict:
                                 "train": {**base["train"], "output_dir": str(root / name)}})
         distill(cfg, loader_factory(cfg), progress=False)
     return base
+
+
+def world_cfg(base: dict, out: Path, **sections) -> Config:
+    """The config of a run of the world's params `base` into out, each of sections' values laid over its section."""
+    merged = {k: dict(v) for k, v in base.items()}
+    for section, values in sections.items():
+        merged.setdefault(section, {}).update(values)
+    merged["train"]["output_dir"] = str(out)
+    return config_from_dict(merged)
