@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo demo-video bench bench-step bench-gpu bench-checkpoint lock clean
+.PHONY: setup test test-fast lint demo demo-video bench bench-step bench-gpu bench-checkpoint lock clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml requirements.lock
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The suite minus the tests marked slow (end to end, more than a few seconds each): under 3 minutes on 2 cores.
+# `make test` runs every test and stays the CI command.
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check pcm tests benchmarks components pipelines
