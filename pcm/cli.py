@@ -102,7 +102,8 @@ def _sample(args) -> int:
         use_params_file(params)  # the default MLflow store is the params file's project's, wherever pcm runs
     result = stages.sample(cfg, args.prompt, args.out, model=args.model or "",
                            lora=args.lora or "", negative_prompt=args.negative_prompt, steps=args.steps,
-                           guidance_scale=args.guidance_scale, seed=args.seed, teacher_from=args.teacher_from)
+                           guidance_scale=args.guidance_scale, gamma=args.gamma, seed=args.seed,
+                           teacher_from=args.teacher_from)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -117,8 +118,12 @@ def _add_sample(commands) -> None:
     source.add_argument("--lora", help="an exported LoRA folder, e.g. models/pcm/lora")
     sample.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several images)")
     sample.add_argument("--negative-prompt", default="", help="replaces the empty condition of CFG")
-    sample.add_argument("--steps", type=int, help="sampling steps (default: the LoRA's recommended, M)")
-    sample.add_argument("--guidance-scale", type=float, help="inference CFG (default: the LoRA's recommended)")
+    sample.add_argument("--steps", type=int, help="sampling steps (default: sample.num_steps, else the LoRA's "
+                        "recommended, M)")
+    sample.add_argument("--guidance-scale", type=float, help="inference CFG (default: sample.guidance_scale, else "
+                        "the LoRA's recommended)")
+    sample.add_argument("--gamma", type=float, help="stochasticity in [0, 1], TCD's rule: 0 deterministic PCM, 1 fully "
+                        "re-noised (default: sample.gamma, else 0; a registered model: its registered default)")
     sample.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     sample.add_argument("--teacher-from", choices=("lora", "config"), default="lora",
                         help="--lora: sample on the base model its pcm_config.json records (lora, the default) or on "

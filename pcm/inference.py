@@ -157,7 +157,7 @@ def _direct(cfg: Config, lora: str, rows: list[dict], teacher_from: str = "lora"
 @dataclasses.dataclass(frozen=True)
 class SampleRequest:
     """What `pcm sample` is asked for: prompts, where the images go, the model, and how to sample it (None: the
-    LoRA's recommended steps and CFG)."""
+    params file's sample.* when set, else the model's own: the LoRA's recommended steps and CFG, gamma 0)."""
 
     prompts: tuple[str, ...]
     out: str = "sample.png"  # one prompt: this file; several: OUT-0.png, OUT-1.png, ...
@@ -166,6 +166,7 @@ class SampleRequest:
     negative_prompt: str = ""
     steps: int | None = None
     guidance_scale: float | None = None
+    gamma: float | None = None  # TCD's stochastic step, in [0, 1]; 0 = deterministic PCM
     seed: int = 0
     teacher_from: str = "lora"  # --lora: sample on the base its card records (lora) or on teacher.* (config)
 
@@ -178,8 +179,10 @@ def sample_pngs(cfg: Config, request: SampleRequest) -> dict:
                          "(an exported LoRA folder)")
     if not r.prompts:
         raise ValueError("give at least one --prompt")
-    rows = [{"prompt": p, "negative_prompt": r.negative_prompt, "seed": r.seed, "steps": r.steps,
-             "guidance_scale": r.guidance_scale} for p in r.prompts]  # None: the LoRA's recommended value
+    given = {"steps": r.steps, "guidance_scale": r.guidance_scale, "gamma": r.gamma}
+    fallback = {"steps": cfg.sample.num_steps, "guidance_scale": cfg.sample.guidance_scale, "gamma": cfg.sample.gamma}
+    sampling = {k: fallback[k] if v is None else v for k, v in given.items()}  # None still: the model's own value
+    rows = [{"prompt": p, "negative_prompt": r.negative_prompt, "seed": r.seed, **sampling} for p in r.prompts]
     if r.model:
         from pcm.registry import load_registered
 

@@ -3,7 +3,8 @@ and loading it back (`pcm sample --model models:/NAME@champion`).
 
 A version is a pyfunc model that carries the LoRA folder and pcm's own code (code_paths), references the base model
 (a local directory, made absolute, or a hub id) and samples with pcm's scheduler over the LoRA's trained edges: a
-DataFrame of prompts (columns prompt, negative_prompt, steps, guidance_scale, seed) in, PNG bytes out. The same run
+DataFrame of prompts (columns prompt, negative_prompt, steps, guidance_scale, gamma, seed) in, PNG bytes out; a
+missing column takes the version's defaults (sample.* at registration, else the LoRA's recommended, gamma 0). The same run
 also holds the LoRA in the `mlflow.diffusers` flavor (LoRA + base model reference, for
 `mlflow.diffusers.load_model(uri).load_pipeline()`); that flavor's generic pyfunc samples with the base pipeline's
 own scheduler, which does not visit PCM's edges, so the registered version is ours.
@@ -19,6 +20,7 @@ very file; metrics of another file are refused. Registering the same LoRA again 
 version instead of a duplicate.
 """
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -29,7 +31,7 @@ from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 
-from pcm.config import Config, TeacherConfig
+from pcm.config import Config, SampleConfig, TeacherConfig
 from pcm.eval.generate import generate_pngs
 from pcm.inference import check_family, load_checked, lora_sha256, one_line
 from pcm.models.families import ModelLoadError
@@ -37,7 +39,7 @@ from pcm.models.lora import CONFIG_FILE, DIFFUSERS_FILE
 from pcm.registry_store import RegistryError, connect, resolve, tracking_store
 from pcm.tracking import RUN_FILE, experiment, lineage_tags, read_run_file, tracking_uri
 
-COLUMNS = {"prompt": str, "negative_prompt": str, "steps": int, "guidance_scale": float, "seed": int}
+COLUMNS = {"prompt": str, "negative_prompt": str, "steps": int, "guidance_scale": float, "gamma": float, "seed": int}
 ADAPTER = "pcm"
 SHA_TAG = "pcm.lora_sha256"
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class PCMPipelineModel(PythonModel):
         c, lora = context.model_config, context.artifacts["lora"]
         self.lora_sha256 = check_recorded_sha(lora, c.get("lora_sha256"), "its model_config")
         self.meta = lora_config(lora, "registered LoRA")
+        self.defaults = SampleConfig(**c.get("sample") or {})  # versions registered before it: the LoRA's own
         teacher = TeacherConfig(family=c["family"], model=c["base_model"], dtype=c.get("dtype", "float32"),
                                 motion_adapter=c.get("motion_adapter", ""))
         # model_config may be overridden at load time (a moved base): the LoRA still has to meet its own family
@@ -66,7 +69,8 @@ class PCMPipelineModel(PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         if "prompt" not in model_input:
             raise ValueError(f"the input needs a 'prompt' column; optional: {', '.join(list(COLUMNS)[1:])}")
-        return pd.DataFrame({"image": generate_pngs(self.teacher, self.meta, ADAPTER, model_input.to_dict("records"))})
+        rows = model_input.to_dict("records")
+        return pd.DataFrame({"image": generate_pngs(self.teacher, self.meta, ADAPTER, rows, self.defaults)})
 
 
 def _read_json(path: Path, key: str):
@@ -165,7 +169,17 @@ def version_tags(cfg: Config, meta: dict, metrics: dict, sha: str) -> dict[str, 
             **key_metrics, **lineage_tags(cfg, "register")}
 
 
-def model_card(name: str, meta: dict, base: str) -> str:
+def registered_defaults(cfg: Config, meta: dict) -> SampleConfig:
+    """What a version samples with when a column is missing: sample.* where set, else the LoRA's recommended steps and
+    CFG, and gamma 0."""
+    s = cfg.sample
+    return SampleConfig(num_steps=meta["recommended_steps"] if s.num_steps is None else s.num_steps,
+                        gamma=0.0 if s.gamma is None else s.gamma,
+                        guidance_scale=meta["recommended_guidance_scale"] if s.guidance_scale is None
+                        else s.guidance_scale)
+
+
+def model_card(name: str, meta: dict, base: str, defaults: SampleConfig) -> str:
     video = f" (clips of {meta['frames']} frames: `num_frames={meta['frames']}`)" if "frames" in meta else ""
     return f"""# {name}
 
@@ -174,6 +188,8 @@ phase(s) over a {meta['num_solver_steps']}-step solver grid, guidance variant `{
 
 **Sampling as trained:** {meta['recommended_steps']} steps at CFG {meta['recommended_guidance_scale']}, visiting
 exactly the timesteps {meta['sampling_timesteps']} ({meta['recommended_scheduler']}).
+**This version's defaults** (a missing input column): {defaults.num_steps} steps, CFG {defaults.guidance_scale},
+gamma {defaults.gamma} (TCD's stochastic step; 0 = deterministic PCM; a `gamma` column in [0, 1] sets it).
 
 ```python
 import mlflow, pandas as pd
@@ -261,13 +277,17 @@ def _log_version(cfg: Config, meta: dict, metrics: dict, sha: str) -> str:
     if run_id is None:
         mlflow.set_experiment(experiment_id=experiment(mlflow.MlflowClient(), cfg.tracking,
                                                        tracking_uri(cfg.tracking)))
+    defaults = registered_defaults(cfg, meta)
     example = pd.DataFrame({"prompt": ["a red circle in the center on a gray background"], "negative_prompt": [""],
-                            "steps": [meta["recommended_steps"]], "guidance_scale": [1.0], "seed": [0]})
+                            "steps": [defaults.num_steps], "guidance_scale": [defaults.guidance_scale],
+                            "gamma": [defaults.gamma], "seed": [0]})
     optional = [ColSpec(kind, name, required=False) for name, kind in (
-        ("negative_prompt", "string"), ("steps", "long"), ("guidance_scale", "double"), ("seed", "long"))]
+        ("negative_prompt", "string"), ("steps", "long"), ("guidance_scale", "double"), ("gamma", "double"),
+        ("seed", "long"))]
     signature = ModelSignature(Schema([ColSpec("string", "prompt"), *optional]), Schema([ColSpec("binary", "image")]))
     model_config = {"base_model": base, "family": meta["family"], "resolution": meta["resolution"],
-                    "dtype": cfg.teacher.dtype, "device": r.device, "lora_sha256": sha}
+                    "dtype": cfg.teacher.dtype, "device": r.device, "lora_sha256": sha,
+                    "sample": dataclasses.asdict(defaults)}
     if meta.get("motion_adapter"):
         model_config["motion_adapter"] = _base_model(meta["motion_adapter"])
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else "register"):
@@ -283,7 +303,7 @@ def _log_version(cfg: Config, meta: dict, metrics: dict, sha: str) -> str:
     client = mlflow.MlflowClient()
     for key, value in version_tags(cfg, meta, metrics, sha).items():
         client.set_model_version_tag(r.model_name, version, key, str(value))
-    client.update_model_version(r.model_name, version, description=model_card(r.model_name, meta, base))
+    client.update_model_version(r.model_name, version, description=model_card(r.model_name, meta, base, defaults))
     return version
 
 

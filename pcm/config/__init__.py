@@ -8,6 +8,7 @@ data, demo world and evaluation live in `pcm.config.world`; all are importable f
 import dataclasses
 import json
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,16 +136,21 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """Sampling with the distilled model."""
+    """Defaults of sampling with the distilled model (`pcm sample`, and the registered version's inputs). Which value
+    runs: the flag (or the input column) when given, else this section's when set, else the model's own: the LoRA
+    card's recommended steps and CFG and gamma 0 (a registered version: the sample.* it was registered with first)."""
 
-    num_steps: int = 4  # K: sampling steps (K = num_phases visits exactly the trained edges)
-    gamma: float = 0.0  # stochasticity (TCD rule): 0 deterministic, 1 fully re-noised
-    guidance_scale: float = 1.0  # inference CFG; 1 disables it (small_cfg models: 1-2; normal_cfg: 2-9)
+    num_steps: int | None = None  # K: sampling steps; null = the LoRA's recommended, its M (K = M visits exactly the
+    #   trained edges)
+    gamma: float | None = None  # stochasticity (TCD's rule): 0 deterministic, 1 fully re-noised; null = 0
+    guidance_scale: float | None = None  # inference CFG, 1 disables it (small_cfg models: 1-2; normal_cfg: 2-9);
+    #   null = the LoRA's recommended
 
     def __post_init__(self):
-        require(self.num_steps >= 1, f"sample.num_steps={self.num_steps}: must be >= 1")
-        require(0 <= self.gamma <= 1, f"sample.gamma={self.gamma}: must be in [0, 1]")
-        require(self.guidance_scale >= 0, f"sample.guidance_scale={self.guidance_scale}: must be >= 0")
+        require(self.num_steps is None or self.num_steps >= 1, f"sample.num_steps={self.num_steps}: must be >= 1")
+        require(self.gamma is None or 0 <= self.gamma <= 1, f"sample.gamma={self.gamma}: must be in [0, 1]")
+        require(self.guidance_scale is None or self.guidance_scale >= 0,
+                f"sample.guidance_scale={self.guidance_scale}: must be >= 0")
 
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
@@ -244,6 +250,9 @@ def _divisors(n: int) -> str:
 
 def _convert(value, tp, key: str):
     """value checked (int and numeric strings -> float) against the annotation tp; errors name the key."""
+    if isinstance(tp, types.UnionType) and type(None) in typing.get_args(tp):  # `X | None`: null means "not set"
+        (inner,) = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+        return None if value is None else _convert(value, inner, key)
     if dataclasses.is_dataclass(tp):
         require(isinstance(value, dict), f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return _build(tp, value, key + ".")

@@ -149,6 +149,8 @@ class EvalConfig:
     seeds: tuple[int, ...] = (0,)  # initial noises per prompt: one sample per (prompt, seed), the same for every row
     steps: tuple[int, ...] = (1, 2, 4, 8, 16)  # sampling steps of every row
     guidance_scales: tuple[float, ...] = (1.0,)  # inference CFG of the LoRA rows, one row set per scale
+    gammas: tuple[float, ...] = (0.0,)  # stochasticity of the PCM rows (TCD's rule), one row set per gamma; rows at
+    #   gamma != 0 are labelled <model>-g<gamma>. LCM rows (already re-noised every step) and the teacher's run at 0
     teacher_guidance_scale: float = 5.5  # CFG of the teacher's DDIM rows and of its reference samples: the scale the
     #   students were distilled towards (1 + the mean solver w for small_cfg: 1 + 4.5)
     reference_steps: int = 50  # teacher DDIM steps of the reference samples (FID-teacher, trajectory error)
@@ -172,6 +174,8 @@ class EvalConfig:
         require(len(self.seeds) > 0, "eval.seeds: list at least one seed")
         require(len(self.guidance_scales) > 0 and all(g >= 0 for g in self.guidance_scales),
                  f"eval.guidance_scales={list(self.guidance_scales)}: list at least one scale, each >= 0")
+        require(len(self.gammas) > 0 and all(0 <= g <= 1 for g in self.gammas),
+                f"eval.gammas={list(self.gammas)}: list at least one gamma, each in [0, 1] (0 = deterministic PCM)")
         require(self.teacher_guidance_scale >= 0, "eval.teacher_guidance_scale must be >= 0")
         require(self.reference_steps >= 1, f"eval.reference_steps={self.reference_steps}: must be >= 1")
         require(self.num_prompts >= 2, f"eval.num_prompts={self.num_prompts}: must be >= 2 (FID needs a covariance)")

@@ -213,7 +213,8 @@ def evaluate(cfg: Config, progress: bool = True) -> dict:
     if len(prompts) * len(e.seeds) < 2:
         raise ValueError(f"{len(prompts)} prompt(s) x {len(e.seeds)} seed(s): FID needs at least 2 samples")
     teacher = load_teacher(cfg.teacher, device)
-    samplers = [teacher_sampler(e.teacher_guidance_scale), *load_samplers(teacher, e.loras, e.guidance_scales)]
+    samplers = [teacher_sampler(e.teacher_guidance_scale), *load_samplers(teacher, e.loras, e.guidance_scales,
+                                                                             e.gammas)]
     lora_files = _lora_files(samplers, e.loras)  # hashed as loaded, not after a long run
     scorers = Scorers(cfg, device, progress)
     reference_images = reference_stats(cfg, scorers.features, progress)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pcm.config import SampleConfig
 from pcm.inference import load_checked
 from pcm.math import SolverGrid
 from pcm.models.families import Teacher
@@ -30,6 +31,12 @@ class Sampler:
     num_phases: int = 0  # M of a PCM LoRA
     sigma_data: float = 0.5  # LCM boundary scalings
     timestep_scaling: float = 10.0
+    gamma: float = 0.0  # PCM/DDIM stochasticity (TCD's rule); LCM's multistep rule re-noises fully already
+
+    def __post_init__(self):
+        if self.gamma != 0 and self.method == "lcm":
+            raise ValueError(f"gamma={self.gamma:g} with an LCM LoRA: its multistep sampler already re-noises with "
+                             "fresh noise at every step; use gamma 0 (or a PCM LoRA)")
 
     def timesteps(self, T: int, K: int) -> list[int]:
         if self.method == "ddim":
@@ -45,10 +52,10 @@ def teacher_sampler(guidance_scale: float) -> Sampler:
     return Sampler("teacher-ddim", None, "ddim", guidance_scale)
 
 
-def lora_sampler(meta: dict, adapter: str, guidance_scale: float, label: str) -> Sampler:
+def lora_sampler(meta: dict, adapter: str, guidance_scale: float, label: str, gamma: float = 0.0) -> Sampler:
     """A LoRA's sampler from its exported metadata (pcm_config.json)."""
     return Sampler(label, adapter, meta["method"], guidance_scale, meta["num_solver_steps"], meta["num_phases"],
-                   meta.get("lcm_sigma_data", 0.5), meta.get("lcm_timestep_scaling", 10.0))
+                   meta.get("lcm_sigma_data", 0.5), meta.get("lcm_timestep_scaling", 10.0), gamma)
 
 
 def read_lora_config(folder: str | Path) -> dict:
@@ -57,11 +64,14 @@ def read_lora_config(folder: str | Path) -> dict:
     return read_card(folder, "eval.loras")
 
 
-def load_samplers(teacher: Teacher, folders: tuple[str, ...], guidance_scales: tuple[float, ...]) -> list[Sampler]:
-    """Loads every LoRA folder onto teacher.unet as an adapter; one Sampler per (LoRA, guidance scale).
+def load_samplers(teacher: Teacher, folders: tuple[str, ...], guidance_scales: tuple[float, ...],
+                  gammas: tuple[float, ...] = (0.0,)) -> list[Sampler]:
+    """Loads every LoRA folder onto teacher.unet as an adapter; one Sampler per (LoRA, guidance scale, gamma), LCM
+    LoRAs at gamma 0 only.
 
-    Labels: '<method>-M<phases>' ('lcm' for LCM), the folder's parent name appended when two LoRAs share one, and
-    '-cfg<scale>' when several scales are evaluated."""
+    Labels: '<method>-M<phases>' ('lcm' for LCM), the folder's parent name appended when two LoRAs share one,
+    '-cfg<scale>' when several scales are evaluated and '-g<gamma>' for gamma != 0 (gamma-0 labels stay as they
+    were)."""
     metas = [read_lora_config(f) for f in folders]
     names = [m["method"] if m["method"] == "lcm" else f"pcm-M{m['num_phases']}" for m in metas]
     names = [n if names.count(n) == 1 else f"{n}-{Path(f).resolve().parent.name}" for n, f in zip(names, folders,
@@ -75,7 +85,8 @@ def load_samplers(teacher: Teacher, folders: tuple[str, ...], guidance_scales: t
                      f"(teacher.model) is {teacher.family}")
         for g in guidance_scales:
             label = name if len(guidance_scales) == 1 else f"{name}-cfg{g:g}"
-            samplers.append(lora_sampler(meta, f"eval{i}", g, label))
+            samplers += [lora_sampler(meta, f"eval{i}", g, label + (f"-g{gamma:g}" if gamma else ""), gamma)
+                         for gamma in dict.fromkeys(gammas) if gamma == 0 or meta["method"] != "lcm"]
     return samplers
 
 
@@ -105,7 +116,7 @@ def sample_latents(teacher: Teacher, sampler: Sampler, x_T: torch.Tensor, cond: 
                           timestep_scaling=sampler.timestep_scaling, guidance_scale=sampler.guidance_scale,
                           neg_cond=neg, generator=generator)
     return sample_pcm(teacher.eps_fn, x_T, cond, teacher.abar, path, guidance_scale=sampler.guidance_scale,
-                      neg_cond=neg)
+                      neg_cond=neg, gamma=sampler.gamma, generator=generator)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -154,21 +165,25 @@ def generate(teacher: Teacher, sampler: Sampler, prompt: str, negative_prompt: s
     return to_uint8(teacher.decode_latents(x_0.float()))[0]
 
 
-def _given(row: dict, key: str, default):
-    value = row.get(key)
-    return default if value is None or (isinstance(value, float) and np.isnan(value)) else value
+def _first(*values):
+    """The first value given: not None and not NaN (a DataFrame's missing cell); the last is the fallback."""
+    return next((v for v in values if not (v is None or (isinstance(v, float) and np.isnan(v)))), values[-1])
 
 
-def generate_pngs(teacher: Teacher, meta: dict, adapter: str, rows: list[dict]) -> list[bytes]:
+def generate_pngs(teacher: Teacher, meta: dict, adapter: str, rows: list[dict],
+                  defaults: SampleConfig = SampleConfig()) -> list[bytes]:
     """PNG bytes (a video LoRA: looping GIF bytes at meta's fps, default 8) for rows {prompt, negative_prompt?,
-    steps?, guidance_scale?, seed?} with the LoRA loaded as `adapter`; a missing (None / NaN) value takes the LoRA's
-    recommended steps and CFG, no negative prompt, seed 0."""
+    steps?, guidance_scale?, gamma?, seed?} with the LoRA loaded as `adapter`; a missing (None / NaN) value takes
+    defaults' when set, else the LoRA's recommended steps and CFG, gamma 0, no negative prompt, seed 0."""
     images = []
     for row in rows:
-        scale = float(_given(row, "guidance_scale", meta["recommended_guidance_scale"]))
-        sampler = lora_sampler(meta, adapter, scale, "generate")
-        image = generate(teacher, sampler, str(row["prompt"]), str(_given(row, "negative_prompt", "")),
-                         int(_given(row, "steps", meta["recommended_steps"])), int(_given(row, "seed", 0)),
+        scale = float(_first(row.get("guidance_scale"), defaults.guidance_scale, meta["recommended_guidance_scale"]))
+        gamma = float(_first(row.get("gamma"), defaults.gamma, 0.0))
+        if not 0 <= gamma <= 1:
+            raise ValueError(f"gamma={gamma:g}: must be in [0, 1] (0 = deterministic PCM, 1 = fully re-noised)")
+        steps = int(_first(row.get("steps"), defaults.num_steps, meta["recommended_steps"]))
+        image = generate(teacher, lora_sampler(meta, adapter, scale, "generate", gamma), str(row["prompt"]),
+                         str(_first(row.get("negative_prompt"), "")), steps, int(_first(row.get("seed"), 0)),
                          meta["resolution"], meta.get("frames", 1))
         images.append(gif_bytes(image, meta.get("fps", 8)) if image.ndim == 4 else png_bytes(image))
     return images
