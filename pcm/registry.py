@@ -4,8 +4,8 @@ and loading it back (`pcm sample --model models:/NAME@champion`).
 A version is a pyfunc model that carries the LoRA folder and pcm's own code (code_paths), references the base model
 (a local directory, made absolute, or a hub id) and samples with pcm's scheduler over the LoRA's trained edges: a
 DataFrame of prompts (columns prompt, negative_prompt, steps, guidance_scale, gamma, seed) in, PNG bytes out; a
-missing column takes the version's defaults (sample.* at registration, else the LoRA's recommended, gamma 0). The same run
-also holds the LoRA in the `mlflow.diffusers` flavor (LoRA + base model reference, for
+missing column takes the version's defaults (sample.* at registration, else the LoRA's recommended, gamma 0).
+The same run also holds the LoRA in the `mlflow.diffusers` flavor (LoRA + base model reference, for
 `mlflow.diffusers.load_model(uri).load_pipeline()`); that flavor's generic pyfunc samples with the base pipeline's
 own scheduler, which does not visit PCM's edges, so the registered version is ours.
 

@@ -171,11 +171,11 @@ def _first(*values):
 
 
 def generate_pngs(teacher: Teacher, meta: dict, adapter: str, rows: list[dict],
-                  defaults: SampleConfig = SampleConfig()) -> list[bytes]:
+                  defaults: SampleConfig | None = None) -> list[bytes]:
     """PNG bytes (a video LoRA: looping GIF bytes at meta's fps, default 8) for rows {prompt, negative_prompt?,
     steps?, guidance_scale?, gamma?, seed?} with the LoRA loaded as `adapter`; a missing (None / NaN) value takes
     defaults' when set, else the LoRA's recommended steps and CFG, gamma 0, no negative prompt, seed 0."""
-    images = []
+    defaults, images = defaults or SampleConfig(), []
     for row in rows:
         scale = float(_first(row.get("guidance_scale"), defaults.guidance_scale, meta["recommended_guidance_scale"]))
         gamma = float(_first(row.get("gamma"), defaults.gamma, 0.0))
