@@ -133,9 +133,9 @@ def _add_sample(commands) -> None:
 
 
 def _convert_inception(args) -> int:
-    from pcm.eval.inception import convert_weights
+    from pcm import stages
 
-    print(convert_weights(args.source, args.target))
+    print(stages.convert_inception(args.source, args.target))
     return 0
 
 

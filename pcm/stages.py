@@ -112,10 +112,35 @@ def evaluate(cfg: Config, progress: bool = True) -> dict:
 
     out = Path(cfg.eval.output_dir)
     with track(cfg, "evaluate", out) as tracker:
-        result = run_evaluate(cfg, progress)
+        result = run_evaluate(cfg, progress, world=_shapes_world())
         if tracker is not None:
             tracker.log(0, json.loads((out / "metrics.json").read_text()))  # keys model/k<steps>/metric
         return _log(tracker, result, (out, "report"))
+
+
+def _shapes_world():
+    """The demo's shapes world as evaluation knows it (pcm.eval.known_world): its image and motion oracles and its
+    feature net (trained once on the prepared shapes, cached under eval.cache_dir); pcm.eval never imports pcm.demo."""
+    from pcm.demo import motion, oracle
+    from pcm.eval.known_world import KnownWorld
+
+    def features(cfg: Config, progress: bool):
+        from pcm.demo.features import ShapesFeatures, cached_shapes_net
+
+        e = cfg.eval
+        net, key = cached_shapes_net(cfg.data.output_dir, e.cache_dir, e.shapes_net_steps, cfg.seed, progress)
+        function = ShapesFeatures(net)
+        function.key = f"shapes-{key}"
+        return function
+
+    return KnownWorld(oracle=oracle.score, motion_oracle=motion.score_clip, features=features)
+
+
+def convert_inception(source: str, target: str) -> Path:
+    """pytorch-fid's FID Inception .pth -> a safetensors file for eval.inception_weights (read with weights_only)."""
+    from pcm.eval.inception import convert_weights
+
+    return convert_weights(source, target)
 
 
 def register(cfg: Config) -> dict:

@@ -28,6 +28,7 @@ from pcm.config import Config
 from pcm.eval import video
 from pcm.eval.fid import FeatureStats, fid
 from pcm.eval.generate import Sampler, initial_noise, load_samplers, sample_latents, teacher_sampler, to_uint8, use
+from pcm.eval.known_world import KnownWorld, require_world
 from pcm.eval.prompts import load_prompts
 from pcm.eval.references import feature_function, reference_stats, teacher_reference
 from pcm.eval.report import write_report
@@ -67,14 +68,14 @@ class Scorers:
 
     ORACLE = ("colour", "kind", "position", "background", "overall")
 
-    def __init__(self, cfg: Config, device: torch.device, progress: bool):
+    def __init__(self, cfg: Config, device: torch.device, progress: bool, world: KnownWorld | None = None):
         e = cfg.eval
-        self.features = feature_function(cfg, device, progress)
+        self.world = require_world(world, "eval.oracle") if e.oracle else None
+        self.features = feature_function(cfg, device, progress, world)
         self.clip = None
         if e.clip_model:
             from pcm.eval.clip_score import ClipScorer
             self.clip = ClipScorer(e.clip_model, device)
-        self.oracle = e.oracle
 
     def score(self, row: Row, images: np.ndarray, prompts: list[str]) -> None:
         """images (B, H, W, 3) uint8, or clips (B, F, H, W, 3)."""
@@ -85,9 +86,8 @@ class Scorers:
         row.features.update(self.features(images))
         if self.clip is not None:
             row.add("clip_score", self.clip(images, prompts))
-        if self.oracle:
-            from pcm.demo import oracle
-            scores = [oracle.score(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
+        if self.world is not None:
+            scores = [self.world.oracle(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
             for k in self.ORACLE:
                 row.add(f"oracle_{k}", [s[k] for s in scores])
 
@@ -97,8 +97,8 @@ class Scorers:
         if self.clip is not None:
             row.add("clip_score", video.clip_score_per_frame(self.clip, clips, prompts))
             row.add("frame_consistency", video.frame_consistency(self.clip, clips))
-        if self.oracle:
-            for k, values in video.motion_oracle(clips, prompts).items():
+        if self.world is not None:
+            for k, values in video.motion_oracle(self.world.motion_oracle, clips, prompts).items():
                 row.add(f"oracle_{k}", values)
 
 
@@ -204,8 +204,9 @@ def _lora_files(samplers: list[Sampler], folders: tuple[str, ...]) -> dict[str, 
     return {s.label: shas[int(s.adapter.removeprefix("eval"))] for s in samplers if s.adapter is not None}
 
 
-def evaluate(cfg: Config, progress: bool = True) -> dict:
-    """Runs the whole evaluation and writes the report under eval.output_dir; returns the summary."""
+def evaluate(cfg: Config, progress: bool = True, world: KnownWorld | None = None) -> dict:
+    """Runs the whole evaluation and writes the report under eval.output_dir; returns the summary. world: the
+    oracles and feature net that eval.oracle and eval.features=shapes need (pcm.stages passes the demo's)."""
     e, start = cfg.eval, time.perf_counter()
     check_inputs(cfg)
     device = _device(e.device)
@@ -216,7 +217,7 @@ def evaluate(cfg: Config, progress: bool = True) -> dict:
     samplers = [teacher_sampler(e.teacher_guidance_scale), *load_samplers(teacher, e.loras, e.guidance_scales,
                                                                              e.gammas)]
     lora_files = _lora_files(samplers, e.loras)  # hashed as loaded, not after a long run
-    scorers = Scorers(cfg, device, progress)
+    scorers = Scorers(cfg, device, progress, world)
     reference_images = reference_stats(cfg, scorers.features, progress)
     batches = Batches(teacher, prompts, e.seeds, e.batch_size, cfg.data.resolution, cfg.data.frames)
     use(teacher, samplers[0])

@@ -1,6 +1,6 @@
 """What evaluation rows are compared with, computed once and cached under eval.cache_dir.
 
-  feature_function   the FID feature network (Inception from eval.inception_weights, or the shapes CNN)
+  feature_function   the FID feature network (Inception from eval.inception_weights, or the known world's net)
   reference_stats    mean and covariance of the reference images' features, keyed by the feature network and the
                      reference shards' index
   teacher_reference  the teacher's eval.reference_steps-step DDIM latents of every (prompt, seed), keyed by the
@@ -21,9 +21,10 @@ from pcm.data.loader import decode_batch
 from pcm.data.shards import iter_tar
 from pcm.eval.fid import FeatureStats, load_stats
 from pcm.eval.generate import sample_latents, teacher_sampler
+from pcm.eval.known_world import KnownWorld, require_world
 
 
-def feature_function(cfg: Config, device: torch.device, progress: bool):
+def feature_function(cfg: Config, device: torch.device, progress: bool, world: KnownWorld | None = None):
     """images uint8 (B, H, W, 3) -> features (B, D), with .name and .key (what its features depend on)."""
     e = cfg.eval
     if e.features == "inception":
@@ -33,12 +34,7 @@ def feature_function(cfg: Config, device: torch.device, progress: bool):
         features.key = digest(["inception"], [Path(e.inception_weights)])
         return features
     if e.features == "shapes":
-        from pcm.demo.features import ShapesFeatures, cached_shapes_net
-
-        net, key = cached_shapes_net(cfg.data.output_dir, e.cache_dir, e.shapes_net_steps, cfg.seed, progress)
-        features = ShapesFeatures(net)
-        features.key = f"shapes-{key}"
-        return features
+        return require_world(world, "eval.features=shapes").features(cfg, progress)
     raise ValueError(f"eval.features={e.features!r}; allowed: inception, shapes")
 
 

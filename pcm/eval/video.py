@@ -33,10 +33,8 @@ def frame_consistency(clip, clips: np.ndarray) -> torch.Tensor:
     return (embeds[:, 1:] * embeds[:, :-1]).sum(dim=-1).mean(dim=1)
 
 
-def motion_oracle(clips: np.ndarray, prompts: list[str]) -> dict[str, list[float]]:
-    """The shapes motion oracle's per-attribute scores of each clip against its caption."""
-    from pcm.demo.motion import score_clip
-
+def motion_oracle(score_clip, clips: np.ndarray, prompts: list[str]) -> dict[str, list[float]]:
+    """A motion oracle's (pcm.eval.known_world) per-attribute scores of each clip against its caption."""
     scores = [score_clip(frames, prompt) for frames, prompt in zip(clips, prompts, strict=True)]
     return {k: [s[k] for s in scores] for k in MOTION_ORACLE}
 
