@@ -41,6 +41,7 @@ def _cli(params: Path, lora: Path, out: Path, *args: str) -> np.ndarray:
     return _image(out)
 
 
+@pytest.mark.slow  # a tiny world: two distilled LoRAs
 def test_sample_takes_gamma_and_sample_defaults_with_the_flag_winning(world, tmp_path):
     root, base = world
     params = tmp_path / "params.yaml"
@@ -71,6 +72,7 @@ def test_gamma_is_refused_for_an_lcm_lora_and_outside_its_range():
     assert config_from_dict({}, ["sample.num_steps=null"]).sample.num_steps is None
 
 
+@pytest.mark.slow  # a tiny world: two distilled LoRAs
 def test_the_registered_model_defaults_to_sample_and_takes_a_gamma_column(world, tmp_path):
     root, base = world
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -98,6 +100,7 @@ def test_the_registered_model_defaults_to_sample_and_takes_a_gamma_column(world,
         model.predict(pd.DataFrame({"prompt": [PROMPT], "gamma": [2.0]}))
 
 
+@pytest.mark.slow  # a tiny world: two distilled LoRAs
 def test_evaluate_scores_pcm_rows_at_every_gamma_and_keeps_the_gamma_0_labels(world, tmp_path):
     root, base = world
     loras = [str(root / "pcm" / "lora"), str(root / "lcm" / "lora")]
