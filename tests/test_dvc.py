@@ -1,5 +1,7 @@
-"""dvc.yaml: its params keys resolve to config fields, and `dvc repro` runs, caches and re-runs what changed."""
+"""dvc.yaml: its params keys resolve to config fields, every stage's imported code is among its deps, and `dvc repro`
+runs, caches and re-runs what changed."""
 
+import ast
 import os
 import re
 import shutil
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pcm.cli import STAGES
 from pcm.config import config_to_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +63,81 @@ def test_the_evaluation_reads_exactly_the_distilled_loras_and_registers_the_m4_o
     assert cfg.register.lora in stages["register"]["deps"] and cfg.register.lora in cfg.eval.loras
     for name, stage in stages.items():  # every stage is a pcm command on the params file
         assert stage["cmd"].startswith(f"pcm {name.split('@')[0]} --params params.yaml"), name
+
+
+def _module_file(name: str) -> Path | None:
+    """pcm.data.prepare -> pcm/data/prepare.py, pcm.math -> pcm/math/__init__.py; None when name is no module."""
+    base = ROOT.joinpath(*name.split("."))
+    return next((f for f in (base.with_suffix(".py"), base / "__init__.py") if f.is_file()), None)
+
+
+def _pcm_imports(tree: ast.AST) -> set[str]:
+    """The pcm modules named by the import statements anywhere in tree (also the lazy ones inside functions)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:  # a name may be a submodule
+            names.update(f"{node.module}.{a.name}" if _module_file(f"{node.module}.{a.name}") else node.module
+                         for a in node.names)
+    return {name for name in names if name.split(".")[0] == "pcm" and _module_file(name)}
+
+
+CONFIG = "pcm.config"  # not a code dep: what a stage reads from it reaches DVC as the stage's params keys
+NOT_DEPS = (CONFIG, "pcm")  # nor is the package root (its version and log setup shape no output)
+
+
+def _stage_modules(function: str) -> set[str]:
+    """The pcm modules `pcm <stage>` runs: those pcm.stages.<function> (and the stages helpers it calls) imports,
+    then everything they import, transitively."""
+    tree = ast.parse((ROOT / "pcm" / "stages.py").read_text(encoding="utf-8"))
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    todo, seen_functions = [functions[function]], set()
+    modules = set()
+    while todo:
+        node = todo.pop()
+        seen_functions.add(node.name)
+        modules |= _pcm_imports(node)
+        todo += [functions[name] for name in _called(node, functions) - seen_functions]
+    closure, todo = set(), sorted(modules)
+    while todo:
+        name = todo.pop()
+        if name in closure or name in NOT_DEPS or name.startswith(CONFIG + "."):
+            continue
+        closure.add(name)
+        todo += sorted(_pcm_imports(ast.parse(_module_file(name).read_text(encoding="utf-8"))))
+    return closure
+
+
+def _called(node: ast.AST, functions: dict) -> set[str]:
+    return {call.func.id for call in ast.walk(node)
+            if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id in functions}
+
+
+def _covered(path: Path, deps: list[str]) -> bool:
+    relative = path.relative_to(ROOT)
+    return any(relative == Path(dep) or Path(dep) in relative.parents for dep in deps)
+
+
+def test_every_stage_lists_the_code_it_imports_among_its_deps():
+    """A change to any module a stage runs reruns the stage: its file, or a folder above it, is a dep."""
+    missing = {}
+    for name, stage in _stages().items():
+        modules = _stage_modules(STAGES[name.split("@")[0]][0])
+        assert modules, name
+        files = sorted({_module_file(module) for module in modules})
+        if gaps := [str(f.relative_to(ROOT)) for f in files if not _covered(f, stage["deps"])]:
+            missing[name] = gaps
+    assert missing == {}
+
+
+def test_the_import_graph_follows_lazy_imports_helpers_and_submodule_names():
+    modules = _stage_modules("evaluate")
+    assert {"pcm.eval.evaluate", "pcm.eval.clip_score", "pcm.inference", "pcm.math", "pcm.demo.features",
+            "pcm.demo.oracle", "pcm.demo.motion", "pcm.data.loader", "pcm.models.families"} <= modules
+    assert "pcm.rng" in _stage_modules("prepare") and "pcm.stages" not in modules and not set(NOT_DEPS) & modules
+    assert {"pcm.launch", "pcm.atomic"} <= _stage_modules("distill")  # imported by the _launch helper
+    assert not _covered(ROOT / "pcm" / "data" / "loader.py", ["pcm/data/load"])  # a folder, not a name prefix
 
 
 TINY = {  # the demo pipeline at toy sizes: every stage runs in seconds
