@@ -11,6 +11,7 @@ import torch
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "sdxl_gpu.py"
 
 
+@pytest.mark.slow
 def test_sdxl_gpu_benchmark_runs_tiny_with_and_without_the_adversarial_loss(tmp_path):
     out = tmp_path / "sdxl_gpu.json"
     done = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--batch", "2", "--steps", "2", "--rank", "4",
@@ -22,6 +23,7 @@ def test_sdxl_gpu_benchmark_runs_tiny_with_and_without_the_adversarial_loss(tmp_
         assert run["steps_per_s"] > 0 and run["last_loss"] == run["last_loss"]  # finite, not NaN
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where there is no CUDA")
 def test_sdxl_gpu_benchmark_says_so_without_cuda(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "x.json")], capture_output=True,

@@ -220,6 +220,7 @@ def test_files_and_folder_are_fsynced_before_the_rename_and_nothing_is_deleted_b
         assert ("replace step -> .old-step" in log) == (name != "fresh")
 
 
+@pytest.mark.slow
 def test_a_kill_anywhere_in_a_save_resumes_to_the_uninterrupted_result(runs, tmp_path):
     reference, starts, logs = runs
     trials, _ = plan(logs)
@@ -275,6 +276,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("fresh_accelerate_state", "one_thread")
 def test_distill_killed_inside_a_save_resumes_to_the_uninterrupted_lora(tmp_path, capsys):
     base = tiny_world(tmp_path, methods=())

@@ -75,6 +75,7 @@ def test_params_files_with_a_duplicate_key_or_broken_yaml_fail_in_one_line_namin
     assert "<unicode string>" not in broken.stderr
 
 
+@pytest.mark.slow
 def test_no_pil_fallback_notice_on_a_stage_that_imports_diffusers(tmp_path):
     """transformers announces its PIL fallback for every image processor diffusers imports; pcm never uses
     torchvision. The control run, with pcm's filter taken off, shows the test would see the notice."""

@@ -45,6 +45,7 @@ def test_each_method_and_variant_trains_exports_and_writes_grids(shapes_world, t
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000002"]
 
 
+@pytest.mark.slow
 def test_loss_falls_over_50_steps_on_a_fixed_batch(shapes_world, tmp_path):
     # the same images and the same draws (step key 0) every time: the student must fit this one problem
     root, base = shapes_world
@@ -170,6 +171,7 @@ def _sigterm_the_parent_after_its_first_step(args: list[str], out: Path) -> tupl
     return parent.returncode, err
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_a_sigterm_to_their_parent_checkpoints_and_resumes(shapes_world, tmp_path):
     # Same global batch, same samples (data_split=samples), same keyed draws: one and two processes differ only by
     # float rounding of batch-2 vs batch-4 kernels and the DDP all-reduce, which Adam's g / sqrt(v) normalisation
@@ -208,6 +210,7 @@ def test_bad_config_fails_before_any_model_loads_naming_the_key(override, messag
     assert code in (1, 2) and message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_non_finite_losses_are_skipped_counted_and_stop_the_run_after_ten(shapes_world, tmp_path, monkeypatch):
     import pcm.train.distill as module
 

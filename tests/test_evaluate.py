@@ -35,6 +35,7 @@ def _cfg(base, tmp_path, **eval_overrides):
     return config_from_dict({**base, "eval": e})
 
 
+@pytest.mark.slow
 def test_report_rows_outputs_and_the_teacher_cache(world, tmp_path):
     root, base = world
     cfg = _cfg(base, tmp_path)
@@ -116,6 +117,7 @@ def test_the_shapes_feature_net_is_trained_once_then_read_from_the_cache(world, 
         features.cached_shapes_net(root / "prepared", tmp_path, steps=6, seed=0, progress=False)
 
 
+@pytest.mark.slow
 def test_inception_features_from_converted_weights(world, tmp_path):
     """eval.features=inception: the FID Inception (random weights here) from a converted safetensors file."""
     import torch

@@ -138,6 +138,7 @@ print(json.dumps({"before_kib": before, "stats": prepare(cfg.data, cfg.seed, pro
 """
 
 
+@pytest.mark.slow
 def test_compression_bombs_are_skipped_unread_in_bounded_memory(bombs, tmp_path):
     assert bombs["caption"].stat().st_size < 250_000  # 200 MiB of caption in a ~204 KB shard
     naive, read = _peak_growth_kib(NAIVE_READ, str(bombs["caption"]))
@@ -337,6 +338,7 @@ def _prepare_and_die_at(urls, out, kill_at: int) -> None:
     _run(urls, out)
 
 
+@pytest.mark.slow
 def test_a_kill_at_every_step_of_publishing_leaves_old_data_or_none(tmp_path, two_datasets):
     a, b = two_datasets
     out = tmp_path / "out"

@@ -76,6 +76,7 @@ def test_sample_lora_uses_the_base_its_card_records_and_the_config_teacher_only_
                                        teacher_from="teacher"))
 
 
+@pytest.mark.slow
 def test_a_lora_with_another_base_s_shapes_is_one_line_in_pcm_sample(bases, tmp_path):
     """The card says sd15 (on the sd15 teacher), the tensors are the sdxl UNet's: the shapes give it away."""
     root, sd15, sdxl, lora = bases

@@ -384,6 +384,7 @@ def test_sigterm_to_the_pod_shell_reaches_torchrun(tmp_path, kind):
     assert "--node_rank=1" in argv and "--master_addr=127.0.0.1" in argv
 
 
+@pytest.mark.slow
 def test_shards_are_fetched_from_a_dvc_repository_at_a_revision(tmp_path):
     from components.dvc_source import fetch_dvc_path
 

@@ -113,6 +113,7 @@ def test_register_tags_card_load_by_alias_and_an_idempotent_rerun(world, tmp_pat
     assert pipe.unet.peft_config
 
 
+@pytest.mark.slow
 def test_the_gate_promotes_refuses_and_moves_the_champion(world, tmp_path):
     root, base = world
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -162,6 +163,7 @@ def _stop(process: subprocess.Popen) -> None:
     process.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_a_real_server_and_one_that_is_down(world, tmp_path, capsys):
     root, base = world
     port = _free_port()

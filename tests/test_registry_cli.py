@@ -66,6 +66,7 @@ def _tree(folder: Path) -> dict[str, tuple[int, int]]:
             if p.is_file()}
 
 
+@pytest.mark.slow
 def test_sample_model_from_another_folder_reads_the_project_store_and_writes_nothing_there(project):
     root, params, teacher = project
     artifacts = root / "mlflow" / "artifacts"
@@ -79,6 +80,7 @@ def test_sample_model_from_another_folder_reads_the_project_store_and_writes_not
     assert not list(artifacts.rglob("registered_model_meta"))
 
 
+@pytest.mark.slow
 def test_a_model_uri_that_names_nothing_is_one_line_naming_what_exists(project):
     root, params, teacher = project
     done = _cli(["sample", "--params", "../params.yaml", "--model", "models:/nope@champion", "--prompt", "a"],

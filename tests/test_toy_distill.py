@@ -12,6 +12,7 @@ def world_and_eval():
     return world, make_eval_set(world, 512, w=1.0)
 
 
+@pytest.mark.slow
 def test_two_phase_student_beats_teacher_ddim_and_lcm_at_two_steps(world_and_eval):
     world, ev = world_and_eval
     pcm_cfg = toy_config("pcm", 2, guided=True, steps=400)

@@ -75,6 +75,7 @@ def test_prepared_clips_train_a_motion_lora(world):
     assert len(losses) == 2 and all(loss > 0 for loss in losses)
 
 
+@pytest.mark.slow
 def test_video_evaluation_rows_metrics_and_gif_grids(world):
     root, params, _ = world
     summary = stages.evaluate(config_from_dict(params), progress=False)
@@ -98,6 +99,7 @@ def test_video_evaluation_rows_metrics_and_gif_grids(world):
     assert html.count("data:image/gif;base64,") == 2 and "oracle_motion" in html  # teacher and pcm-M2 grids
 
 
+@pytest.mark.slow
 def test_registered_video_model_samples_gifs_like_the_lora_folder(world, tmp_path):
     root, params, _ = world
     cfg = config_from_dict(params)
