@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from builders import TINY, merge
 
 from pcm.cli import STAGES
 from pcm.config import config_to_dict, load_config
@@ -140,29 +141,6 @@ def test_the_import_graph_follows_lazy_imports_helpers_and_submodule_names():
     assert not _covered(ROOT / "pcm" / "data" / "loader.py", ["pcm/data/load"])  # a folder, not a name prefix
 
 
-TINY = {  # the demo pipeline at toy sizes: every stage runs in seconds
-    "demo": {"num_images": 40, "shard_size": 20},
-    "data": {"shard_size": 20, "inputs": ["data/shapes/shard-{00000..00001}.tar"]},
-    "demo_teacher": {"vae_channels": [8, 16], "unet_channels": [16, 32], "attention_from": 0, "text_hidden": 16,
-                     "vae_steps": 2, "unet_steps": 2, "holdout": 8, "eval_prompts": 2, "eval_steps": 2,
-                     "vae_batch_size": 4, "unet_batch_size": 4},
-    "distill": {"num_solver_steps": 20},
-    "train": {"batch_size": 4, "max_steps": 2, "lr_warmup_steps": 0, "checkpoint_every": 2, "validate_every": 0,
-              "log_every": 1, "shuffle_buffer": 8},
-    "lora": {"rank": 2, "alpha": 2},
-    "eval": {"num_prompts": 3, "steps": [1, 2], "reference_steps": 2, "num_reference": 8, "shapes_net_steps": 5,
-             "batch_size": 4, "grid_prompts": 2},
-    "register": {"gate_metric": "pcm-M4/k2/fid_teacher", "gate_threshold": 1.0e9},
-}
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
-    return out
-
-
 def _repro(clone: Path) -> str:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI", None)  # the clone's own embedded store
@@ -188,7 +166,7 @@ def test_dvc_repro_in_a_clone_caches_and_reruns_only_what_a_param_change_touches
     for extra in ("dvc.yaml", "params.yaml", ".dvc/config"):  # present even before they are committed
         (clone / extra).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / extra, clone / extra)
-    params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
     (clone / "params.yaml").write_text(yaml.safe_dump(params))
     subprocess.run(["git", "init", "-q"], cwd=clone, check=True)
 

@@ -7,9 +7,9 @@ from pcm.config import config_from_dict
 from pcm.eval.toy_gmm import batch_source, make_world
 from pcm.math import SolverGrid
 from pcm.models.toy import ResidualMLPStudent
+from pcm.rng import keyed_draws
 from pcm.train.ema import EMA
 from pcm.train.loop import target_net_for
-from pcm.rng import keyed_draws
 from pcm.train.step import Batch, lcm_loss, method_loss, pcm_loss
 
 
