@@ -124,13 +124,20 @@ def base_for(cfg: Config, lora: str, meta: dict, teacher_from: str) -> TeacherCo
     if teacher_from == "lora" and meta.get("base_model"):
         return dataclasses.replace(cfg.teacher, family=meta["family"], model=recorded_base(meta, lora),
                                    motion_adapter=meta.get("motion_adapter", cfg.teacher.motion_adapter))
-    base = recorded_base(meta, lora) if meta.get("base_model") else cfg.teacher.model
-    check_family(meta, cfg.teacher, f"--lora={lora}", f"drop --teacher-from config to sample on its own base, or "
-                 f"set teacher.family={meta.get('family')} teacher.model={base}")
-    if not same_model(base, cfg.teacher.model):
-        log.warning("--lora=%s was distilled from %s but samples on teacher.model=%s (--teacher-from config); drop "
-                    "--teacher-from config to sample on its own base", lora, base, cfg.teacher.model)
+    meet_teacher(meta, lora, cfg.teacher, f"--lora={lora}", "drop --teacher-from config to sample on its own base, "
+                 "or set teacher.family={family} teacher.model={base}")
     return cfg.teacher
+
+
+def meet_teacher(meta: dict, lora: str, teacher: TeacherConfig, who: str, fix: str) -> None:
+    """A LoRA (card meta, folder lora) against the teacher it will run on: another family is refused in one line
+    naming both and fix (a template over {family} and {base}); another base model of the family is warned about (a
+    fine-tune of the base is a fair thing to ask for)."""
+    base = recorded_base(meta, lora) if meta.get("base_model") else teacher.model
+    check_family(meta, teacher, who, fix.format(family=meta.get("family"), base=base))
+    if not same_model(base, teacher.model):
+        log.warning("%s was distilled from %s but runs on teacher.model=%s: outputs and teacher-relative metrics are "
+                    "those of another model", who, base, teacher.model)
 
 
 def _direct(cfg: Config, lora: str, rows: list[dict], teacher_from: str = "lora") -> list[bytes]:

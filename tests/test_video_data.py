@@ -3,7 +3,6 @@ prepared (F, H, W, 3) arrays batched as (B, F, 3, H, W); the moving-shapes demo 
 
 import io
 import json
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from builders import written_samples
+from builders import write_tar, written_samples
 from PIL import Image
 
 from pcm.config import ConfigError, DemoConfig, config_from_dict
@@ -129,13 +128,7 @@ def shard(tmp_path_factory) -> Path:
     members += _members("no_caption", {"mp4": mp4})
     members += _members("an_image", {"jpg": b"\xff\xd8 not decoded: wrong modality first", "txt": caption})
     members += _members("nothing", {"txt": caption})
-    path = root / "clips.tar"
-    with tarfile.open(path, "w") as archive:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return path
+    return write_tar(root / "clips.tar", members)
 
 
 def _cfg(inputs, out, **data):

@@ -113,14 +113,10 @@ def _device(name: str) -> torch.device:
 def check_lora_meets_teacher(cfg: Config, folder: str, meta: dict) -> None:
     """Teacher-relative metrics need the LoRA's own teacher: another family is refused before any work (it would
     not even load), another base model of the family is warned about (a fine-tune may be what is measured)."""
-    from pcm.inference import check_family, recorded_base, same_model
+    from pcm.inference import meet_teacher
 
-    base = recorded_base(meta, folder) if meta.get("base_model") else cfg.teacher.model
-    check_family(meta, cfg.teacher, f"eval.loras entry {folder}", f"set teacher.family={meta.get('family')} "
-                 f"teacher.model={base} to evaluate it against its own base, or drop it from eval.loras")
-    if not same_model(base, cfg.teacher.model):
-        log.warning("eval.loras entry %s was distilled from %s, evaluated against teacher.model=%s: teacher-relative "
-                    "metrics compare it with another model", folder, base, cfg.teacher.model)
+    meet_teacher(meta, folder, cfg.teacher, f"eval.loras entry {folder}", "set teacher.family={family} "
+                 "teacher.model={base} to evaluate it against its own base, or drop it from eval.loras")
 
 
 def check_inputs(cfg: Config) -> None:
