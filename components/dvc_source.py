@@ -1,6 +1,6 @@
 """Input shards from a DVC repository: a path at a revision, fetched with dvc.api (no shell, no `dvc` subprocess).
 
-It lives beside the components, not in pcm/: the library knows nothing of DVC or Kubeflow (DESIGN.md §2)."""
+It lives beside the components, not in pcm/: the library knows nothing of DVC or Kubeflow (the README's layout)."""
 
 from pathlib import Path
 

@@ -2,7 +2,7 @@
 the evaluation cache). Run names (pcm-m4, ...) repeat in every pipeline run; the run id does not, so a new pipeline
 run starts fresh, two concurrent runs never share a folder, and a retried task (same run id) finds its checkpoints.
 
-It lives beside the components, not in pcm/: the library knows nothing of Kubeflow (DESIGN.md §2)."""
+It lives beside the components, not in pcm/: the library knows nothing of Kubeflow (the README's layout)."""
 
 import re
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Imports point downward (DESIGN.md §2, the README's layout line), checked on the source's import statements.
+"""Imports point downward (the README's layout line), checked on the source's import statements.
 
 The README's chain `math` <- `models` <- `train`/`sampling` <- `data`/`eval`/`registry` <- `stages` <- `cli` is read
 from README.md itself, so the test checks the rule the README states. Beside it: the base module pcm.rng (torch and

@@ -318,7 +318,7 @@ def test_each_generated_manifest_is_a_new_run_unless_a_run_id_is_given(tmp_path,
 FAKE_TORCHRUN = """#!{python} -S
 import os, signal, sys, time
 
-def on_term(signum, frame):  # a worker saves its checkpoint and exits 143 (DESIGN.md section 4)
+def on_term(signum, frame):  # a worker saves its checkpoint and exits 143 (README: Failure modes)
     with open(os.environ["FAKE_MARKER"], "w") as f:
         f.write(" ".join(sys.argv[1:]))
     os._exit(143)

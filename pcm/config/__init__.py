@@ -40,7 +40,7 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class AdversarialConfig:
-    """The adversarial consistency loss (DESIGN.md §3 step 7): a discriminator on the teacher's encoder features."""
+    """The adversarial consistency loss (docs/method.md §6): a discriminator on the teacher's encoder features."""
 
     weight: float = 0.0  # lambda of the generator's hinge loss; 0 = off (the reference runs use 0.1)
     schedule: Literal["joint", "alternate"] = "joint"  # joint: D and G updated every step (no teacher pass is
@@ -60,7 +60,7 @@ class AdversarialConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """The consistency distillation method (DESIGN.md §3)."""
+    """The consistency distillation method (docs/method.md §5)."""
 
     method: Literal["pcm", "lcm"] = "pcm"  # phased consistency (PCM) or the LCM baseline
     num_solver_steps: int = 50  # N: teacher ODE solver steps over [0, T); must divide T
@@ -159,7 +159,7 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """The student: a LoRA on the teacher UNet (DESIGN.md §3: SDXL reference targets, explicit alpha)."""
+    """The student: a LoRA on the teacher UNet (docs/method.md §10: SDXL reference targets, explicit alpha)."""
 
     rank: int = 64  # LoRA rank r
     alpha: float = 64.0  # lora_alpha: the update is scaled by alpha / r (explicit; PEFT's default is 8)
@@ -186,7 +186,7 @@ class ValidationConfig:
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    """The teacher to distill: a diffusers pipeline directory or hub id (DESIGN.md §3 conditioning per family)."""
+    """The teacher to distill: a diffusers pipeline directory or hub id (docs/method.md §9: conditioning per family)."""
 
     family: Literal["sd15", "sdxl", "animatediff"] = "sd15"  # how prompts are encoded and the UNet is called
     model: str = "models/demo-teacher"  # local diffusers pipeline directory, or a hub id

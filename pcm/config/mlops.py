@@ -9,7 +9,7 @@ from pcm.config.errors import require
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    """MLflow tracking of every stage (DESIGN.md §4): params, metrics by step, artifacts, lineage tags."""
+    """MLflow tracking of every stage: params, metrics by step, artifacts, lineage tags."""
 
     enabled: bool = True  # false: no MLflow calls at all
     uri: str = ""  # tracking URI; empty = $MLFLOW_TRACKING_URI, else the embedded store sqlite:///mlflow/mlflow.db
@@ -68,7 +68,7 @@ def _default_runs() -> dict:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """The DVC and Kubeflow pipelines: one distill stage per entry, writing models/<name>/ (DESIGN.md §4)."""
+    """The DVC and Kubeflow pipelines: one distill stage per entry, writing models/<name>/."""
 
     distill_runs: dict[str, DistillRun] = field(default_factory=_default_runs)  # name -> method and M
     termination_grace_seconds: int = 600  # Kubernetes' SIGTERM -> SIGKILL window on the distill pods (preemption, a

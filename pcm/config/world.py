@@ -8,7 +8,7 @@ from pcm.config.errors import require
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Input shards and their preparation (`pcm prepare`, DESIGN.md §5)."""
+    """Input shards and their preparation (`pcm prepare`)."""
 
     inputs: tuple[str, ...] = ("data/shapes/shard-{00000..00003}.tar",)  # shard URLs, brace patterns, folders
     output_dir: str = "data/prepared"  # prepared shards, index.json and stats.json go here (and only here)
@@ -66,7 +66,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """The shapes demo world (`pcm demo-data`, DESIGN.md §6), written as img2dataset-layout input shards."""
+    """The shapes demo world (`pcm demo-data`), written as img2dataset-layout input shards."""
 
     output_dir: str = "data/shapes"  # input shards shard-00000.tar, ... (data.inputs points here)
     num_images: int = 4000  # captioned images (clips with video) to generate
@@ -94,7 +94,7 @@ class DemoConfig:
 
 @dataclass(frozen=True)
 class DemoTeacherConfig:
-    """Training of the tiny demo teacher on the prepared shapes shards (`pcm demo-teacher`, DESIGN.md §6)."""
+    """Training of the tiny demo teacher on the prepared shapes shards (`pcm demo-teacher`)."""
 
     family: Literal["sd15", "sdxl", "animatediff"] = "sd15"  # SD1.5-shaped (the demo), SDXL-shaped (exercises the
     # SDXL family) or AnimateDiff-shaped (SD1.5 + motion modules, trained on prepared clips: data.modality=video)

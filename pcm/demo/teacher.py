@@ -1,7 +1,7 @@
 """`pcm demo-teacher`: a tiny SD1.5-, SDXL- or AnimateDiff-shaped teacher trained from scratch on the prepared shapes
 shards (moving-shapes clips for animatediff: pcm.demo.video_teacher).
 
-Phases (DESIGN.md §6), all seeded by cfg.seed:
+Phases, all seeded by cfg.seed:
   1. data     every prepared image and caption in memory; the last `holdout` samples are kept out of training
   2. vae      AutoencoderKL, MSE + 1e-6 KL; held-out PSNR; scaling_factor = 1 / std of the training latents
   3. unet     UNet + text encoder(s) jointly, eps-prediction loss on the scaled latents, caption dropout, EMA

@@ -1,6 +1,6 @@
 """Pure tensor math of Phased Consistency Models. Imports only torch.
 
-Notation (DESIGN.md §3); one spelling each, everywhere in the project:
+Notation (docs/method.md §1); one spelling each, everywhere in the project:
 
     T            num_train_timesteps (1000 for SD); integer timesteps t in [0, T)
     abar[t]      alphas_cumprod; alpha_t = sqrt(abar[t]), sigma_t = sqrt(1 - abar[t])

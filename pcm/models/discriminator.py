@@ -1,10 +1,10 @@
-"""The adversarial consistency loss's discriminator (DESIGN.md §3 step 7): the frozen teacher UNet's encoder
+"""The adversarial consistency loss's discriminator (docs/method.md §6): the frozen teacher UNet's encoder
 features at (x_r, r, c) with small trainable heads.
 
 The backbone is the teacher's own UNet with adapters off, so no second UNet is held. Its down blocks and mid
 block run here with gradient checkpointing switched off: a checkpointed block recomputes its forward during
 backward under whatever adapter state is current then (adapters on, for the student), which would give the
-generator wrong gradients (DESIGN.md §4 pitfall). Only the encoder half is stored, and only for this pass.
+generator wrong gradients (docs/method.md §11). Only the encoder half is stored, and only for this pass.
 """
 
 from collections.abc import Iterator

@@ -1,6 +1,6 @@
 """Teacher families: load a diffusers SD1.5 / SDXL pipeline's parts, encode prompts, wrap the UNet as eps_fn.
 
-Conditioning (DESIGN.md §3):
+Conditioning (docs/method.md §9):
   sd15  encoder_hidden_states = CLIP last hidden state; uncond = the encoded empty prompt
   animatediff  sd15's conditioning on a UNetMotionModel (SD1.5 UNet + motion adapter); latents are 5-D
         (B, C, F, H, W), and the text states are repeated per frame when the UNet is called

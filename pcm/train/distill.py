@@ -198,7 +198,7 @@ def _phase(run: Run, cfg: Config) -> str:
 
 
 def _micro_losses(run: Run, cfg: Config, batch: dict, k: int) -> dict[str, torch.Tensor]:
-    """Losses of one micro-batch: encode images and prompts, then the method's step (DESIGN.md §3).
+    """Losses of one micro-batch: encode images and prompts, then the method's step (docs/method.md §5).
 
     'total' is what this step back-propagates: the consistency loss (+ weight x the generator's hinge loss)
     for the student, + the discriminator's hinge loss for the heads; the two never share a gradient."""

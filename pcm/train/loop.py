@@ -1,7 +1,7 @@
 """The distillation loop over any student module and teacher eps_fn (single process).
 
 Reads top to bottom: build grid, optimizer and target net; then for each step compute the method's loss,
-update only the student's trainable parameters (DESIGN.md §3 step 8), and move the EMA.
+update only the student's trainable parameters (docs/method.md §5 step 8), and move the EMA.
 """
 
 import math

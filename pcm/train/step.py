@@ -1,7 +1,7 @@
 """One PCM (or LCM) training step for any denoisers: eps_fn(x_t, t, cond) -> eps_hat.
 
 The student, teacher and target net are callables; an SD UNet with adapters on/off and an analytic teacher
-with an MLP student are driven by the same code. Numbered comments follow DESIGN.md §3.
+with an MLP student are driven by the same code. Numbered comments follow docs/method.md §5.
 """
 
 from dataclasses import dataclass
@@ -58,7 +58,7 @@ def draw_and_solve(
     teacher: EpsFn, batch: Batch, grid: SolverGrid, abar: torch.Tensor, cfg: DistillConfig, seed: int, step: int,
     with_z: bool = False,
 ) -> tuple[SolverOutcome, Draws]:
-    """Steps 1, 2 and 4 of DESIGN.md §3 (plus caption dropout), with keyed randomness (z: re-noising noise)."""
+    """Steps 1, 2 and 4 of docs/method.md §5 (plus caption dropout), with keyed randomness (z: re-noising noise)."""
     x_0 = batch.x_0
     draws = keyed_draws(seed, step, batch.ids, tuple(x_0.shape[1:]), with_z=with_z)
     u = draws.u.to(x_0.device)
