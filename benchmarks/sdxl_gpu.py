@@ -24,7 +24,7 @@ from pcm.math import SolverGrid
 from pcm.models.discriminator import Discriminator
 from pcm.models.lora import adapters_off, attach_lora
 from pcm.models.tiny import sd_scheduler
-from pcm.train.step import Batch, pcm_loss
+from pcm.train.step import Batch, Nets, make_loss
 
 SDXL_UNET = {  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
     "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
@@ -85,11 +85,12 @@ def measure(unet, params, pooled: int, batch: int, steps: int, adversarial: bool
     def disc_fn(x, r, c, train_heads):
         return disc(x, r, c, train_heads=train_heads)
 
+    loss = make_loss(cfg.distill, grid, abar, 0, adversarial_weight=0.1)
+    nets = Nets(eps, teacher, eps, disc_fn if disc else None)
+
     def step(k: int) -> float:
         with autocast:
-            out = pcm_loss(eps, teacher, eps, data, grid, abar, cfg.distill, 0, k,
-                           **({"disc": disc_fn} if disc else {}))
-            total = out["loss"] + 0.1 * out["g_loss"] + out["d_loss"] if disc else out["loss"]
+            total = loss(nets, data, k)["total"]
         total.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -36,7 +36,7 @@ from pcm.models.discriminator import Discriminator
 from pcm.models.families import load_teacher
 from pcm.models.lora import adapters_off, attach_lora
 from pcm.models.tiny import TinySizes, build_tokenizer, tiny_sdxl_components
-from pcm.train.step import Batch, method_loss
+from pcm.train.step import Batch, Nets, make_loss
 
 PROMPTS = ["a red circle in the center on a gray background", "a blue square at the top left on a white background"]
 SIZES = TinySizes(unet_channels=(32, 64, 128), attention_from=1, attention_head_dim=2, cross_attention_dim=32,
@@ -89,7 +89,7 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def make_step(teacher, params, batch, distill: dict, schedule, separate=False, phase="joint"):
+def make_step(teacher, params, batch, distill: dict, schedule, separate=False, turn="joint"):
     cfg = config_from_dict({"distill": {"num_solver_steps": 50, "num_phases": 4, **distill}})
     grid = SolverGrid(len(teacher.abar), cfg.distill.num_solver_steps, cfg.distill.num_phases)
     opt = torch.optim.AdamW(params, lr=1e-6)
@@ -104,7 +104,7 @@ def make_step(teacher, params, batch, distill: dict, schedule, separate=False, p
             return teacher.eps_fn(x, t, c)
 
     def student(x, t, c):
-        with torch.no_grad() if phase == "d" else torch.enable_grad():
+        with torch.no_grad() if turn == "d" else torch.enable_grad():
             return teacher.eps_fn(x, t, c)
 
     def target(x, t, c):
@@ -114,18 +114,17 @@ def make_step(teacher, params, batch, distill: dict, schedule, separate=False, p
         return disc(x, r, c, train_heads=train_heads)
 
     counter = {"k": 0}
+    loss = make_loss(cfg.distill, grid, teacher.abar, 0, adversarial_weight=0.1)
+    nets = Nets(student, frozen, target, disc_fn if disc else None)
+    turn = turn if disc else "g"
 
     def step():
-        kwargs = {"disc": disc_fn, "disc_terms": phase} if disc else {}
-        out = method_loss(cfg.distill.method)(student, frozen, target, batch, grid, teacher.abar, cfg.distill, 0,
-                                              counter["k"], **kwargs)
+        out = loss(nets, batch, counter["k"], turn)
         counter["k"] += 1
-        g = out["loss"] + 0.1 * out["g_loss"] if "g_loss" in out else out["loss"]
-        total = out["d_loss"] if phase == "d" else g + out["d_loss"] if "d_loss" in out else g
-        total.backward()
-        if phase != "d":
+        out["total"].backward()
+        if turn != "d":
             opt.step()
-        if disc and phase != "g":
+        if disc and turn != "g":
             d_opt.step()
         opt.zero_grad(set_to_none=True)
         if d_opt:
@@ -232,8 +231,8 @@ def main() -> None:
 
         results["on_the_fly_over_precomputed"] = timed(on_the_fly, args.repeats) / timed(batched, args.repeats)
         joint, _ = make_step(teacher, params, batch, VARIANTS["pcm small-cfg"][0], "joint")
-        g_step, _ = make_step(teacher, params, batch, VARIANTS["pcm small-cfg"][0], "alternate", phase="g")
-        d_step, _ = make_step(teacher, params, batch, VARIANTS["pcm small-cfg"][0], "alternate", phase="d")
+        g_step, _ = make_step(teacher, params, batch, VARIANTS["pcm small-cfg"][0], "alternate", turn="g")
+        d_step, _ = make_step(teacher, params, batch, VARIANTS["pcm small-cfg"][0], "alternate", turn="d")
         joint_ups = 1 / timed(joint, args.repeats)
         alternate_ups = 1 / (timed(g_step, args.repeats) + timed(d_step, args.repeats))  # one update per G+D pair
         results["student_updates_per_s"] = {"joint": joint_ups, "alternate": alternate_ups}

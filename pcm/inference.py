@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from pcm.config import Config, TeacherConfig
-from pcm.models.lora import CONFIG_FILE, DIFFUSERS_FILE, load_lora
+from pcm.models.card import CONFIG_FILE, ModelCard
+from pcm.models.lora import DIFFUSERS_FILE, load_lora
 
 log = logging.getLogger(__name__)
 
@@ -98,43 +99,43 @@ def same_model(a: str, b: str) -> bool:
     return Path(a).resolve() == Path(b).resolve() if Path(a).is_dir() and Path(b).is_dir() else a == b
 
 
-def recorded_base(meta: dict, folder: str | Path) -> str:
+def recorded_base(card: ModelCard, folder: str | Path) -> str:
     """The base model a LoRA's card records; a relative path (as params.yaml gives teacher.model) is read against
     the working directory, else against the LoRA's project (pcm.tracking.project_root), where distill ran."""
     from pcm.tracking import project_root
 
-    base = meta["base_model"]
+    base = card.base_model
     beside = project_root(folder) / base
     return str(beside) if not Path(base).is_absolute() and not Path(base).exists() and beside.is_dir() else base
 
 
-def check_family(meta: dict, teacher: TeacherConfig, key: str, fix: str) -> None:
+def check_family(card: ModelCard, teacher: TeacherConfig, key: str, fix: str) -> None:
     """A LoRA meets a teacher of its own family, or LoRAError in one line naming both sides and fix."""
-    if meta.get("family", teacher.family) != teacher.family:
-        raise LoRAError(f"{key} is a {meta['family']} LoRA (base_model {meta.get('base_model', '?')} in its "
-                        f"{CONFIG_FILE}) but the teacher is {teacher.family} (teacher.model={teacher.model}); {fix}")
+    if card.family != teacher.family:
+        raise LoRAError(f"{key} is a {card.family} LoRA (base_model {card.base_model} in its {CONFIG_FILE}) but the "
+                        f"teacher is {teacher.family} (teacher.model={teacher.model}); {fix}")
 
 
-def base_for(cfg: Config, lora: str, meta: dict, teacher_from: str) -> TeacherConfig:
+def base_for(cfg: Config, lora: str, card: ModelCard, teacher_from: str) -> TeacherConfig:
     """The teacher a --lora samples on: the base model its card records (teacher_from='lora', the default) or
     cfg.teacher (teacher_from='config'), checked against the card: another family is refused, another base model
     of the same family is warned about (a fine-tune of the base is a fair thing to ask for)."""
     if teacher_from not in TEACHER_FROM:
         raise ValueError(f"teacher_from={teacher_from!r}; allowed: {', '.join(TEACHER_FROM)}")
-    if teacher_from == "lora" and meta.get("base_model"):
-        return dataclasses.replace(cfg.teacher, family=meta["family"], model=recorded_base(meta, lora),
-                                   motion_adapter=meta.get("motion_adapter", cfg.teacher.motion_adapter))
-    meet_teacher(meta, lora, cfg.teacher, f"--lora={lora}", "drop --teacher-from config to sample on its own base, "
+    if teacher_from == "lora" and card.base_model:
+        return dataclasses.replace(cfg.teacher, family=card.family, model=recorded_base(card, lora),
+                                   motion_adapter=card.motion_adapter or cfg.teacher.motion_adapter)
+    meet_teacher(card, lora, cfg.teacher, f"--lora={lora}", "drop --teacher-from config to sample on its own base, "
                  "or set teacher.family={family} teacher.model={base}")
     return cfg.teacher
 
 
-def meet_teacher(meta: dict, lora: str, teacher: TeacherConfig, who: str, fix: str) -> None:
-    """A LoRA (card meta, folder lora) against the teacher it will run on: another family is refused in one line
+def meet_teacher(card: ModelCard, lora: str, teacher: TeacherConfig, who: str, fix: str) -> None:
+    """A LoRA (its card, folder lora) against the teacher it will run on: another family is refused in one line
     naming both and fix (a template over {family} and {base}); another base model of the family is warned about (a
     fine-tune of the base is a fair thing to ask for)."""
-    base = recorded_base(meta, lora) if meta.get("base_model") else teacher.model
-    check_family(meta, teacher, who, fix.format(family=meta.get("family"), base=base))
+    base = recorded_base(card, lora) if card.base_model else teacher.model
+    check_family(card, teacher, who, fix.format(family=card.family, base=base))
     if not same_model(base, teacher.model):
         log.warning("%s was distilled from %s but runs on teacher.model=%s: outputs and teacher-relative metrics are "
                     "those of another model", who, base, teacher.model)
@@ -145,10 +146,10 @@ def _direct(cfg: Config, lora: str, rows: list[dict], teacher_from: str = "lora"
     from pcm.eval.generate import generate_pngs, read_lora_config
     from pcm.models.families import load_teacher
 
-    meta = read_lora_config(lora)
-    teacher_cfg = base_for(cfg, lora, meta, teacher_from)
-    sides = (f"the LoRA records a {meta.get('family')} base {meta.get('base_model')}, the teacher is "
-             f"{teacher_cfg.family} {teacher_cfg.model}")
+    card = read_lora_config(lora)
+    teacher_cfg = base_for(cfg, lora, card, teacher_from)
+    sides = (f"the LoRA records a {card.family} base {card.base_model}, the teacher is {teacher_cfg.family} "
+             f"{teacher_cfg.model}")
     try:
         teacher = load_teacher(teacher_cfg, cfg.register.device if cfg.register.device != "auto" else "cpu")
     except (OSError, ValueError) as err:
@@ -158,7 +159,7 @@ def _direct(cfg: Config, lora: str, rows: list[dict], teacher_from: str = "lora"
                         f"not load ({one_line(err)}); make it available there, or sample on teacher.model "
                         "with --teacher-from config") from err
     load_checked(teacher.unet, lora, "pcm", "--lora", sides)
-    return generate_pngs(teacher, meta, "pcm", rows)
+    return generate_pngs(teacher, card, "pcm", rows)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,8 +34,9 @@ from mlflow.types import ColSpec, Schema
 from pcm.config import Config, SampleConfig, TeacherConfig
 from pcm.eval.generate import generate_pngs
 from pcm.inference import check_family, load_checked, lora_sha256, one_line
+from pcm.models.card import CONFIG_FILE, LoraFileError, ModelCard, read_card
 from pcm.models.families import ModelLoadError
-from pcm.models.lora import CONFIG_FILE, DIFFUSERS_FILE
+from pcm.models.lora import DIFFUSERS_FILE
 from pcm.registry_store import RegistryError, connect, resolve, tracking_store
 from pcm.tracking import RUN_FILE, experiment, lineage_tags, read_run_file, tracking_uri
 
@@ -54,23 +55,23 @@ class PCMPipelineModel(PythonModel):
 
         c, lora = context.model_config, context.artifacts["lora"]
         self.lora_sha256 = check_recorded_sha(lora, c.get("lora_sha256"), "its model_config")
-        self.meta = lora_config(lora, "registered LoRA")
+        self.card = lora_config(lora, "registered LoRA")
         self.defaults = SampleConfig(**c.get("sample") or {})  # versions registered before it: the LoRA's own
         teacher = TeacherConfig(family=c["family"], model=c["base_model"], dtype=c.get("dtype", "float32"),
                                 motion_adapter=c.get("motion_adapter", ""))
         # model_config may be overridden at load time (a moved base): the LoRA still has to meet its own family
-        check_family(self.meta, teacher, "the registered LoRA", "load it with model_config={'family': "
-                     f"'{self.meta['family']}', 'base_model': <a {self.meta['family']} base>}} or leave both as "
+        check_family(self.card, teacher, "the registered LoRA", "load it with model_config={'family': "
+                     f"'{self.card.family}', 'base_model': <a {self.card.family} base>}} or leave both as "
                      "registered")
         self.teacher = load_teacher(teacher, c.get("device", "cpu"))
-        load_checked(self.teacher.unet, lora, ADAPTER, "registered LoRA", f"the LoRA records a {self.meta['family']} "
-                     f"base {self.meta['base_model']}, model_config's base_model is {teacher.family} {teacher.model}")
+        load_checked(self.teacher.unet, lora, ADAPTER, "registered LoRA", f"the LoRA records a {self.card.family} "
+                     f"base {self.card.base_model}, model_config's base_model is {teacher.family} {teacher.model}")
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         if "prompt" not in model_input:
             raise ValueError(f"the input needs a 'prompt' column; optional: {', '.join(list(COLUMNS)[1:])}")
         rows = model_input.to_dict("records")
-        return pd.DataFrame({"image": generate_pngs(self.teacher, self.meta, ADAPTER, rows, self.defaults)})
+        return pd.DataFrame({"image": generate_pngs(self.teacher, self.card, ADAPTER, rows, self.defaults)})
 
 
 def _read_json(path: Path, key: str):
@@ -81,18 +82,13 @@ def _read_json(path: Path, key: str):
                             "it) and run `pcm register` again") from err
 
 
-def lora_config(folder: str | Path, key: str = "register.lora") -> dict:
-    """pcm_config.json of an exported LoRA folder (edges, N, M, base model, recommended sampling)."""
-    path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
-        raise RegistryError(f"{key}={folder}: no {CONFIG_FILE} there; point {key} at a LoRA folder written by "
-                            "`pcm distill` (train.output_dir/lora)")
-    meta = _read_json(path, f"{key}={folder}")
-    missing = [k for k in ("method", "family", "base_model", "num_phases", "edges")
-               if not isinstance(meta, dict) or k not in meta]
-    if missing:
-        raise RegistryError(f"{key}={folder}: {path} lacks {', '.join(missing)}; re-export the LoRA with `pcm distill`")
-    return meta
+def lora_config(folder: str | Path, key: str = "register.lora") -> ModelCard:
+    """The card of an exported LoRA folder (edges, N, M, base model, recommended sampling); RegistryError naming key
+    and the fix when it is missing or unreadable."""
+    try:
+        return read_card(folder, key)
+    except LoraFileError as err:
+        raise RegistryError(str(err)) from err
 
 
 def check_recorded_sha(folder: str | Path, recorded: str | None, where: str) -> str:
@@ -107,15 +103,15 @@ def check_recorded_sha(folder: str | Path, recorded: str | None, where: str) -> 
     return actual
 
 
-def check_loads(cfg: Config, lora: Path, meta: dict) -> None:
+def check_loads(cfg: Config, lora: Path, card: ModelCard) -> None:
     """Loads the LoRA onto its base model's UNet (the first thing any user of the version does): refuses a base
     that does not load and a LoRA file that does not fit it (truncated, another base)."""
     from pcm.models.families import load_teacher
 
-    base = _base_model(meta["base_model"])
-    motion = _base_model(meta["motion_adapter"]) if meta.get("motion_adapter") else ""
+    base = _base_model(card.base_model)
+    motion = _base_model(card.motion_adapter) if card.motion_adapter else ""
     try:
-        teacher = load_teacher(TeacherConfig(family=meta["family"], model=base, dtype=cfg.teacher.dtype,
+        teacher = load_teacher(TeacherConfig(family=card.family, model=base, dtype=cfg.teacher.dtype,
                                              motion_adapter=motion), "cpu", with_vae=False, with_text=False)
     except (ModelLoadError, ValueError) as err:
         raise RegistryError(f"register.lora={lora}: its base model {base} (base_model in {CONFIG_FILE}) does not "
@@ -156,38 +152,38 @@ def _base_model(model: str) -> str:
     return str(Path(model).resolve()) if Path(model).is_dir() else model
 
 
-def version_tags(cfg: Config, meta: dict, metrics: dict, sha: str) -> dict[str, str]:
-    label = "lcm" if meta["method"] == "lcm" else f"pcm-M{meta['num_phases']}"
+def version_tags(cfg: Config, card: ModelCard, metrics: dict, sha: str) -> dict[str, str]:
+    label = card.label
     key_metrics = {f"eval.{k.removeprefix(label + '/')}": v for k, v in metrics.items()
-                   if k.startswith(f"{label}/k{meta['recommended_steps']}/")}
-    return {"pcm.family": meta["family"], "pcm.method": meta["method"], "pcm.phases": meta["num_phases"],
-            "pcm.edges": json.dumps(meta["edges"]), "pcm.N": meta["num_solver_steps"], "pcm.guidance": meta["guidance"],
-            "pcm.recommended_steps": meta["recommended_steps"],
-            "pcm.recommended_guidance_scale": meta["recommended_guidance_scale"],
-            "pcm.recommended_scheduler": meta["recommended_scheduler"],
-            "pcm.sampling_timesteps": json.dumps(meta["sampling_timesteps"]), SHA_TAG: sha,
+                   if k.startswith(f"{label}/k{card.recommended_steps}/")}
+    return {"pcm.family": card.family, "pcm.method": card.method, "pcm.phases": card.num_phases,
+            "pcm.edges": json.dumps(card.edges), "pcm.N": card.num_solver_steps, "pcm.guidance": card.guidance,
+            "pcm.recommended_steps": card.recommended_steps,
+            "pcm.recommended_guidance_scale": card.recommended_guidance_scale,
+            "pcm.recommended_scheduler": card.recommended_scheduler,
+            "pcm.sampling_timesteps": json.dumps(card.sampling_timesteps), SHA_TAG: sha,
             **key_metrics, **lineage_tags(cfg, "register")}
 
 
-def registered_defaults(cfg: Config, meta: dict) -> SampleConfig:
+def registered_defaults(cfg: Config, card: ModelCard) -> SampleConfig:
     """What a version samples with when a column is missing: sample.* where set, else the LoRA's recommended steps and
-    CFG, and gamma 0."""
+    CFG, and its recommended gamma."""
     s = cfg.sample
-    return SampleConfig(num_steps=meta["recommended_steps"] if s.num_steps is None else s.num_steps,
-                        gamma=0.0 if s.gamma is None else s.gamma,
-                        guidance_scale=meta["recommended_guidance_scale"] if s.guidance_scale is None
+    return SampleConfig(num_steps=card.recommended_steps if s.num_steps is None else s.num_steps,
+                        gamma=card.recommended_gamma if s.gamma is None else s.gamma,
+                        guidance_scale=card.recommended_guidance_scale if s.guidance_scale is None
                         else s.guidance_scale)
 
 
-def model_card(name: str, meta: dict, base: str, defaults: SampleConfig) -> str:
-    video = f" (clips of {meta['frames']} frames: `num_frames={meta['frames']}`)" if "frames" in meta else ""
+def model_card(name: str, card: ModelCard, base: str, defaults: SampleConfig) -> str:
+    video = f" (clips of {card.frames} frames: `num_frames={card.frames}`)" if card.is_video else ""
     return f"""# {name}
 
-A {meta['method'].upper()} LoRA distilled from `{base}` ({meta['family']}) with pcm-pipelines: {meta['num_phases']}
-phase(s) over a {meta['num_solver_steps']}-step solver grid, guidance variant `{meta['guidance']}`.
+A {card.method.upper()} LoRA distilled from `{base}` ({card.family}) with pcm-pipelines: {card.num_phases}
+phase(s) over a {card.num_solver_steps}-step solver grid, guidance variant `{card.guidance}`.
 
-**Sampling as trained:** {meta['recommended_steps']} steps at CFG {meta['recommended_guidance_scale']}, visiting
-exactly the timesteps {meta['sampling_timesteps']} ({meta['recommended_scheduler']}).
+**Sampling as trained:** {card.recommended_steps} steps at CFG {card.recommended_guidance_scale}, visiting
+exactly the timesteps {card.sampling_timesteps} ({card.recommended_scheduler}).
 **This version's defaults** (a missing input column): {defaults.num_steps} steps, CFG {defaults.guidance_scale},
 gamma {defaults.gamma} (TCD's stochastic step; 0 = deterministic PCM; a `gamma` column in [0, 1] sets it).
 
@@ -197,19 +193,19 @@ model = mlflow.pyfunc.load_model("models:/{name}@champion")   # base + LoRA + pc
 png = model.predict(pd.DataFrame({{"prompt": ["a red circle in the center on a gray background"], "seed": [0]}}))
 ```
 
-With diffusers directly: `pipe = {_diffusers_pipeline(meta, base)}`{video},
+With diffusers directly: `pipe = {_diffusers_pipeline(card, base)}`{video},
 `pipe.load_lora_weights(<the version's artifacts>/artifacts/lora)`, then a `TCDScheduler` with
-`timesteps={meta['sampling_timesteps'][:-1]}` and `gamma=0` (deterministic PCM), or `pcm sample --model ...`.
+`timesteps={card.sampling_timesteps[:-1]}` and `gamma=0` (deterministic PCM), or `pcm sample --model ...`.
 """
 
 
-def _diffusers_pipeline(meta: dict, base: str) -> str:
+def _diffusers_pipeline(card: ModelCard, base: str) -> str:
     """The diffusers line that builds the base pipeline the LoRA goes into."""
-    if meta.get("motion_adapter"):
-        adapter = _base_model(meta["motion_adapter"])
+    if card.motion_adapter:
+        adapter = _base_model(card.motion_adapter)
         return (f'AnimateDiffPipeline.from_pretrained("{base}", '
                 f'motion_adapter=MotionAdapter.from_pretrained("{adapter}"))')
-    if meta["family"] == "animatediff":
+    if card.family == "animatediff":
         return f'AnimateDiffPipeline.from_pretrained("{base}")'
     return f'DiffusionPipeline.from_pretrained("{base}")'
 
@@ -239,10 +235,10 @@ def register(cfg: Config) -> dict:
     and that the gate's metrics are its own."""
     r = cfg.register
     lora = Path(r.lora)
-    meta = lora_config(lora)
+    card = lora_config(lora)
     sha = lora_sha256(lora)
     metrics, unverified = eval_metrics(cfg, sha)
-    check_loads(cfg, lora, meta)
+    check_loads(cfg, lora, card)
     client = connect(cfg)
     existing = [v for v in client.search_model_versions(f"name='{r.model_name}'") if v.tags.get(SHA_TAG) == sha]
     if existing:  # search results carry no aliases: read the version itself
@@ -252,7 +248,7 @@ def register(cfg: Config) -> dict:
                 "model_uri": f"models:/{r.model_name}/{version.version}", "tracking_uri": tracking_uri(cfg.tracking),
                 "lora_sha256": sha}
     with tracking_store(tracking_uri(cfg.tracking)):
-        version = _log_version(cfg, meta, metrics if unverified is None else {}, sha)
+        version = _log_version(cfg, card, metrics if unverified is None else {}, sha)
     client.set_registered_model_alias(r.model_name, "candidate", version)
     promote, reason, value = _gate(client, cfg, metrics) if unverified is None else (False, unverified, None)
     for key, tag in {"pcm.gate": ("promoted: " if promote else "not promoted: ") + reason,
@@ -268,16 +264,16 @@ def register(cfg: Config) -> dict:
             "lora_sha256": sha}
 
 
-def _log_version(cfg: Config, meta: dict, metrics: dict, sha: str) -> str:
+def _log_version(cfg: Config, card: ModelCard, metrics: dict, sha: str) -> str:
     """Logs the pyfunc (registered) and the mlflow.diffusers flavor into the distill run (or a new one)."""
     import pcm
 
-    r, lora, base = cfg.register, Path(cfg.register.lora), _base_model(meta["base_model"])
+    r, lora, base = cfg.register, Path(cfg.register.lora), _base_model(card.base_model)
     run_id = read_run_file(lora.parent / RUN_FILE, tracking_uri(cfg.tracking))  # the distill run, when readable
     if run_id is None:
         mlflow.set_experiment(experiment_id=experiment(mlflow.MlflowClient(), cfg.tracking,
                                                        tracking_uri(cfg.tracking)))
-    defaults = registered_defaults(cfg, meta)
+    defaults = registered_defaults(cfg, card)
     example = pd.DataFrame({"prompt": ["a red circle in the center on a gray background"], "negative_prompt": [""],
                             "steps": [defaults.num_steps], "guidance_scale": [defaults.guidance_scale],
                             "gamma": [defaults.gamma], "seed": [0]})
@@ -285,13 +281,13 @@ def _log_version(cfg: Config, meta: dict, metrics: dict, sha: str) -> str:
         ("negative_prompt", "string"), ("steps", "long"), ("guidance_scale", "double"), ("gamma", "double"),
         ("seed", "long"))]
     signature = ModelSignature(Schema([ColSpec("string", "prompt"), *optional]), Schema([ColSpec("binary", "image")]))
-    model_config = {"base_model": base, "family": meta["family"], "resolution": meta["resolution"],
+    model_config = {"base_model": base, "family": card.family, "resolution": card.resolution,
                     "dtype": cfg.teacher.dtype, "device": r.device, "lora_sha256": sha,
                     "sample": dataclasses.asdict(defaults)}
-    if meta.get("motion_adapter"):
-        model_config["motion_adapter"] = _base_model(meta["motion_adapter"])
+    if card.motion_adapter:
+        model_config["motion_adapter"] = _base_model(card.motion_adapter)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else "register"):
-        if meta["family"] != "animatediff":  # the flavor rebuilds DiffusionPipeline(base): no motion adapter there
+        if card.family != "animatediff":  # the flavor rebuilds DiffusionPipeline(base): no motion adapter there
             mlflow.diffusers.log_model(str(lora / DIFFUSERS_FILE), base_model=base, name="diffusers-lora")
         info = mlflow.pyfunc.log_model(
             name="pcm-lora", python_model=str(Path(__file__).with_name("registered_model.py")),
@@ -301,9 +297,9 @@ def _log_version(cfg: Config, meta: dict, metrics: dict, sha: str) -> str:
             pip_requirements=_requirements())
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
-    for key, value in version_tags(cfg, meta, metrics, sha).items():
+    for key, value in version_tags(cfg, card, metrics, sha).items():
         client.set_model_version_tag(r.model_name, version, key, str(value))
-    client.update_model_version(r.model_name, version, description=model_card(r.model_name, meta, base, defaults))
+    client.update_model_version(r.model_name, version, description=model_card(r.model_name, card, base, defaults))
     return version
 
 

@@ -1,13 +1,16 @@
 """Samplers over any denoiser eps_fn(x_t, t, cond): PCM (deterministic and stochastic), teacher DDIM, LCM.
 
 A schedule is a decreasing list of timesteps from T - 1 down to 0; each consecutive pair is one model call
-and one jump. The final point 0 uses abar[0] (diffusers' set_alpha_to_one=False).
+and one jump. The final point 0 uses abar[0] (diffusers' set_alpha_to_one=False). `sample` is the one way from a
+model card, a step count and gamma to a sampler call: validation grids, evaluation, `pcm sample`, the registered
+model and the toy benchmark all take it.
 """
+
+from dataclasses import dataclass
 
 import torch
 
 from pcm.math import (
-    SolverGrid,
     abar_at,
     ddim_jump,
     guided_eps,
@@ -15,18 +18,20 @@ from pcm.math import (
     lcm_prediction,
     renoise,
 )
+from pcm.models.card import ModelCard
 from pcm.models.denoiser import Cond, EpsFn, cat_cond
 
 
-def pcm_timesteps(grid: SolverGrid, K: int) -> list[int]:
-    """K-step schedule for a PCM student: exactly the trained edges for K = M.
+def pcm_timesteps(points: list[int], K: int) -> list[int]:
+    """K-step schedule for a PCM student over its trained path points = [T-1, s_{M-1}, ..., s_0]: exactly the
+    trained edges for K = M.
 
     K < M skips edges (evenly by index); K > M splits phases (the first K mod M phases get one more step)
     into evenly spaced sub-steps; every trained edge stays on the path.
     """
     if K < 1:
         raise ValueError(f"number of sampling steps K={K} must be >= 1")
-    points, M = grid.sampling_timesteps(), grid.M
+    M = len(points) - 1
     if K <= M:
         return [points[round(i * M / K)] for i in range(K + 1)]
     path = []
@@ -49,6 +54,47 @@ def lcm_timesteps(T: int, N: int, K: int) -> list[int]:
         raise ValueError(f"LCM sampling steps K={K} must be in 1..N={N} (the distillation grid)")
     grid = [(i + 1) * (T // N) - 1 for i in reversed(range(N))]
     return [grid[int(i * N / K)] for i in range(K)]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample a model: its card (None: the teacher's own DDIM), K steps, inference CFG scale and gamma."""
+
+    card: ModelCard | None
+    steps: int
+    guidance_scale: float = 1.0
+    gamma: float = 0.0  # PCM/DDIM stochasticity (TCD's rule); LCM's multistep rule re-noises fully already
+
+    def __post_init__(self):
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"gamma={self.gamma:g}: must be in [0, 1] (0 = deterministic PCM, 1 = fully re-noised)")
+        if self.gamma != 0 and self.card is not None and self.card.method == "lcm":
+            raise ValueError(f"gamma={self.gamma:g} with an LCM LoRA: its multistep sampler already re-noises with "
+                             "fresh noise at every step; use gamma 0 (or a PCM LoRA)")
+
+    def timesteps(self, T: int) -> list[int]:
+        """The K-step path: DDIM's trailing spacing, a PCM card's trained edges, or LCMScheduler's rule."""
+        card, K = self.card, self.steps
+        if card is None:
+            return ddim_timesteps(T, K)
+        if card.num_train_timesteps != T:
+            raise ValueError(f"the LoRA was trained on {card.num_train_timesteps} timesteps, the teacher has {T}")
+        if card.method == "pcm":
+            return pcm_timesteps(card.sampling_timesteps, K)
+        return lcm_timesteps(T, card.num_solver_steps, K)
+
+
+@torch.no_grad()
+def sample(eps_fn: EpsFn, x_T: torch.Tensor, cond: Cond, neg_cond: Cond | None, abar: torch.Tensor, how: Sampling,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """x_0 after how.steps steps of the sampler a model card asks for (PCM's DDIM jumps or LCM's multistep rule)."""
+    path = how.timesteps(len(abar))
+    if how.card is not None and how.card.method == "lcm":
+        return sample_lcm(eps_fn, x_T, cond, abar, path, sigma_data=how.card.lcm_sigma_data,
+                          timestep_scaling=how.card.lcm_timestep_scaling, guidance_scale=how.guidance_scale,
+                          neg_cond=neg_cond, generator=generator)
+    return sample_pcm(eps_fn, x_T, cond, abar, path, guidance_scale=how.guidance_scale, neg_cond=neg_cond,
+                      gamma=how.gamma, generator=generator)
 
 
 def guided_eval(

@@ -15,6 +15,7 @@ from diffusers import AnimateDiffPipeline, StableDiffusionPipeline, StableDiffus
 from PIL import Image
 
 from pcm.config import LORA_TARGETS
+from pcm.models.card import ModelCard
 from pcm.models.lora import attach_lora, export_lora
 from pcm.models.tiny import build_tokenizer, tiny_animatediff_components, tiny_sd15_components, tiny_sdxl_components
 
@@ -51,13 +52,11 @@ def save_tiny_animatediff(root, captions=VIDEO_CAPTIONS) -> dict:
 
 # ---- LoRAs ---------------------------------------------------------------------------------------------------------
 
-def card(family: str, base: str) -> dict:
-    """pcm_config.json of a 2-phase PCM LoRA over a 20-step grid at 16 px (what pcm distill writes)."""
-    return {"method": "pcm", "family": family, "base_model": base, "num_solver_steps": 20, "num_phases": 2,
-            "edges": [0, 499], "sampling_timesteps": [999, 499, 0], "guidance": "small_cfg", "w_min": 4.0,
-            "w_max": 5.0, "recommended_steps": 2, "recommended_guidance_scale": 1.0,
-            "recommended_scheduler": "TCDScheduler", "resolution": 16, "lcm_sigma_data": 0.5,
-            "lcm_timestep_scaling": 10.0}
+def card(family: str, base: str) -> ModelCard:
+    """The card of a 2-phase PCM LoRA over a 20-step grid at 16 px (what pcm distill writes)."""
+    return ModelCard(method="pcm", family=family, base_model=base, num_train_timesteps=1000, num_solver_steps=20,
+                     num_phases=2, edges=(0, 499), guidance="small_cfg", w_min=4.0, w_max=5.0, resolution=16,
+                     recommended_steps=2, recommended_guidance_scale=1.0, lora_rank=4, lora_alpha=4.0)
 
 
 def make_lora(teacher: Path, family: str, out: Path, seed: int = 0) -> Path:
@@ -69,7 +68,7 @@ def make_lora(teacher: Path, family: str, out: Path, seed: int = 0) -> Path:
     for name, p in unet.named_parameters():
         if "lora_B" in name:
             p.data = 0.01 * torch.randn(p.shape, generator=generator)
-    export_lora(unet, family, out, card(family, str(teacher)))
+    export_lora(unet, out, card(family, str(teacher)))
     return out
 
 

@@ -6,14 +6,15 @@ import math
 
 import pytest
 import torch
-from builders import VIDEO_CAPTIONS, save_tiny_animatediff
+from builders import VIDEO_CAPTIONS, card, save_tiny_animatediff
 from diffusers import AnimateDiffPipeline, TCDScheduler, UNetMotionModel
 
 from pcm.config import LORA_TARGETS, ConfigError, TeacherConfig, config_from_dict
+from pcm.models.card import read_card
 from pcm.models.families import ModelLoadError, load_teacher
 from pcm.models.lora import attach_lora, export_lora, load_lora
 from pcm.sampling import sample_pcm
-from pcm.train.distill import distill, metadata
+from pcm.train.distill import distill
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -89,7 +90,7 @@ def test_exported_lora_loads_into_animatediff_pipeline_and_reproduces_the_studen
     student = teacher.eps_fn(x, t, cond)
     timesteps = [999, 499, 0]
     x_0 = sample_pcm(teacher.eps_fn, x, cond, teacher.abar, timesteps)
-    export_lora(teacher.unet, "animatediff", tmp_path / "lora", {"sampling_timesteps": timesteps})
+    export_lora(teacher.unet, tmp_path / "lora", card("animatediff", str(tiny["pipeline"])))
 
     # diffusers' own pipeline, built from the SD1.5 directory and the adapter, with the exported LoRA
     pipe = AnimateDiffPipeline.from_pretrained(tiny["sd15"], motion_adapter=_adapter(tiny))
@@ -156,8 +157,8 @@ def test_a_few_distillation_steps_on_clips_train_and_export(tiny, tmp_path):
               if "loss" in json.loads(line)]
     assert summary["steps"] == 3 and summary["nonfinite_steps"] == 0 and losses and all(map(math.isfinite, losses))
     lora = tmp_path / "run" / "lora"
-    meta = metadata(cfg, load_teacher(cfg.teacher, with_vae=False, with_text=False))
-    assert meta["frames"] == FRAMES and meta["lora_layers"] == "motion" and meta["family"] == "animatediff"
+    written = read_card(lora)
+    assert written.frames == FRAMES and written.lora_layers == "motion" and written.family == "animatediff"
     # the trained adapter moved away from the teacher (B started at 0) on the motion modules only
     teacher = load_teacher(cfg.teacher)
     x, t, cond = _inputs(teacher)

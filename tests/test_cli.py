@@ -2,16 +2,19 @@
 for broken params files and LoRA files, no torchvision noise, and `pcm sample --model` without a params file."""
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from builders import card
 from safetensors.torch import save_file
 
 import pcm
 from pcm.cli import EXAMPLES, build_parser, main
-from pcm.models.lora import CONFIG_FILE, DIFFUSERS_FILE, LoraFileError, load_lora, read_card, read_metadata
+from pcm.models.card import CONFIG_FILE, LoraFileError, read_card
+from pcm.models.lora import DIFFUSERS_FILE, load_lora, read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,10 +115,14 @@ def test_broken_lora_files_are_named_with_what_to_do(tmp_path):
     with pytest.raises(LoraFileError, match=rf"{lora / CONFIG_FILE} is unreadable \(JSONDecodeError: .*re-export"):
         read_card(lora, "--lora")
     (lora / CONFIG_FILE).write_text('{"method": "pcm", "num_phases": 4}')
-    assert read_card(lora)["num_phases"] == 4
+    with pytest.raises(LoraFileError, match=rf"--lora: {lora / CONFIG_FILE} lacks family, base_model, .*re-export"):
+        read_card(lora, "--lora")
+    (lora / CONFIG_FILE).write_text(json.dumps(card("sd15", "base").to_json()))
+    assert read_card(lora) == card("sd15", "base")
     weights = lora / DIFFUSERS_FILE
     save_file({"unet.down.lora_A.weight": __import__("torch").zeros(64, 64)}, weights, metadata={"pcm": "{}"})
-    assert read_metadata(weights) == {}
+    with pytest.raises(LoraFileError, match=rf"{weights} lacks method, family"):
+        read_metadata(weights)
     weights.write_bytes(weights.read_bytes()[:200])  # a truncated download or copy
     with pytest.raises(LoraFileError, match=rf"{weights} is unreadable, truncated or damaged \(.*re-export"):
         read_metadata(weights)

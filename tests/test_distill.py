@@ -36,10 +36,10 @@ def test_each_method_and_variant_trains_exports_and_writes_grids(shapes_world, t
     cfg = world_cfg(base, tmp_path / "run", distill=distill_cfg, train={"validate_every": 2, **train_cfg})
     summary = distill(cfg, loader_factory(cfg), progress=False)
     assert summary["steps"] == 2 and summary["nonfinite_steps"] == 0 and Path(summary["validation_grid"]).is_file()
-    meta = read_metadata(summary["lora"])
-    assert meta["method"] == distill_cfg["method"] and meta["num_phases"] == cfg.distill.num_phases
+    card = read_metadata(summary["lora"])
+    assert card.method == distill_cfg["method"] and card.num_phases == cfg.distill.num_phases
     if distill_cfg["method"] == "pcm":
-        assert meta["edges"] == [0, 499] and meta["sampling_timesteps"] == [999, 499, 0]
+        assert card.edges == (0, 499) and card.sampling_timesteps == [999, 499, 0]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(r["loss"] > 0 for r in records)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000002"]
@@ -56,8 +56,8 @@ def test_loss_falls_over_50_steps_on_a_fixed_batch(shapes_world, tmp_path):
     for _ in range(50):
         loss = _micro_losses(run, cfg, batch, 0)["total"]
         run.accelerator.backward(loss)
-        run.optimizer.step()
-        run.optimizer.zero_grad()
+        run.opt.optimizer.step()
+        run.opt.optimizer.zero_grad()
         losses.append(loss.item())
     assert sum(losses[-5:]) < 0.5 * sum(losses[:5]), losses
 

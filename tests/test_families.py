@@ -1,12 +1,15 @@
 """Teacher families on tiny SD1.5- and SDXL-shaped pipelines saved to disk, and LoRA attach/export/reload."""
 
+import dataclasses
+
 import pytest
 import torch
-from builders import CAPTIONS, save_tiny
+from builders import CAPTIONS, card, save_tiny
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from pcm.config import LORA_TARGETS, TeacherConfig
 from pcm.math import alphas_cumprod, eps_from_v
+from pcm.models.card import read_card
 from pcm.models.families import ModelLoadError, load_teacher
 from pcm.models.lora import adapters_off, attach_lora, export_lora, read_metadata
 
@@ -85,9 +88,10 @@ def test_lora_trains_only_adapters_toggles_exactly_and_round_trips_through_load_
         assert torch.equal(teacher.eps_fn(x, t, cond), base)  # adapters off is exactly the base UNet
     student.sum().backward()
     assert all(p.grad is not None for p in params)
-    meta = {"num_phases": 4, "edges": [0, 239, 499, 739], "num_solver_steps": 50}
-    files = export_lora(teacher.unet, family, tmp_path / "lora", meta)
-    assert read_metadata(files["diffusers"]) == meta and read_metadata(files["kohya"]) == meta
+    written = dataclasses.replace(card(family, str(path)), num_phases=4, edges=(0, 239, 499, 739), num_solver_steps=50)
+    files = export_lora(teacher.unet, tmp_path / "lora", written)
+    assert read_metadata(files["diffusers"]) == written and read_metadata(files["kohya"]) == written
+    assert read_card(tmp_path / "lora") == written
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     pipe = cls.from_pretrained(path)
     pipe.load_lora_weights(tmp_path / "lora")

@@ -1,6 +1,7 @@
 """The config says what runs: sample.* are the defaults of `pcm sample` and of a registered version, and gamma (TCD's
 stochastic step) reaches the sampler from the command line, the registered model's input and eval.gammas."""
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -9,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from builders import card
 from mlflow import MlflowClient
 from PIL import Image
 from worlds import tiny_world
@@ -16,7 +18,7 @@ from worlds import tiny_world
 from pcm import stages
 from pcm.cli import main
 from pcm.config import ConfigError, config_from_dict
-from pcm.eval.generate import lora_sampler
+from pcm.eval.generate import Sampler
 from pcm.registry import load_registered
 
 PROMPT = "a red circle at the top left on a gray background"
@@ -63,10 +65,12 @@ def test_sample_takes_gamma_and_sample_defaults_with_the_flag_winning(world, tmp
 
 
 def test_gamma_is_refused_for_an_lcm_lora_and_outside_its_range():
-    lcm = {"method": "lcm", "num_solver_steps": 20, "num_phases": 1}
+    lcm = dataclasses.replace(card("sd15", "base"), method="lcm", num_phases=1, edges=(0,))
     with pytest.raises(ValueError, match="LCM LoRA"):
-        lora_sampler(lcm, "a", 1.0, "lcm", gamma=0.5)
-    assert lora_sampler(lcm, "a", 1.0, "lcm").gamma == 0.0
+        Sampler("lcm", "a", lcm, 1.0, gamma=0.5)
+    assert Sampler("lcm", "a", lcm, 1.0).gamma == 0.0
+    with pytest.raises(ValueError, match=r"gamma=1.5: must be in \[0, 1\]"):
+        Sampler("pcm", "a", card("sd15", "base"), 1.0, gamma=1.5)
     with pytest.raises(ConfigError, match=r"eval.gammas=\[0.0, 2.0\]"):
         config_from_dict({"eval": {"gammas": [0, 2]}})
     assert config_from_dict({}, ["sample.num_steps=null"]).sample.num_steps is None

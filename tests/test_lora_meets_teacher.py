@@ -83,7 +83,7 @@ def test_a_lora_with_another_base_s_shapes_is_one_line_in_pcm_sample(bases, tmp_
     liar = tmp_path / "liar"
     liar.mkdir()
     (liar / DIFFUSERS_FILE).write_bytes((lora / DIFFUSERS_FILE).read_bytes())
-    (liar / CONFIG_FILE).write_text(json.dumps(card("sd15", str(sd15))))
+    (liar / CONFIG_FILE).write_text(json.dumps(card("sd15", str(sd15)).to_json()))
     params = _params(tmp_path, sd15)
     done = _cli(["sample", "--params", str(params), "--lora", str(liar), "--prompt", "a red circle",
                  "--out", str(tmp_path / "s.png")], tmp_path)
@@ -104,4 +104,4 @@ def test_the_registered_pyfunc_refuses_a_base_of_another_family(bases):
         PCMPipelineModel().load_context(context)  # a load-time override of the base, to another family
     message = str(refused.value)
     assert "\n" not in message and "sdxl LoRA" in message and "the teacher is sd15" in message
-    assert "model_config={'family': 'sdxl'" in message and meta["family"] == "sdxl"
+    assert "model_config={'family': 'sdxl'" in message and meta.family == "sdxl"

@@ -17,7 +17,7 @@ def grid_and_k(draw):
 @given(grid_and_k())
 def test_pcm_schedules_are_decreasing_paths_through_the_trained_edges(gk):
     grid, K = gk
-    path = pcm_timesteps(grid, K)
+    path = pcm_timesteps(grid.sampling_timesteps(), K)
     assert len(path) == K + 1 and path[0] == 999 and path[-1] == 0
     assert all(a > b for a, b in zip(path, path[1:], strict=False))
     edges = set(grid.sampling_timesteps())
@@ -30,11 +30,11 @@ def test_pcm_schedules_are_decreasing_paths_through_the_trained_edges(gk):
 
 
 def test_reference_case_n50_m4_visits_the_trained_edges_unlike_stock_ddim():
-    grid = SolverGrid(1000, 50, 4)
-    assert pcm_timesteps(grid, 4) == [999, 739, 499, 239, 0]
+    points = SolverGrid(1000, 50, 4).sampling_timesteps()
+    assert pcm_timesteps(points, 4) == [999, 739, 499, 239, 0]
     assert ddim_timesteps(1000, 4) == [999, 749, 499, 249, 0]
-    assert pcm_timesteps(grid, 2) == [999, 499, 0]
-    assert pcm_timesteps(grid, 8) == [999, 869, 739, 619, 499, 369, 239, 119, 0]
+    assert pcm_timesteps(points, 2) == [999, 499, 0]
+    assert pcm_timesteps(points, 8) == [999, 869, 739, 619, 499, 369, 239, 119, 0]
 
 
 def test_lcm_timesteps_reject_more_steps_than_the_grid():
@@ -69,7 +69,7 @@ def test_inference_guidance_combines_cond_and_negative_in_one_call(world):
 
 def test_stochastic_sampler(world):
     teacher, x_T, labels = world
-    path = pcm_timesteps(SolverGrid(1000, 50, 4), 4)
+    path = pcm_timesteps(SolverGrid(1000, 50, 4).sampling_timesteps(), 4)
     deterministic = sample_pcm(teacher, x_T, labels, teacher.abar, path)
     assert torch.equal(sample_pcm(teacher, x_T, labels, teacher.abar, path, gamma=0.0,
                                   generator=torch.Generator().manual_seed(1)), deterministic)

@@ -1,5 +1,7 @@
 """The model-agnostic PCM / LCM training steps on the analytic teacher and a small MLP student."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from pcm.models.toy import ResidualMLPStudent
 from pcm.rng import keyed_draws
 from pcm.train.ema import EMA
 from pcm.train.loop import target_net_for
-from pcm.train.step import Batch, lcm_loss, method_loss, pcm_loss
+from pcm.train.step import Batch, LCMLoss, Nets, PCMLoss, make_loss
 
 
 def _setup(**distill):
@@ -23,22 +25,23 @@ def _setup(**distill):
         torch.nn.init.normal_(p, std=0.05)
     grid = SolverGrid(1000, cfg.distill.num_solver_steps, cfg.distill.num_phases)
     batch = batch_source(world, 16, seed=0)(3)
-    return cfg, world, student, grid, batch
+    return cfg, world, student, make_loss(cfg.distill, grid, world.abar, cfg.seed), batch
 
 
 def _split(batch: Batch, idx: slice) -> Batch:
     return Batch(batch.x_0[idx], batch.cond[idx], batch.uncond[idx], batch.ids[idx])
 
 
-@pytest.mark.parametrize("loss_fn", [pcm_loss, lcm_loss])
-def test_loss_and_gradient_do_not_depend_on_how_the_batch_is_split(loss_fn):
-    distill = {} if loss_fn is pcm_loss else {"method": "lcm", "num_phases": 1}
-    cfg, world, student, grid, batch = _setup(loss="l2", **distill)
-    args = (student, world.teacher, student)
+@pytest.mark.parametrize("method", ["pcm", "lcm"])
+def test_loss_and_gradient_do_not_depend_on_how_the_batch_is_split(method):
+    distill = {} if method == "pcm" else {"method": "lcm", "num_phases": 1}
+    cfg, world, student, loss_fn, batch = _setup(loss="l2", **distill)
+    assert isinstance(loss_fn, PCMLoss if method == "pcm" else LCMLoss)
+    nets = Nets(student, world.teacher, student)
 
     def loss_and_grad(b):
         student.zero_grad()
-        loss = loss_fn(*args, b, grid, world.abar, cfg.distill, cfg.seed, 5)["loss"]
+        loss = loss_fn(nets, b, 5, "g")["loss"]
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in student.net.parameters()]
 
@@ -66,13 +69,14 @@ def test_keyed_draws_depend_only_on_seed_step_and_id():
 def test_loss_vanishes_when_student_is_the_teachers_own_solver_step():
     # M = N: every phase is one solver step, the target is the teacher's step itself, and an unguided
     # student equal to the teacher predicts exactly that step.
-    cfg, world, _, grid, batch = _setup(num_solver_steps=10, num_phases=10, guidance="normal_cfg",
-                                        caption_dropout=0.5, loss="l2")
-    loss = pcm_loss(world.teacher, world.teacher, world.teacher, batch, grid, world.abar, cfg.distill, 0, 0)
+    cfg, world, _, loss_fn, batch = _setup(num_solver_steps=10, num_phases=10, guidance="normal_cfg",
+                                           caption_dropout=0.5, loss="l2")
+    exact = Nets(world.teacher, world.teacher, world.teacher)
+    loss = loss_fn(exact, batch, 0)
     assert float(loss["loss"]) < 1e-12
     # guidance in the solver makes the target differ from the unguided student
-    cfg_g, *_ = _setup(num_solver_steps=10, num_phases=10, loss="l2")
-    loss_g = pcm_loss(world.teacher, world.teacher, world.teacher, batch, grid, world.abar, cfg_g.distill, 0, 0)
+    _, _, _, guided, _ = _setup(num_solver_steps=10, num_phases=10, loss="l2")
+    loss_g = guided(exact, batch, 0)
     assert float(loss_g["loss"]) > 1e-6
 
 
@@ -88,15 +92,15 @@ class CountingTeacher:
 @pytest.mark.parametrize("guidance,extra,expected", [("small_cfg", {}, [32]),
                                                      ("normal_cfg", {"caption_dropout": 0.1}, [16])])
 def test_teacher_runs_one_batched_pass_and_none_for_uncond_in_normal_cfg(guidance, extra, expected):
-    cfg, world, student, grid, batch = _setup(guidance=guidance, **extra)
+    cfg, world, student, loss_fn, batch = _setup(guidance=guidance, **extra)
     teacher = CountingTeacher(world.teacher)
-    pcm_loss(student, teacher, student, batch, grid, world.abar, cfg.distill, 0, 0)
+    loss_fn(Nets(student, teacher, student), batch, 0)
     assert teacher.batch_sizes == expected
 
 
 def test_only_student_parameters_receive_gradients():
-    cfg, world, student, grid, batch = _setup()
-    loss = pcm_loss(student, world.teacher, student, batch, grid, world.abar, cfg.distill, 0, 0)["loss"]
+    cfg, world, student, loss_fn, batch = _setup()
+    loss = loss_fn(Nets(student, world.teacher, student), batch, 0)["loss"]
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.net[-1].parameters())
     assert not any(t.requires_grad for t in (world.abar, world.mixture.means))
@@ -125,8 +129,9 @@ def test_ema_target_net_swaps_weights_in_and_restores_them():
 
 
 def test_unknown_method_lists_allowed():
+    cfg, world, _, loss_fn, _ = _setup()
     with pytest.raises(ValueError, match="pcm, lcm"):
-        method_loss("cm")
+        make_loss(dataclasses.replace(cfg.distill, method="cm"), loss_fn.grid, world.abar, 0)
 
 
 def test_lr_factor_warmup_then_cosine_to_zero():

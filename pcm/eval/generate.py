@@ -13,54 +13,40 @@ import torch
 
 from pcm.config import SampleConfig
 from pcm.inference import load_checked
-from pcm.math import SolverGrid
+from pcm.models.card import ModelCard, read_card
 from pcm.models.families import Teacher
-from pcm.models.lora import read_card
-from pcm.sampling import ddim_timesteps, lcm_timesteps, pcm_timesteps, sample_lcm, sample_pcm
+from pcm.sampling import Sampling, sample
 
 
 @dataclass(frozen=True)
 class Sampler:
-    """One row source: label, adapter (None = the teacher), method and its grid, inference CFG."""
+    """One row source: label, adapter (None = the teacher), the LoRA's card (None = the teacher's DDIM), inference
+    CFG and gamma (PCM/DDIM stochasticity, TCD's rule)."""
 
     label: str
     adapter: str | None
-    method: str  # ddim | pcm | lcm
+    card: ModelCard | None
     guidance_scale: float
-    num_solver_steps: int = 0  # N of a LoRA (pcm, lcm)
-    num_phases: int = 0  # M of a PCM LoRA
-    sigma_data: float = 0.5  # LCM boundary scalings
-    timestep_scaling: float = 10.0
-    gamma: float = 0.0  # PCM/DDIM stochasticity (TCD's rule); LCM's multistep rule re-noises fully already
+    gamma: float = 0.0
 
     def __post_init__(self):
-        if self.gamma != 0 and self.method == "lcm":
-            raise ValueError(f"gamma={self.gamma:g} with an LCM LoRA: its multistep sampler already re-noises with "
-                             "fresh noise at every step; use gamma 0 (or a PCM LoRA)")
+        self.sampling(1)  # gamma out of range, or gamma with an LCM LoRA, is refused here
 
-    def timesteps(self, T: int, K: int) -> list[int]:
-        if self.method == "ddim":
-            return ddim_timesteps(T, K)
-        if self.method == "pcm":
-            return pcm_timesteps(SolverGrid(T, self.num_solver_steps, self.num_phases), K)
-        if self.method == "lcm":
-            return lcm_timesteps(T, self.num_solver_steps, K)
-        raise ValueError(f"unknown sampling method {self.method!r}; allowed: ddim, pcm, lcm")
+    @property
+    def method(self) -> str:
+        return "ddim" if self.card is None else self.card.method
+
+    def sampling(self, K: int) -> Sampling:
+        return Sampling(self.card, K, self.guidance_scale, self.gamma)
 
 
 def teacher_sampler(guidance_scale: float) -> Sampler:
-    return Sampler("teacher-ddim", None, "ddim", guidance_scale)
+    return Sampler("teacher-ddim", None, None, guidance_scale)
 
 
-def lora_sampler(meta: dict, adapter: str, guidance_scale: float, label: str, gamma: float = 0.0) -> Sampler:
-    """A LoRA's sampler from its exported metadata (pcm_config.json)."""
-    return Sampler(label, adapter, meta["method"], guidance_scale, meta["num_solver_steps"], meta["num_phases"],
-                   meta.get("lcm_sigma_data", 0.5), meta.get("lcm_timestep_scaling", 10.0), gamma)
-
-
-def read_lora_config(folder: str | Path) -> dict:
-    """pcm_config.json of an exported LoRA folder; one line naming eval.loras, the path and the fix when it is
-    missing, truncated or not a JSON object."""
+def read_lora_config(folder: str | Path) -> ModelCard:
+    """The card of an exported LoRA folder; one line naming eval.loras, the path and the fix when it is missing,
+    truncated or not a card."""
     return read_card(folder, "eval.loras")
 
 
@@ -72,21 +58,21 @@ def load_samplers(teacher: Teacher, folders: tuple[str, ...], guidance_scales: t
     Labels: '<method>-M<phases>' ('lcm' for LCM), the folder's parent name appended when two LoRAs share one,
     '-cfg<scale>' when several scales are evaluated and '-g<gamma>' for gamma != 0 (gamma-0 labels stay as they
     were)."""
-    metas = [read_lora_config(f) for f in folders]
-    names = [m["method"] if m["method"] == "lcm" else f"pcm-M{m['num_phases']}" for m in metas]
+    cards = [read_lora_config(f) for f in folders]
+    names = [c.label for c in cards]
     names = [n if names.count(n) == 1 else f"{n}-{Path(f).resolve().parent.name}" for n, f in zip(names, folders,
                                                                                                    strict=True)]
     if len(set(names)) != len(names):
         raise ValueError(f"eval.loras={list(folders)}: two entries give the same row label {names}; list each once")
     samplers = []
-    for i, (folder, meta, name) in enumerate(zip(folders, metas, names, strict=True)):
+    for i, (folder, card, name) in enumerate(zip(folders, cards, names, strict=True)):
         load_checked(teacher.unet, folder, f"eval{i}", f"eval.loras entry {folder}",
-                     f"the LoRA records a {meta.get('family')} base {meta.get('base_model')}, the teacher "
-                     f"(teacher.model) is {teacher.family}")
+                     f"the LoRA records a {card.family} base {card.base_model}, the teacher (teacher.model) is "
+                     f"{teacher.family}")
         for g in guidance_scales:
             label = name if len(guidance_scales) == 1 else f"{name}-cfg{g:g}"
-            samplers += [lora_sampler(meta, f"eval{i}", g, label + (f"-g{gamma:g}" if gamma else ""), gamma)
-                         for gamma in dict.fromkeys(gammas) if gamma == 0 or meta["method"] != "lcm"]
+            samplers += [Sampler(label + (f"-g{gamma:g}" if gamma else ""), f"eval{i}", card, g, gamma)
+                         for gamma in dict.fromkeys(gammas) if gamma == 0 or card.method != "lcm"]
     return samplers
 
 
@@ -110,13 +96,7 @@ def use(teacher: Teacher, sampler: Sampler) -> None:
 def sample_latents(teacher: Teacher, sampler: Sampler, x_T: torch.Tensor, cond: dict, neg: dict, K: int,
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """x_0 (B, 4, h, w) after K steps of the sampler from x_T (adapter state set by `use`)."""
-    path = sampler.timesteps(len(teacher.abar), K)
-    if sampler.method == "lcm":
-        return sample_lcm(teacher.eps_fn, x_T, cond, teacher.abar, path, sigma_data=sampler.sigma_data,
-                          timestep_scaling=sampler.timestep_scaling, guidance_scale=sampler.guidance_scale,
-                          neg_cond=neg, generator=generator)
-    return sample_pcm(teacher.eps_fn, x_T, cond, teacher.abar, path, guidance_scale=sampler.guidance_scale,
-                      neg_cond=neg, gamma=sampler.gamma, generator=generator)
+    return sample(teacher.eps_fn, x_T, cond, neg, teacher.abar, sampler.sampling(K), generator)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -170,20 +150,18 @@ def _first(*values):
     return next((v for v in values if not (v is None or (isinstance(v, float) and np.isnan(v)))), values[-1])
 
 
-def generate_pngs(teacher: Teacher, meta: dict, adapter: str, rows: list[dict],
+def generate_pngs(teacher: Teacher, card: ModelCard, adapter: str, rows: list[dict],
                   defaults: SampleConfig | None = None) -> list[bytes]:
-    """PNG bytes (a video LoRA: looping GIF bytes at meta's fps, default 8) for rows {prompt, negative_prompt?,
-    steps?, guidance_scale?, gamma?, seed?} with the LoRA loaded as `adapter`; a missing (None / NaN) value takes
-    defaults' when set, else the LoRA's recommended steps and CFG, gamma 0, no negative prompt, seed 0."""
+    """PNG bytes (a video LoRA: looping GIF bytes at the card's fps) for rows {prompt, negative_prompt?, steps?,
+    guidance_scale?, gamma?, seed?} with the LoRA loaded as `adapter`; a missing (None / NaN) value takes defaults'
+    when set, else the card's recommended steps, CFG and gamma, no negative prompt, seed 0."""
     defaults, images = defaults or SampleConfig(), []
     for row in rows:
-        scale = float(_first(row.get("guidance_scale"), defaults.guidance_scale, meta["recommended_guidance_scale"]))
-        gamma = float(_first(row.get("gamma"), defaults.gamma, 0.0))
-        if not 0 <= gamma <= 1:
-            raise ValueError(f"gamma={gamma:g}: must be in [0, 1] (0 = deterministic PCM, 1 = fully re-noised)")
-        steps = int(_first(row.get("steps"), defaults.num_steps, meta["recommended_steps"]))
-        image = generate(teacher, lora_sampler(meta, adapter, scale, "generate", gamma), str(row["prompt"]),
+        scale = float(_first(row.get("guidance_scale"), defaults.guidance_scale, card.recommended_guidance_scale))
+        gamma = float(_first(row.get("gamma"), defaults.gamma, card.recommended_gamma))
+        steps = int(_first(row.get("steps"), defaults.num_steps, card.recommended_steps))
+        image = generate(teacher, Sampler("generate", adapter, card, scale, gamma), str(row["prompt"]),
                          str(_first(row.get("negative_prompt"), "")), steps, int(_first(row.get("seed"), 0)),
-                         meta["resolution"], meta.get("frames", 1))
-        images.append(gif_bytes(image, meta.get("fps", 8)) if image.ndim == 4 else png_bytes(image))
+                         card.resolution, card.frames)
+        images.append(gif_bytes(image, card.fps) if image.ndim == 4 else png_bytes(image))
     return images

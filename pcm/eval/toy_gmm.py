@@ -5,15 +5,17 @@ Scores at K sampling steps, from the same initial noise and labels for every mod
   sliced W2       sliced Wasserstein-2 distance between the samples and the labels' true mixture
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from pcm.config import Config, config_from_dict
 from pcm.math import SolverGrid, alphas_cumprod
+from pcm.models.card import ModelCard, card_of_run
 from pcm.models.gmm import UNCOND, AnalyticTeacher, GaussianMixture, exact_ode_endpoint, toy_mixture
 from pcm.models.toy import ResidualMLPStudent
-from pcm.sampling import ddim_timesteps, lcm_timesteps, pcm_timesteps, sample_lcm, sample_pcm
+from pcm.sampling import Sampling, sample
 from pcm.train.loop import train
 from pcm.train.step import Batch
 
@@ -95,24 +97,25 @@ def score(samples: torch.Tensor, ev: EvalSet) -> dict[str, float]:
     }
 
 
+def toy_card(cfg: Config) -> ModelCard:
+    """The card of a student distilled with cfg from the analytic teacher."""
+    d = cfg.distill
+    grid = SolverGrid(cfg.schedule.num_train_timesteps, d.num_solver_steps, d.num_phases)
+    return dataclasses.replace(card_of_run(cfg, grid), family="gmm", base_model="analytic Gaussian mixture")
+
+
 def sample_model(
     world: ToyWorld, eps_fn, cfg: Config, ev: EvalSet, K: int, kind: str, generator_seed: int = 0
 ) -> torch.Tensor:
-    """K-step samples of a model kind: 'pcm' (trained edges), 'lcm' (LCMScheduler rule) or 'ddim' (teacher)."""
-    T, N = cfg.schedule.num_train_timesteps, cfg.distill.num_solver_steps
+    """K-step samples of a model kind: 'pcm' or 'lcm' (a student sampled as its card says) or 'ddim' (the teacher,
+    guided with CFG scale 1 + w)."""
+    if kind not in ("pcm", "lcm", "ddim"):
+        raise ValueError(f"unknown model kind {kind!r}; allowed: pcm, lcm, ddim")
+    if kind != "ddim" and kind != cfg.distill.method:
+        raise ValueError(f"model kind {kind!r} but the config distills with {cfg.distill.method!r}")
+    how = Sampling(None, K, 1.0 + ev.w) if kind == "ddim" else Sampling(toy_card(cfg), K)
     uncond = torch.full_like(ev.labels, UNCOND)
-    common = dict(guidance_scale=1.0 + ev.w if kind == "ddim" else 1.0, neg_cond=uncond,
-                  generator=torch.Generator().manual_seed(generator_seed))
-    if kind == "pcm":
-        grid = SolverGrid(T, N, cfg.distill.num_phases)
-        return sample_pcm(eps_fn, ev.x_T, ev.labels, world.abar, pcm_timesteps(grid, K), **common)
-    if kind == "ddim":
-        return sample_pcm(eps_fn, ev.x_T, ev.labels, world.abar, ddim_timesteps(T, K), **common)
-    if kind == "lcm":
-        return sample_lcm(eps_fn, ev.x_T, ev.labels, world.abar, lcm_timesteps(T, N, K),
-                          sigma_data=cfg.distill.lcm_sigma_data,
-                          timestep_scaling=cfg.distill.lcm_timestep_scaling, **common)
-    raise ValueError(f"unknown model kind {kind!r}; allowed: pcm, lcm, ddim")
+    return sample(eps_fn, ev.x_T, ev.labels, uncond, world.abar, how, torch.Generator().manual_seed(generator_seed))
 
 
 def toy_config(method: str, num_phases: int, guided: bool, steps: int, batch_size: int = 256, seed: int = 0,
@@ -125,5 +128,6 @@ def toy_config(method: str, num_phases: int, guided: bool, steps: int, batch_siz
         distill.update(guidance="normal_cfg", caption_dropout=0.1, w_min=0.0, w_max=0.0)
     return config_from_dict({
         "seed": seed, "distill": distill,
-        "train": {"batch_size": batch_size, "learning_rate": 1e-3, "max_steps": steps, "lr_schedule": "cosine"},
+        "train": {"batch_size": batch_size, "learning_rate": 1e-3, "max_steps": steps, "lr_schedule": "cosine",
+                  "max_grad_norm": 0.0},
     })

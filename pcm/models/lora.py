@@ -19,10 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pcm.atomic import staged_dir
+from pcm.models.card import CONFIG_FILE, REEXPORT, LoraFileError, ModelCard, card_from_json, write_card
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pcm_lora_kohya.safetensors"
-CONFIG_FILE = "pcm_config.json"
 
 
 MOTION = "motion_modules"  # AnimateDiff's temporal layers live under <block>.motion_modules.<i>
@@ -83,33 +83,33 @@ def load_lora_state_dict(unet: torch.nn.Module, state: dict[str, torch.Tensor]) 
         raise ValueError(f"checkpoint has LoRA keys this UNet lacks, e.g. {unexpected[:3]}")
 
 
-def export_lora(unet: torch.nn.Module, family: str, out_dir: str | Path, metadata: dict) -> dict[str, Path]:
+def export_lora(unet: torch.nn.Module, out_dir: str | Path, card: ModelCard) -> dict[str, Path]:
     """Writes pytorch_lora_weights.safetensors (diffusers, adapter metadata), a kohya file and pcm_config.json.
 
-    metadata (phase edges, N, M, guidance variant, recommended sampler settings) is stored in both safetensors
-    headers as a JSON string under 'pcm' and, readable, in pcm_config.json. The three are written into a temp folder
-    that then replaces out_dir (pcm.atomic), so a kill leaves the previous export or the new one, never a mix.
+    The card (phase edges, N, M, guidance variant, recommended sampling) is stored in both safetensors headers as a
+    JSON string under 'pcm' and, readable, in pcm_config.json. The three are written into a temp folder that then
+    replaces out_dir (pcm.atomic), so a kill leaves the previous export or the new one, never a mix.
     """
     out = Path(out_dir)
     with staged_dir(out) as tmp:
-        _write_export(unet, family, tmp, metadata)
+        _write_export(unet, tmp, card)
     return {"diffusers": out / DIFFUSERS_FILE, "kohya": out / KOHYA_FILE, "config": out / CONFIG_FILE}
 
 
-def _write_export(unet: torch.nn.Module, family: str, out: Path, metadata: dict) -> None:
+def _write_export(unet: torch.nn.Module, out: Path, card: ModelCard) -> None:
     peft_state = get_peft_model_state_dict(unet)
     adapter_config = unet.peft_config["default"].to_dict()
-    pipeline_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    pipeline_cls = StableDiffusionXLPipeline if card.family == "sdxl" else StableDiffusionPipeline
     pipeline_cls.save_lora_weights(out, unet_lora_layers=peft_state,
                                    unet_lora_adapter_metadata=adapter_config, safe_serialization=True)
-    _add_metadata(out / DIFFUSERS_FILE, {"pcm": json.dumps(metadata, sort_keys=True)})
+    header = json.dumps(card.to_json(), sort_keys=True)
+    _add_metadata(out / DIFFUSERS_FILE, {"pcm": header})
     kohya = {k: v.detach().float().cpu().contiguous() for k, v in convert_state_dict_to_kohya(
         convert_state_dict_to_diffusers(peft_state)).items()}
-    save_file(kohya, out / KOHYA_FILE, metadata={"pcm": json.dumps(metadata, sort_keys=True), "ss_network_module":
-                                                 "networks.lora", "ss_network_dim": str(adapter_config["r"]),
+    save_file(kohya, out / KOHYA_FILE, metadata={"pcm": header, "ss_network_module": "networks.lora",
+                                                 "ss_network_dim": str(adapter_config["r"]),
                                                  "ss_network_alpha": str(adapter_config["lora_alpha"])})
-    (out / CONFIG_FILE).write_text(json.dumps({**metadata, "lora_rank": adapter_config["r"],
-                                               "lora_alpha": adapter_config["lora_alpha"]}, indent=2) + "\n")
+    write_card(card, out)
 
 
 def _add_metadata(path: Path, extra: dict[str, str]) -> None:
@@ -118,42 +118,24 @@ def _add_metadata(path: Path, extra: dict[str, str]) -> None:
     save_file(load_file(path), path, metadata={**metadata, **extra})
 
 
-class LoraFileError(ValueError):
-    """An exported LoRA file that is missing or unreadable: one line naming the path and what to do."""
-
-
-REEXPORT = "re-export the LoRA with `pcm distill` (train.output_dir/lora) or restore the folder from its MLflow run"
-
-
 def _first_line(err: Exception) -> str:
     return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
 
 
-def read_card(folder: str | Path, key: str = "lora") -> dict:
-    """pcm_config.json of an exported LoRA folder (method, family, base model, edges, ...); LoraFileError naming
-    key, the path and the fix when it is missing, truncated or not a JSON object."""
-    path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
-        raise LoraFileError(f"{key}={folder}: no {CONFIG_FILE} there; point {key} at a LoRA folder written by "
-                            "`pcm distill` (train.output_dir/lora)")
-    try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise LoraFileError(f"{key}: {path} is unreadable ({_first_line(err)}); {REEXPORT}") from err
-    if not isinstance(card, dict):
-        raise LoraFileError(f"{key}: {path} holds {type(card).__name__}, not a JSON object; {REEXPORT}")
-    return card
-
-
-def read_metadata(path: str | Path) -> dict:
-    """The 'pcm' metadata of an exported LoRA file; LoraFileError naming the file when it is truncated or damaged."""
+def read_metadata(path: str | Path) -> ModelCard:
+    """The card in an exported LoRA file's header; LoraFileError naming the file when it is truncated, damaged or
+    carries no card."""
     try:
         with safe_open(path, framework="pt") as f:
-            return json.loads((f.metadata() or {}).get("pcm", "{}"))
+            header = (f.metadata() or {}).get("pcm")
+        data = json.loads(header) if header is not None else None
     except FileNotFoundError as err:
         raise LoraFileError(f"{path}: no such file; {REEXPORT}") from err
     except Exception as err:  # safetensors' SafetensorError (truncated header), OSError, a broken JSON value
         raise LoraFileError(f"{path} is unreadable, truncated or damaged ({_first_line(err)}); {REEXPORT}") from err
+    if data is None:
+        raise LoraFileError(f"{path} carries no pcm card in its header (not exported by `pcm distill`); {REEXPORT}")
+    return card_from_json(data, str(path))
 
 
 def load_lora(unet: torch.nn.Module, folder: str | Path, adapter_name: str) -> None:

@@ -1,4 +1,4 @@
-"""Validation grids during distillation: fixed prompts x fixed seeds, sampled at the trained number of steps."""
+"""Validation grids during distillation: fixed prompts x fixed seeds, sampled as the run's model card recommends."""
 
 from pathlib import Path
 
@@ -6,32 +6,25 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pcm.config import Config
-from pcm.math import SolverGrid
+from pcm.config import ValidationConfig
+from pcm.models.card import ModelCard
 from pcm.models.families import Teacher
-from pcm.sampling import lcm_timesteps, pcm_timesteps, sample_lcm, sample_pcm
+from pcm.sampling import Sampling, sample
 
 
 @torch.no_grad()
-def sample_student(teacher: Teacher, cfg: Config, prompts: list[str], seeds: list[int], resolution: int,
+def sample_student(teacher: Teacher, card: ModelCard, prompts: list[str], seeds: list[int],
                    guidance_scale: float) -> torch.Tensor:
-    """Images (P * S, 3, H, W) in [0, 1] (clips: (P * S, F, 3, H, W)): prompt-major, one initial noise per seed
-    (the same for every prompt)."""
-    d = cfg.distill
-    T = len(teacher.abar)
-    shape = teacher.latent_shape(resolution, cfg.data.frames)
+    """Images (P * S, 3, H, W) in [0, 1] (clips: (P * S, F, 3, H, W)) of the LoRA being trained, sampled as its
+    card recommends: prompt-major, one initial noise per seed (the same for every prompt)."""
+    shape = teacher.latent_shape(card.resolution, card.frames)
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
     x_T = noise.repeat(len(prompts), *[1] * len(shape)).to(teacher.device)
     repeated = [p for p in prompts for _ in seeds]
-    cond = teacher.encode_prompts(repeated, target_size=resolution)
+    cond = teacher.encode_prompts(repeated, target_size=card.resolution)
     neg = teacher.uncond(len(repeated), like=cond)
-    if d.method == "lcm":
-        x_0 = sample_lcm(teacher.eps_fn, x_T, cond, teacher.abar, lcm_timesteps(T, d.num_solver_steps, 4),
-                         sigma_data=d.lcm_sigma_data, timestep_scaling=d.lcm_timestep_scaling,
-                         guidance_scale=guidance_scale, neg_cond=neg, generator=torch.Generator().manual_seed(0))
-    else:
-        path = pcm_timesteps(SolverGrid(T, d.num_solver_steps, d.num_phases), d.num_phases)
-        x_0 = sample_pcm(teacher.eps_fn, x_T, cond, teacher.abar, path, guidance_scale=guidance_scale, neg_cond=neg)
+    how = Sampling(card, card.recommended_steps, guidance_scale, card.recommended_gamma)
+    x_0 = sample(teacher.eps_fn, x_T, cond, neg, teacher.abar, how, torch.Generator().manual_seed(0))
     return teacher.decode_latents(x_0)
 
 
@@ -57,9 +50,8 @@ def save_grid(images: torch.Tensor, rows: int, path: Path) -> Path:
     return path
 
 
-def write_validation_grid(teacher: Teacher, cfg: Config, step: int, out_dir: Path) -> Path:
-    v = cfg.validation
-    images = sample_student(teacher, cfg, list(v.prompts), list(v.seeds), cfg.data.resolution, v.guidance_scale)
+def write_validation_grid(teacher: Teacher, card: ModelCard, v: ValidationConfig, step: int, out_dir: Path) -> Path:
+    images = sample_student(teacher, card, list(v.prompts), list(v.seeds), v.guidance_scale)
     rows = len(v.prompts)
     if images.ndim == 5:  # clips: one row per prompt and seed, its frames left to right
         rows = images.shape[0]
