@@ -84,7 +84,7 @@ def encoder_features(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: di
 
 
 class Discriminator(nn.Module):
-    """D(x_r, r, c): mean logit of the trainable heads over the frozen teacher's encoder features.
+    """D(x_r, r, c): one logit per position of each trainable head over the frozen teacher's encoder features.
 
     Only the heads are parameters of this module; the UNet is referenced, not registered, so optimizers,
     checkpoints and DDP see the heads alone.
@@ -99,15 +99,16 @@ class Discriminator(nn.Module):
     def unet(self) -> nn.Module:
         return self._unet[0]
 
-    def forward(self, x_r: torch.Tensor, r: torch.Tensor, cond: dict, train_heads: bool = True) -> torch.Tensor:
-        """Per-sample logits (B,): each head's mean over positions, averaged over heads.
+    def forward(self, x_r: torch.Tensor, r: torch.Tensor, cond: dict, train_heads: bool = True) -> list[torch.Tensor]:
+        """Per head h, its logit map flattened to (B, P_h), P_h the positions of feature map h, in float32.
 
-        train_heads=False: the heads take part as constants, so the generator's loss sends no gradient to them."""
+        Left unreduced because the hinge losses (pcm.math.losses) act per position and per head before averaging
+        (docs/method.md §6). train_heads=False: the heads take part as constants, so the generator's loss sends no
+        gradient to them."""
         with adapters_off(self.unet), _no_checkpointing(self.unet):
             features = encoder_features(self.unet, x_r, r, cond)
         with _frozen(self.heads, not train_heads):
-            logits = [head(f).float().mean(dim=(1, 2, 3)) for head, f in zip(self.heads, features, strict=True)]
-        return torch.stack(logits).mean(dim=0)
+            return [head(f).float().flatten(1) for head, f in zip(self.heads, features, strict=True)]
 
 
 @contextmanager

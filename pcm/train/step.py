@@ -30,9 +30,10 @@ from pcm.rng import U_DROP, U_GRID, U_R, U_W, Draws, keyed_draws
 
 
 class Discriminate(Protocol):
-    """D(x_r, r, cond) -> (B,) logits; train_heads=False runs the heads as constants (the generator's pass)."""
+    """D(x_r, r, cond) -> per head its (B, P_h) logits, one per position (the hinge acts on each before averaging);
+    train_heads=False runs the heads as constants (the generator's pass)."""
 
-    def __call__(self, x_r: torch.Tensor, r: torch.Tensor, cond: Cond, train_heads: bool) -> torch.Tensor: ...
+    def __call__(self, x_r: torch.Tensor, r: torch.Tensor, cond: Cond, train_heads: bool) -> list[torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -147,8 +148,9 @@ class PCMLoss(SolverLoss):
         x_fake, x_real = renoise(f, z, abar_s, abar_r), renoise(y, z, abar_s, abar_r)
         out = {}
         if turn != "g":
-            d_real, d_fake = disc(torch.cat([x_real, x_fake.detach()]), torch.cat([r, r]), cat_cond(cond, cond),
-                                  train_heads=True).chunk(2)
+            logits = disc(torch.cat([x_real, x_fake.detach()]), torch.cat([r, r]), cat_cond(cond, cond),
+                          train_heads=True)
+            d_real, d_fake = zip(*(head.chunk(2) for head in logits), strict=True)
             out["d_loss"] = hinge_d_loss(d_real, d_fake)
         if turn != "d":
             out["g_loss"] = hinge_g_loss(disc(x_fake, r, cond, train_heads=False))
