@@ -157,11 +157,12 @@ def floor(teacher, batch, distill: dict, disc, repeats: int) -> dict[str, float]
               "target fwd": timed(target_pass, repeats)}
     if disc is not None:
         def d_pass():
-            disc(torch.cat([x, x]), torch.cat([t, t]), cat_cond(cond, cond), train_heads=True).mean().backward()
+            heads = disc(torch.cat([x, x]), torch.cat([t, t]), cat_cond(cond, cond), train_heads=True)
+            sum(h.mean() for h in heads).backward()  # one logit map per head
 
         def g_pass():
             fake = x.clone().requires_grad_()
-            disc(fake, t, cond, train_heads=False).mean().backward()
+            sum(h.mean() for h in disc(fake, t, cond, train_heads=False)).backward()
 
         passes |= {"D fwd+bwd": timed(d_pass, repeats), "G fwd+bwd": timed(g_pass, repeats)}
     for p in teacher.unet.parameters():

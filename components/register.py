@@ -16,10 +16,8 @@ def register(params: str, overrides: list, mlflow_uri: str, method: str, num_pha
     from pcm import stages
     from pcm.config import config_from_yaml
 
-    chosen = [m.path for m in loras if (m.metadata.get("method"), m.metadata.get("num_phases")) == (method, num_phases)]
-    if not chosen:
-        raise ValueError(f"no distilled LoRA with method={method} num_phases={num_phases}; check the pipeline's runs")
-    cfg = config_from_yaml(params, [*overrides, f"register.lora={chosen[0]}", f"register.output={registered.path}",
+    chosen = stages.lora_with([m.path for m in loras], method, num_phases)  # by each LoRA's own model card
+    cfg = config_from_yaml(params, [*overrides, f"register.lora={chosen}", f"register.output={registered.path}",
                                     f"register.eval_metrics={results.path}/metrics.json"], mlflow_uri)
     result = stages.register(cfg)
     registered.metadata.update({k: result[k] for k in ("model_name", "version", "model_uri", "run_id")})

@@ -36,4 +36,4 @@ def distill(params: str, overrides: list, mlflow_uri: str, teacher_model: str, r
                                     f"distill.num_phases={num_phases}", f"train.output_dir={work}",
                                     *([f"train.max_steps={max_steps}"] if max_steps > 0 else [])], mlflow_uri)
     result = stages.distill_job(cfg, num_gpus, lora.path)
-    lora.metadata.update({"run_name": run_name, "method": method, "num_phases": num_phases, **result})
+    lora.metadata.update({"run_name": run_name, **result})  # method, phases and edges from the LoRA's card

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from pcm.config import Config, TeacherConfig
-from pcm.models.card import CONFIG_FILE, ModelCard
+from pcm.models.card import CONFIG_FILE, ModelCard, read_card
 from pcm.models.lora import DIFFUSERS_FILE, load_lora
 
 log = logging.getLogger(__name__)
@@ -143,10 +143,10 @@ def meet_teacher(card: ModelCard, lora: str, teacher: TeacherConfig, who: str, f
 
 def _direct(cfg: Config, lora: str, rows: list[dict], teacher_from: str = "lora") -> list[bytes]:
     """PNG bytes from the LoRA folder on its base (base_for), sampled as the registered model does."""
-    from pcm.eval.generate import generate_pngs, read_lora_config
+    from pcm.eval.generate import generate_pngs
     from pcm.models.families import load_teacher
 
-    card = read_lora_config(lora)
+    card = read_card(lora, "--lora")
     teacher_cfg = base_for(cfg, lora, card, teacher_from)
     sides = (f"the LoRA records a {card.family} base {card.base_model}, the teacher is {teacher_cfg.family} "
              f"{teacher_cfg.model}")

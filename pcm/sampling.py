@@ -68,6 +68,9 @@ class Sampling:
     def __post_init__(self):
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma={self.gamma:g}: must be in [0, 1] (0 = deterministic PCM, 1 = fully re-noised)")
+        if self.gamma != 0 and self.card is None:
+            raise ValueError(f"gamma={self.gamma:g} with the teacher: its DDIM is deterministic; gamma is the "
+                             "stochastic step of a distilled PCM LoRA")
         if self.gamma != 0 and self.card is not None and self.card.method == "lcm":
             raise ValueError(f"gamma={self.gamma:g} with an LCM LoRA: its multistep sampler already re-noises with "
                              "fresh noise at every step; use gamma 0 (or a PCM LoRA)")
@@ -89,7 +92,9 @@ def sample(eps_fn: EpsFn, x_T: torch.Tensor, cond: Cond, neg_cond: Cond | None, 
            generator: torch.Generator | None = None) -> torch.Tensor:
     """x_0 after how.steps steps of the sampler a model card asks for (PCM's DDIM jumps or LCM's multistep rule)."""
     path = how.timesteps(len(abar))
-    if how.card is not None and how.card.method == "lcm":
+    if how.card is None:
+        return sample_ddim(eps_fn, x_T, cond, abar, path, guidance_scale=how.guidance_scale, neg_cond=neg_cond)
+    if how.card.method == "lcm":
         return sample_lcm(eps_fn, x_T, cond, abar, path, sigma_data=how.card.lcm_sigma_data,
                           timestep_scaling=how.card.lcm_timestep_scaling, guidance_scale=how.guidance_scale,
                           neg_cond=neg_cond, generator=generator)
@@ -130,6 +135,22 @@ def sample_pcm(
         if s_jump != s:
             z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
             x = renoise(x, z, abar_at(abar, torch.tensor([s_jump]), x), abar_at(abar, torch.tensor([s]), x))
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(
+    eps_fn: EpsFn, x_T: torch.Tensor, cond: Cond, abar: torch.Tensor, timesteps: list[int], *,
+    guidance_scale: float = 1.0, neg_cond: Cond | None = None,
+) -> torch.Tensor:
+    """The teacher's DDIM exactly as diffusers' DDIMScheduler (eta 0) runs it: the model at each timestep of the
+    path, then a jump by T // K to t - T // K (abar[0] below 0). Where K does not divide T that is not always the
+    path's next point (K = 16: 937 -> 875, then the model at 874); the teacher row is what diffusers users get."""
+    x, stride = x_T, len(abar) // (len(timesteps) - 1)
+    for t in timesteps[:-1]:
+        eps_hat = guided_eval(eps_fn, x, t, cond, neg_cond, guidance_scale)
+        s = max(t - stride, 0)
+        x = ddim_jump(x, eps_hat, abar_at(abar, torch.tensor([t]), x), abar_at(abar, torch.tensor([s]), x))
     return x
 
 

@@ -173,8 +173,26 @@ def distill_job(cfg: Config, num_processes: int, export_dir: str) -> dict:
     exported LoRA folder to export_dir. The work folder is scoped by the pipeline run (components/train.py)."""
     import shutil
 
+    from pcm.models.card import read_card
+
     out = Path(cfg.train.output_dir)
     resumed = any((out / "checkpoints").glob("step-*"))
     result = distill(cfg, resume="latest", processes=max(num_processes, 1), progress=False)
     shutil.copytree(out / "lora", export_dir, dirs_exist_ok=True)
-    return {**result, "resumed": resumed}
+    card = read_card(export_dir, "the exported LoRA")
+    return {**result, "resumed": resumed, "method": card.method, "num_phases": card.num_phases,
+            "edges": list(card.edges), "recommended_steps": card.recommended_steps}
+
+
+def lora_with(folders: list[str], method: str, num_phases: int) -> str:
+    """The LoRA folder whose model card says method with num_phases phases (a pipeline's register task picks the
+    one it registers so); ValueError listing what the folders hold when none does."""
+    from pcm.models.card import read_card
+
+    cards = {folder: read_card(folder, "a distilled LoRA") for folder in folders}
+    chosen = [f for f, card in cards.items() if (card.method, card.num_phases) == (method, num_phases)]
+    if not chosen:
+        held = ", ".join(sorted(f"{c.method} M={c.num_phases}" for c in cards.values())) or "none"
+        raise ValueError(f"no distilled LoRA with method={method} num_phases={num_phases} (the pipeline's LoRAs: "
+                         f"{held}); check the pipeline's runs")
+    return chosen[0]

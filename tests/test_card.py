@@ -103,3 +103,17 @@ def test_the_toy_benchmark_samples_a_student_through_its_card():
     torch.testing.assert_close(sample_model(world, world.teacher, cfg, ev, 2, "pcm"), expected)
     with pytest.raises(ValueError, match="model kind 'lcm' but the config distills with 'pcm'"):
         sample_model(world, world.teacher, cfg, ev, 2, "lcm")
+
+
+def test_a_pipeline_registers_the_lora_its_card_names(tmp_path):
+    from pcm.stages import lora_with
+
+    folders = []
+    for name, made in {"m2": card("sd15", "b"), "m4": dataclasses.replace(card("sd15", "b"), num_phases=4,
+                                                                          edges=(0, 249, 499, 749))}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / CONFIG_FILE).write_text(json.dumps(made.to_json()))
+        folders.append(str(tmp_path / name))
+    assert lora_with(folders, "pcm", 4) == str(tmp_path / "m4")
+    with pytest.raises(ValueError, match=r"method=lcm num_phases=1 \(the pipeline's LoRAs: pcm M=2, pcm M=4\)"):
+        lora_with(folders, "lcm", 1)

@@ -12,7 +12,7 @@ import pcm.train.step as step_module
 from pcm.config import EvalConfig, config_from_dict, load_config
 from pcm.math import SolverGrid, alphas_cumprod, ddim_jump
 from pcm.models.gmm import UNCOND, AnalyticTeacher, GaussianMixture, toy_mixture
-from pcm.sampling import ddim_timesteps, sample_pcm
+from pcm.sampling import Sampling, ddim_timesteps, sample, sample_pcm
 from pcm.train.step import Batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,17 +141,16 @@ def test_pcm_sampler_equals_tcd_scheduler_over_the_trained_edges(family, gamma):
 
 EVAL_STEPS = sorted({*EvalConfig().steps, *(K for path in [ROOT / "params.yaml", *CONFIGS]
                                                for K in load_config(path).eval.steps)})
-# K = 16 (T/K = 62.5) is left out: diffusers' DDIMScheduler jumps from t to t - T // K, which is not always its next
-# timestep (937 -> 875, then evaluated at 874), while sample_pcm jumps to the next one; reported on issue 17.
-DDIM_STEPS = [K for K in EVAL_STEPS if T % K == 0]
 
 
-def test_the_ddim_check_covers_the_evaluated_step_counts_that_divide_T():
-    assert {1, 2, 4, 8} <= set(DDIM_STEPS)
+def test_the_ddim_check_covers_every_evaluated_step_count_and_one_that_does_not_divide_T():
+    assert {1, 2, 4, 8, 16} <= set(EVAL_STEPS) and any(T % K for K in EVAL_STEPS)
 
 
-@pytest.mark.parametrize("K", DDIM_STEPS)
+@pytest.mark.parametrize("K", sorted({*EVAL_STEPS, 3, 7}))
 def test_teacher_ddim_equals_ddim_scheduler_at_the_evaluated_step_counts(K):
+    """Where K does not divide T (16: T/K = 62.5) diffusers jumps by T // K, not always to its next timestep
+    (937 -> 875, then the model at 874); the teacher row follows it, so it is what diffusers users get."""
     sched = DDIMScheduler(**SD, num_train_timesteps=T, timestep_spacing="trailing", set_alpha_to_one=False,
                           clip_sample=False)
     sched.set_timesteps(K)
@@ -163,7 +162,10 @@ def test_teacher_ddim_equals_ddim_scheduler_at_the_evaluated_step_counts(K):
     x = x_T.clone()
     for t in sched.timesteps:
         x = sched.step(teacher(x, torch.full((len(x),), int(t)), labels), t, x, eta=0.0).prev_sample
-    torch.testing.assert_close(sample_pcm(teacher, x_T, labels, abar, path), x, rtol=0, atol=1e-12)
+    ours = sample(teacher, x_T, labels, None, abar, Sampling(None, K))
+    torch.testing.assert_close(ours, x, rtol=0, atol=1e-12)
+    if T % K:  # jumping to the path's next point instead is measurably another sampler
+        assert (sample_pcm(teacher, x_T, labels, abar, path) - x).abs().max() > 1e-4
 
 
 # ---------------------------------------------------------------------------------------------------------------
