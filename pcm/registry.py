@@ -31,7 +31,7 @@ from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 
-from pcm.config import Config, SampleConfig, TeacherConfig
+from pcm.config import Config, RegisterConfig, SampleConfig, TeacherConfig
 from pcm.eval.generate import generate_pngs
 from pcm.inference import check_family, load_checked, lora_sha256, one_line
 from pcm.models.card import CONFIG_FILE, LoraFileError, ModelCard, read_card
@@ -210,23 +210,41 @@ def _diffusers_pipeline(card: ModelCard, base: str) -> str:
     return f'DiffusionPipeline.from_pretrained("{base}")'
 
 
-def _gate(client, cfg: Config, metrics: dict) -> tuple[bool, str, float | None]:
-    """(promote, reason, value) for the champion alias."""
-    r = cfg.register
+def gate_decision(r: RegisterConfig, metrics: dict, champion: tuple[str, str, float] | None
+                  ) -> tuple[bool, str, float | None]:
+    """(promote, reason, the metric's value) for the champion alias; champion: (version, its gate metric, its
+    value) or None. With register.gate_bound=ci the interval's cautious end decides: it must pass the threshold
+    and beat the champion's value."""
     value = metrics.get(r.gate_metric)
     if value is None:
         return False, f"{r.gate_metric} not in {r.eval_metrics} (run pcm evaluate first)", None
-    better = (lambda a, b: a <= b) if r.gate_direction == "lower" else (lambda a, b: a >= b)
-    if not better(value, r.gate_threshold):
-        return False, f"{r.gate_metric}={value:.4g} misses the threshold {r.gate_threshold:g}", value
+    lower = r.gate_direction == "lower"
+    better = (lambda a, b: a <= b) if lower else (lambda a, b: a >= b)
+    decided, name = value, r.gate_metric
+    if r.gate_bound == "ci":
+        name = f"{r.gate_metric}/{'ci_high' if lower else 'ci_low'}"
+        decided = metrics.get(name)
+        if decided is None:
+            return False, (f"{name} not in {r.eval_metrics}: register.gate_bound=ci needs the evaluation's intervals "
+                           "(eval.bootstrap_resamples > 0), or set register.gate_bound=value"), value
+    if not better(decided, r.gate_threshold):
+        return False, f"{name}={decided:.4g} misses the threshold {r.gate_threshold:g}", value
+    if champion is None:
+        return True, f"{name}={decided:.4g} passes {r.gate_threshold:g}; first champion", value
+    version, metric, current = champion
+    if metric == r.gate_metric and not better(decided, current):
+        return False, f"{name}={decided:.4g} is worse than champion v{version} ({current:.4g})", value
+    return True, f"{name}={decided:.4g} passes {r.gate_threshold:g} and beats v{version}", value
+
+
+def _gate(client, cfg: Config, metrics: dict) -> tuple[bool, str, float | None]:
+    """(promote, reason, value) for the champion alias, against the current champion (gate_decision)."""
     try:
-        champion = client.get_model_version_by_alias(r.model_name, "champion")
+        found = client.get_model_version_by_alias(cfg.register.model_name, "champion")
+        champion = (found.version, found.tags.get("pcm.gate_metric"), float(found.tags.get("pcm.gate_value", "nan")))
     except Exception:  # no champion yet: the first version that passes becomes it
-        return True, f"{r.gate_metric}={value:.4g} passes {r.gate_threshold:g}; first champion", value
-    current = float(champion.tags.get("pcm.gate_value", "nan"))
-    if r.gate_metric == champion.tags.get("pcm.gate_metric") and not better(value, current):
-        return False, f"{r.gate_metric}={value:.4g} is worse than champion v{champion.version} ({current:.4g})", value
-    return True, f"{r.gate_metric}={value:.4g} passes {r.gate_threshold:g} and beats v{champion.version}", value
+        champion = None
+    return gate_decision(cfg.register, metrics, champion)
 
 
 def register(cfg: Config) -> dict:

@@ -42,6 +42,9 @@ class RegisterConfig:
     gate_metric: str = "pcm-M4/k4/fid_teacher"  # the metrics.json key the promotion to champion is decided on
     gate_direction: Literal["lower", "higher"] = "lower"  # which way is better for gate_metric
     gate_threshold: float = 100.0  # champion only if gate_metric is at most (lower) / at least (higher) this
+    # value: decide on the metric itself; ci: on its 95 % interval's cautious end (the upper end when lower is
+    # better), which must pass the threshold and beat the champion's value (needs eval.bootstrap_resamples > 0)
+    gate_bound: Literal["value", "ci"] = "value"
     device: Literal["cpu", "cuda", "auto"] = "cpu"  # where a loaded model generates (pcm sample, the pyfunc)
     output: str = "models/registered.json"  # what `pcm register` did (version, aliases, gate, run), for pipelines
 
