@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from worlds import tiny_world
 from pcm import stages
 from pcm.cli import main
 from pcm.config import config_from_dict
+from pcm.eval import report
 from pcm.models.tiny import save_tiny_clip
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -24,8 +26,8 @@ def world(tmp_path_factory):
     base = tiny_world(root, ("pcm", "lcm"))
     base["eval"] = {"loras": [str(root / "pcm" / "lora"), str(root / "lcm" / "lora")], "num_prompts": 3,
                     "seeds": [0, 1], "steps": [1, 4], "reference_steps": 4, "batch_size": 4, "num_reference": 12,
-                    "shapes_net_steps": 10, "grid_prompts": 2, "clip_model": str(save_tiny_clip(root / "clip",
-                                                                                                  CAPTIONS))}
+                    "shapes_net_steps": 10, "grid_prompts": 2, "bootstrap_resamples": 200,
+                    "clip_model": str(save_tiny_clip(root / "clip", CAPTIONS))}
     return root, base
 
 
@@ -58,6 +60,7 @@ def test_report_rows_outputs_and_the_teacher_cache(world, tmp_path):
     assert metrics["pcm-M2/k4/fid_teacher"] == pytest.approx(float(by_key[("pcm-M2", 4, "4")]["fid_teacher"]),
                                                              rel=1e-5)
     assert all(isinstance(v, float) for v in metrics.values())  # flat: `dvc metrics show` reads it as is
+    _check_intervals(rows, metrics, out)
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(list((out / "plots").glob("*.png"))) + 3  # + 3 grids
     assert {p.name for p in (out / "grids").iterdir()} == {"teacher-ddim.png", "pcm-M2.png", "lcm.png"}
@@ -74,17 +77,75 @@ def test_report_rows_outputs_and_the_teacher_cache(world, tmp_path):
     assert json.loads((Path(changed["output_dir"]) / "info.json").read_text())["teacher_reference_cached"] is False
 
 
+def _check_intervals(rows: list[dict], metrics: dict, out: Path) -> None:
+    """Every metric of every row has ci_low <= value <= ci_high beside it; the other keys are the old ones."""
+    metric_names = [c for c in rows[0] if c not in report.COLUMNS and "/ci_" not in c]
+    point_keys = {f"{r['model']}/k{r['steps']}/{m}" for r in rows for m in metric_names}
+    assert {k for k in metrics if "/ci_" not in k} == point_keys
+    for key in point_keys:
+        low, high = metrics[f"{key}/ci_low"], metrics[f"{key}/ci_high"]
+        assert low - 1e-9 <= metrics[key] <= high + 1e-9, key
+    assert metrics["teacher-ddim/k4/trajectory_error/ci_high"] == 0.0  # the reference row against itself
+    assert "N = 6 samples per row (3 prompts x 2 seeds)" in (out / "steps.md").read_text()
+    assert re.search(r"\| pcm-M2 \| pcm \| 1 \| 4 \| 4 \| 6 \| [0-9.e+-]+ \[[0-9.e+-]+, [0-9.e+-]+\] \|",
+                     (out / "steps.md").read_text())
+    html = (out / "report.html").read_text()
+    assert "<h2>Anchors</h2>" in html and "N = 6 &lt; 30,000" in html and "8.27" in html
+    info = json.loads((out / "info.json").read_text())
+    assert info["bootstrap_resamples"] == 200 and info["teacher_family"] == "sd15" and info["bootstrap_seconds"] > 0
+
+
 def test_prompt_file_lines_that_are_empty_or_not_utf8_are_skipped_and_counted(world, tmp_path):
     root, base = world
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes(b"a red circle in the center on a gray background\n\n   \n\xff\xfe broken\n"
                         b"a blue square at the top left on a white background\n")
     cfg = _cfg(base, tmp_path, prompts=str(prompts), loras=[base["eval"]["loras"][0]], steps=[1], seeds=[0],
-               clip_model="")
+               clip_model="", bootstrap_resamples=0)
     out = Path(stages.evaluate(cfg, progress=False)["output_dir"])
     info = json.loads((out / "info.json").read_text())
     assert info["prompts"] == 2 and info["skipped_prompt_lines"] == {"empty": 2, "not_utf8": 1}
     assert "clip_score" not in (out / "steps.csv").read_text()
+    # eval.bootstrap_resamples = 0: no intervals anywhere, and the table says so
+    assert not any("/ci_" in k for k in json.loads((out / "metrics.json").read_text()))
+    assert "no intervals (eval.bootstrap_resamples = 0)" in (out / "steps.md").read_text()
+
+
+def _row(model: str, steps: int, value: float, method: str = "pcm", low: float = 1.0, high: float = 3.0) -> dict:
+    return {"model": model, "method": method, "guidance_scale": 1.0, "steps": steps, "nfe": steps, "samples": 4,
+            "fid_teacher": value, "fid_teacher/ci_low": low, "fid_teacher/ci_high": high}
+
+
+def test_intervals_in_the_flat_metrics_the_tables_and_the_plots(tmp_path):
+    rows = [_row("pcm-M4", 1, 2.0), _row("pcm-M4", 4, 1.5, low=float("nan"), high=float("nan"))]
+    assert report.flat_metrics(rows) == pytest.approx({
+        "pcm-M4/k1/fid_teacher": 2.0, "pcm-M4/k1/fid_teacher/ci_low": 1.0, "pcm-M4/k1/fid_teacher/ci_high": 3.0,
+        "pcm-M4/k4/fid_teacher": 1.5, "pcm-M4/k4/fid_teacher/ci_low": float("nan"),
+        "pcm-M4/k4/fid_teacher/ci_high": float("nan")}, nan_ok=True)
+    table = report.markdown_table(rows, "N = 4")
+    assert table.startswith("N = 4\n") and "| 2 [1, 3] |" in table and "| 1.5 [n/a] |" in table  # n/a: 1 prompt
+    report.write_csv(rows, tmp_path / "steps.csv")
+    assert next(csv.reader(open(tmp_path / "steps.csv")))[-3:] == ["fid_teacher", "fid_teacher/ci_low",
+                                                                     "fid_teacher/ci_high"]
+    assert report.plot_metric(rows, "fid_teacher", tmp_path / "p.png").stat().st_size > 0  # NaN bars: none drawn
+
+
+@pytest.mark.parametrize("family,samples,shown,says", [
+    ("sd15", 200, False, "not comparable"),
+    ("sd15", 30_000, True, "COCO-30K"),
+    ("sdxl", 30_000, True, "CC12M-30K"),
+    ("animatediff", 30_000, False, "no anchors"),
+])
+def test_the_anchors_panel_shows_ours_only_when_comparable(family, samples, shown, says):
+    rows = [_row("pcm-M4", k, 0.5 + k) for k in (1, 2, 4)] + [_row("teacher-ddim", 4, 99.0, method="ddim")]
+    panel = report.anchors_panel(rows, {"teacher_family": family, "samples": samples})
+    assert says in panel and ("pcm-M4 (ours, fid_teacher)" in panel) == shown
+    assert "99" not in panel  # the teacher's rows are not what the paper's PCM numbers describe
+    if family in report.PAPER_FID_SD:
+        assert "The PCM paper's numbers on its data" in panel
+        assert all(f"{v:.2f}" in panel for v in report.PAPER_FID_SD[family][2])
+    if shown:
+        assert "<td>4.5</td>" in panel  # ours at 4 steps beside the paper's
 
 
 @pytest.mark.parametrize("override,message", [
@@ -97,8 +158,6 @@ def test_missing_inputs_fail_at_start_with_the_key(world, tmp_path, capsys, over
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({**base, "eval": {**base["eval"], "cache_dir": str(tmp_path / "cache")}}))
     assert main(["evaluate", "--params", str(params), override.format(root=root)]) == 2
-    import re
-
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "cache").exists()  # failed before any work
 

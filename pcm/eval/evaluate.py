@@ -11,12 +11,15 @@ per inference guidance scale. Per row (all means over the samples, one sample pe
 Video teachers (animatediff) are scored per clip: fid over all frames, clip_score per frame averaged over the clip,
 frame_consistency (CLIP similarity of consecutive frames, with eval.clip_model) and the motion oracle's
 oracle_motion beside its colour / kind scores; the grids are animated GIFs.
+Every metric gets a 95 % interval <metric>/ci_low, <metric>/ci_high (eval.bootstrap_resamples > 0): a bootstrap over
+prompts (pcm.eval.intervals), for which each row keeps its per-sample values and features until it is scored.
 Generation is batched; features are streamed into running sums; the teacher's reference samples and the reference
 images' statistics are cached under eval.cache_dir, keyed by everything they depend on.
 """
 
 import logging
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from pcm.config import Config
 from pcm.eval import video
 from pcm.eval.fid import FeatureStats, fid
 from pcm.eval.generate import Sampler, initial_noise, load_samplers, sample_latents, teacher_sampler, to_uint8, use
+from pcm.eval.intervals import bootstrap_fid, bootstrap_mean, cluster_labels
 from pcm.eval.known_world import KnownWorld, require_world
 from pcm.eval.prompts import load_prompts
 from pcm.eval.references import feature_function, reference_stats, teacher_reference
@@ -49,18 +53,62 @@ class Row:
     features: FeatureStats = field(default_factory=FeatureStats)  # over images, or over all frames of clips
     sums: dict = field(default_factory=dict)  # metric -> (sum, count)
     samples: int = 0  # images or clips scored
+    keep: bool = False  # keep per-sample values and features for the bootstrap (in sample order: prompt-major)
+    kept: dict = field(default_factory=dict)  # metric -> [(B,) float64]; "features" -> [(B, D) float32]
 
     def add(self, metric: str, values: torch.Tensor | np.ndarray) -> None:
         values = np.asarray(values, dtype=np.float64).reshape(-1)
         total, count = self.sums.get(metric, (0.0, 0))
         self.sums[metric] = (total + values.sum(), count + values.size)
+        if self.keep:
+            self.kept.setdefault(metric, []).append(values)
 
-    def result(self, reference: FeatureStats, teacher: FeatureStats) -> dict:
+    def add_features(self, features: torch.Tensor | np.ndarray) -> None:
+        self.features.update(features)
+        if self.keep:  # float32: at 30 000 Inception features a row keeps 245 MB, not 490
+            features = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else features
+            self.kept.setdefault("features", []).append(np.asarray(features, dtype=np.float32))
+
+    def result(self, reference: FeatureStats, teacher: "Row", bootstrap: "Bootstrap") -> dict:
         nfe = self.steps * (2 if self.guidance_scale != 1.0 else 1)
         out = {"model": self.label, "method": self.method, "steps": self.steps, "guidance_scale": self.guidance_scale,
                "nfe": nfe, "samples": self.samples,
-               "fid": fid(self.features, reference), "fid_teacher": fid(self.features, teacher)}
-        return out | {k: total / count for k, (total, count) in self.sums.items()}
+               "fid": fid(self.features, reference), "fid_teacher": fid(self.features, teacher.features)}
+        means = {k: total / count for k, (total, count) in self.sums.items()}
+        return out | means | bootstrap.intervals(self, reference, teacher)
+
+
+@dataclass
+class Bootstrap:
+    """The step table's 95 % intervals (pcm.eval.intervals): prompts resampled with replacement."""
+
+    resamples: int  # eval.bootstrap_resamples; 0 = no intervals
+    seed: int  # from eval.seeds: the same prompt draws for every row and metric, run after run
+    prompts: int  # P: the unit resampled (a prompt's seeds and frames move together)
+    seconds: float = 0.0  # time spent resampling, reported in info.json (what the intervals cost)
+
+    @classmethod
+    def of(cls, resamples: int, seeds: tuple[int, ...], prompts: int) -> "Bootstrap":
+        return cls(resamples, zlib.crc32(repr(tuple(seeds)).encode()), prompts)
+
+    def intervals(self, row: Row, reference: FeatureStats, teacher: Row) -> dict[str, float]:
+        """{'<metric>/ci_low': low, '<metric>/ci_high': high} for every metric of row ({} when off)."""
+        if self.resamples == 0:
+            return {}
+        start = time.perf_counter()
+        features = np.concatenate(row.kept["features"])
+        groups = cluster_labels(len(features), self.prompts)
+        paired = np.concatenate(teacher.kept["features"])  # the teacher's samples of the same prompts and seeds
+        found = {"fid": bootstrap_fid(features, groups, reference.mean_cov(), self.resamples, self.seed),
+                 "fid_teacher": bootstrap_fid(features, groups, paired, self.resamples, self.seed)}
+        for metric, parts in row.kept.items():
+            if metric != "features":
+                values = np.concatenate(parts)
+                found[metric] = bootstrap_mean(values, cluster_labels(len(values), self.prompts), self.resamples,
+                                               self.seed)
+        self.seconds += time.perf_counter() - start
+        return {f"{m}/ci_{end}": float(getattr(interval, end)) for m, interval in found.items()
+                for end in ("low", "high")}
 
 
 class Scorers:
@@ -76,6 +124,10 @@ class Scorers:
         if e.clip_model:
             from pcm.eval.clip_score import ClipScorer
             self.clip = ClipScorer(e.clip_model, device)
+        self.keep = e.bootstrap_resamples > 0  # the intervals need every sample, not only running sums
+
+    def new_row(self, label: str, method: str, steps: int, guidance_scale: float) -> Row:
+        return Row(label, method, steps, guidance_scale, keep=self.keep)
 
     def score(self, row: Row, images: np.ndarray, prompts: list[str]) -> None:
         """images (B, H, W, 3) uint8, or clips (B, F, H, W, 3)."""
@@ -83,7 +135,7 @@ class Scorers:
         if images.ndim == 5:
             self.score_clips(row, images, prompts)
             return
-        row.features.update(self.features(images))
+        row.add_features(self.features(images))
         if self.clip is not None:
             row.add("clip_score", self.clip(images, prompts))
         if self.world is not None:
@@ -93,7 +145,7 @@ class Scorers:
 
 
     def score_clips(self, row: Row, clips: np.ndarray, prompts: list[str]) -> None:
-        row.features.update(self.features(video.frames_of(clips)))
+        row.add_features(self.features(video.frames_of(clips)))
         if self.clip is not None:
             row.add("clip_score", video.clip_score_per_frame(self.clip, clips, prompts))
             row.add("frame_consistency", video.frame_consistency(self.clip, clips))
@@ -174,7 +226,7 @@ def evaluate_sampler(teacher, sampler: Sampler, batches: Batches, reference: tor
                      steps: tuple[int, ...], grid_rows: list[int], progress: bool) -> tuple[list[Row], dict]:
     """Rows of one sampler at every step count, and its grid tiles {(sample index, K): image uint8}."""
     use(teacher, sampler)
-    rows = {K: Row(sampler.label, sampler.method, K, sampler.guidance_scale) for K in steps}
+    rows = {K: scorers.new_row(sampler.label, sampler.method, K, sampler.guidance_scale) for K in steps}
     tiles = {}
     for start, prompts, x_T, cond, neg in tqdm(batches, desc=f"evaluate {sampler.label}", disable=not progress):
         latents = {}
@@ -200,6 +252,20 @@ def _lora_files(samplers: list[Sampler], folders: tuple[str, ...]) -> dict[str, 
     return {s.label: shas[int(s.adapter.removeprefix("eval"))] for s in samplers if s.adapter is not None}
 
 
+def score_reference(teacher, reference: torch.Tensor, batches: Batches, scorers: Scorers, row: Row,
+                    grid_rows: list[int]) -> dict:
+    """Scores the teacher's cached reference samples into row; returns their grid tiles."""
+    tiles = {}
+    for b_start, b_prompts, *_ in batches:
+        x_0 = reference[b_start:b_start + len(b_prompts)].to(teacher.device)
+        images = to_uint8(teacher.decode_latents(x_0))
+        scorers.score(row, images, b_prompts)
+        row.add("trajectory_error", np.zeros(len(b_prompts)))  # the reference itself
+        tiles |= {(row.label, i, row.steps): images[i - b_start] for i in grid_rows
+                  if b_start <= i < b_start + len(b_prompts)}
+    return tiles
+
+
 def evaluate(cfg: Config, progress: bool = True, world: KnownWorld | None = None) -> dict:
     """Runs the whole evaluation and writes the report under eval.output_dir; returns the summary. world: the
     oracles and feature net that eval.oracle and eval.features=shapes need (pcm.stages passes the demo's)."""
@@ -219,28 +285,24 @@ def evaluate(cfg: Config, progress: bool = True, world: KnownWorld | None = None
     use(teacher, samplers[0])
     reference, cache_hit = teacher_reference(teacher, cfg, batches, progress)
 
-    ref_row = Row("teacher-ddim", "ddim", e.reference_steps, e.teacher_guidance_scale)
+    ref_row = scorers.new_row("teacher-ddim", "ddim", e.reference_steps, e.teacher_guidance_scale)
     grid_rows = [p * len(e.seeds) for p in range(min(e.grid_prompts, len(prompts)))]
-    tiles = {}
-    for b_start, b_prompts, *_ in batches:
-        x_0 = reference[b_start:b_start + len(b_prompts)].to(device)
-        images = to_uint8(teacher.decode_latents(x_0))
-        scorers.score(ref_row, images, b_prompts)
-        ref_row.add("trajectory_error", np.zeros(len(b_prompts)))  # the reference itself
-        tiles |= {("teacher-ddim", i, e.reference_steps): images[i - b_start] for i in grid_rows
-                  if b_start <= i < b_start + len(b_prompts)}
-    rows = []
+    tiles = score_reference(teacher, reference, batches, scorers, ref_row, grid_rows)
+    bootstrap, results = Bootstrap.of(e.bootstrap_resamples, e.seeds, len(prompts)), []
     for sampler in samplers:
         sampler_rows, sampler_tiles = evaluate_sampler(teacher, sampler, batches, reference, scorers, e.steps,
                                                        grid_rows, progress)
-        rows += sampler_rows
+        # scored at once, so one sampler's kept samples at a time are in memory
+        results += [row.result(reference_images, ref_row, bootstrap) for row in sampler_rows]
         tiles |= {(sampler.label, i, K): image for (i, K), image in sampler_tiles.items()}
-    results = [row.result(reference_images, ref_row.features) for row in [*rows, ref_row]]
+    results.append(ref_row.result(reference_images, ref_row, bootstrap))
     info = {"prompts": len(prompts), "seeds": list(e.seeds), "samples": len(batches.samples),
             "skipped_prompt_lines": skipped, "teacher_reference_cached": cache_hit, "features": scorers.features.name,
             "reference_images": reference_images.count, "teacher": cfg.teacher.model, "loras": list(e.loras),
             "lora_sha256": lora_files,
             "teacher_guidance_scale": e.teacher_guidance_scale, "reference_steps": e.reference_steps,
+            "teacher_family": cfg.teacher.family, "bootstrap_resamples": e.bootstrap_resamples,
+            "bootstrap_seconds": round(bootstrap.seconds, 2),
             **({"frames": cfg.data.frames, "motion_adapter": cfg.teacher.motion_adapter} if teacher.is_video else {}),
             "seconds": round(time.perf_counter() - start, 1)}
     grid_prompts = [prompts[i // len(e.seeds)] for i in grid_rows]

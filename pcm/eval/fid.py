@@ -17,18 +17,22 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 
-def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+def psd_sqrt(matrix: np.ndarray) -> np.ndarray:
     """The symmetric PSD square root of a symmetric PSD matrix (D, D), eigenvalues clipped at 0."""
     values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
     return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
 
 
-def trace_sqrt_product(sigma_1: np.ndarray, sigma_2: np.ndarray) -> float:
-    """tr((S_1 S_2)^(1/2)) for symmetric PSD S_1, S_2 (D, D)."""
-    root = _psd_sqrt(np.asarray(sigma_1, dtype=np.float64))
-    middle = root @ np.asarray(sigma_2, dtype=np.float64) @ root
+def trace_sqrt_with_root(root_1: np.ndarray, sigma_2: np.ndarray) -> float:
+    """tr((S_1 S_2)^(1/2)) given R = S_1^(1/2) (D, D): the bootstrap reuses the root of a fixed S_1."""
+    middle = root_1 @ np.asarray(sigma_2, dtype=np.float64) @ root_1
     values = np.linalg.eigvalsh((middle + middle.T) / 2)
     return float(np.sqrt(np.clip(values, 0, None)).sum())
+
+
+def trace_sqrt_product(sigma_1: np.ndarray, sigma_2: np.ndarray) -> float:
+    """tr((S_1 S_2)^(1/2)) for symmetric PSD S_1, S_2 (D, D)."""
+    return trace_sqrt_with_root(psd_sqrt(np.asarray(sigma_1, dtype=np.float64)), sigma_2)
 
 
 def frechet_distance(mu_1: np.ndarray, sigma_1: np.ndarray, mu_2: np.ndarray, sigma_2: np.ndarray) -> float:
