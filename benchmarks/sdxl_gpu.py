@@ -34,18 +34,21 @@ SDXL_UNET = {  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
     "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     "addition_embed_type": "text_time", "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
 }
-POOLED = 1280  # SDXL's pooled text embedding width (2816 = 1280 + 6 × 256)
 TINY_UNET = {**SDXL_UNET, "sample_size": 16, "layers_per_block": 1, "block_out_channels": (32, 64, 64),
              "transformer_layers_per_block": (1, 1, 1), "attention_head_dim": (2, 4, 4), "cross_attention_dim": 64,
              "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 32 + 6 * 8, "norm_num_groups": 8}
-TINY_POOLED = 32
 
 
-def build(tiny: bool, device: str, rank: int):
-    config, pooled = (TINY_UNET, TINY_POOLED) if tiny else (SDXL_UNET, POOLED)
+def build(tiny: bool, device: str, rank: int, config: dict | None = None):
+    """(UNet with LoRA, LoRA params, pooled text width: 0 for a UNet without SDXL's added conditions)."""
+    config = config or (TINY_UNET if tiny else SDXL_UNET)
+    # SDXL: 2816 = 1280 (pooled text embedding) + 6 time ids x 256
+    pooled = (config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+              if config.get("addition_embed_type") == "text_time" else 0)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    unet = UNet2DConditionModel(**config).to(device, dtype)  # frozen weights in the compute dtype
+    with torch.device(device):  # initialised where it runs: 2.6 B random weights are slow to draw on a CPU
+        unet = UNet2DConditionModel(**config).to(device, dtype)  # frozen weights in the compute dtype
     params = attach_lora(unet, rank, rank, LORA_TARGETS)
     unet.enable_gradient_checkpointing()
     unet.train()
@@ -54,18 +57,32 @@ def build(tiny: bool, device: str, rank: int):
 
 def conditions(batch: int, unet, pooled: int, device: str) -> tuple[dict, dict]:
     side = unet.config.sample_size * 8
-    cond = {"encoder_hidden_states": torch.randn(batch, 77, unet.config.cross_attention_dim, device=device),
-            "text_embeds": torch.randn(batch, pooled, device=device),
-            "time_ids": torch.tensor([side, side, 0, 0, side, side], device=device,
-                                     dtype=torch.float32).repeat(batch, 1)}
+    cond = {"encoder_hidden_states": torch.randn(batch, 77, unet.config.cross_attention_dim, device=device)}
+    if pooled:  # SDXL's added conditions
+        cond |= {"text_embeds": torch.randn(batch, pooled, device=device),
+                 "time_ids": torch.tensor([side, side, 0, 0, side, side], device=device,
+                                          dtype=torch.float32).repeat(batch, 1)}
     uncond = {k: torch.zeros_like(v) if k != "time_ids" else v for k, v in cond.items()}  # SDXL: zeros
     return cond, uncond
 
 
-def measure(unet, params, pooled: int, batch: int, steps: int, adversarial: bool, device: str) -> dict:
+def eps_of(unet):
+    """The UNet as eps_fn(x_t, t, cond) -> eps_hat in fp32; SDXL's added conditions when cond has them."""
+    def eps(x, t, c):
+        added = {k: c[k] for k in ("text_embeds", "time_ids") if k in c}
+        return unet(x, t, encoder_hidden_states=c["encoder_hidden_states"], added_cond_kwargs=added).sample.float()
+
+    return eps
+
+
+def measure(unet, params, pooled: int, batch: int, steps: int, adversarial: bool, device: str,
+            distill: dict | None = None, two_unets: bool = False) -> dict:
+    """Steps/s and peak memory of the distillation step; distill overrides the PCM small-CFG section (e.g. LCM);
+    two_unets: the reference's layout, a second full UNet (no LoRA) as the teacher."""
     abar = sd_scheduler().alphas_cumprod.to(device)
-    cfg = config_from_dict({"distill": {"num_solver_steps": 40, "num_phases": 4, "w_min": 6.0, "w_max": 7.0}})
-    grid = SolverGrid(len(abar), 40, 4)
+    section = {"num_solver_steps": 40, "num_phases": 4, "w_min": 6.0, "w_max": 7.0, **(distill or {})}
+    cfg = config_from_dict({"distill": section})
+    grid = SolverGrid(len(abar), 40, cfg.distill.num_phases)
     cond, uncond = conditions(batch, unet, pooled, device)
     latents = torch.randn(batch, 4, unet.config.sample_size, unet.config.sample_size, device=device)
     data = Batch(latents, cond, uncond, torch.arange(batch))
@@ -74,11 +91,14 @@ def measure(unet, params, pooled: int, batch: int, steps: int, adversarial: bool
     d_opt = torch.optim.AdamW(disc.parameters(), lr=1e-5, betas=(0.0, 0.999), weight_decay=1e-3) if disc else None
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
 
-    def eps(x, t, c):
-        added = {"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]}
-        return unet(x, t, encoder_hidden_states=c["encoder_hidden_states"], added_cond_kwargs=added).sample.float()
+    eps = eps_of(unet)
+    # the copy is made from the config, in the frozen weights' dtype, before any step: what the reference holds
+    with torch.device(device):
+        copy_eps = eps_of(type(unet).from_config(unet.config).to(device, unet.dtype)) if two_unets else None
 
     def teacher(x, t, c):
+        if copy_eps is not None:
+            return copy_eps(x, t, c)
         with adapters_off(unet):
             return eps(x, t, c)
 

@@ -129,6 +129,7 @@ def make_step(teacher, params, batch, distill: dict, schedule, separate=False, t
         opt.zero_grad(set_to_none=True)
         if d_opt:
             d_opt.zero_grad(set_to_none=True)
+        return out["total"].detach()  # for callers that compare losses (gpu_check: eager vs compiled)
 
     return step, disc
 

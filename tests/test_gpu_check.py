@@ -1,0 +1,62 @@
+"""`make gpu-check` rehearsed on CPU (`--tiny`): a rare GPU loan must not be spent on a crash. Every part runs to
+the end without a recorded error, the JSON and Markdown carry what the README's performance table is filled from,
+a rerun of one part keeps the others, and without CUDA the full-size check says so in one line and exits 0."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).parent.parent / "benchmarks" / "gpu_check.py"
+PARTS = {"unet", "overhead", "precision", "demo"}
+
+
+def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_every_part_runs_tiny_on_cpu_and_writes_json_and_markdown(tmp_path):
+    done = _run("--tiny", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    (found,) = tmp_path.glob("gpu-cpu-tiny-*.json")
+    report = json.loads(found.read_text())
+    assert {"card", "date", "torch", "cuda", "commit", "tiny", "parts", "budgets"} <= report.keys()
+    assert set(report["parts"]) == PARTS
+    for name, part in report["parts"].items():
+        assert part["status"] == "ok" and part["error"] is None, (name, part["error"])
+        assert part["seconds"] <= part["cap_s"]
+    unet = report["parts"]["unet"]["results"]
+    for row in ("sdxl", "sd15"):
+        assert set(unet[row]["variants"]) == {"pcm small-cfg", "pcm + adv joint", "lcm",
+                                              "pcm two-unet (reference layout)"}
+        assert all(v["steps_per_s"] > 0 for v in unet[row]["variants"].values())
+        assert unet[row]["floor"]["floor_s"] > 0
+    overhead = report["parts"]["overhead"]["results"]
+    assert overhead["eager"]["overhead_ratio"] > 0 and overhead["compiled"]["loss_matches_1e-3"] is True
+    precision = report["parts"]["precision"]["results"]
+    assert precision["bf16"]["resumed_ok"] and precision["bf16"]["steps_logged_after_resume"] == [3, 4]
+    assert precision["fp16"].startswith("skipped") and precision["adamw8bit"].startswith("skipped")
+    demo = report["parts"]["demo"]["results"]
+    assert demo["completed"] == ["demo_data", "prepare", "demo_teacher", "distill", "evaluate"]
+    assert set(report["budgets"]) == {"overhead_ratio", "one_over_two_unet_peak", "sdxl_step_over_floor"}
+    assert report["budgets"]["one_over_two_unet_peak"]["verdict"] == "not measured"  # no GPU memory on CPU
+    summary = found.with_suffix(".md").read_text()
+    assert "| budget |" in summary and all(f"## {name}: ok" in summary for name in PARTS)
+
+    rerun = _run("--tiny", "--parts", "3", "--out", str(tmp_path))  # a rerun after a failure: one part, same file
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    again = json.loads(found.read_text())
+    assert set(again["parts"]) == PARTS and again["parts"]["unet"] == report["parts"]["unet"]
+    assert again["parts"]["precision"]["status"] == "ok"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the line shown where there is no CUDA")
+def test_without_cuda_it_says_so_in_one_line_and_exits_0(tmp_path):
+    done = _run("--out", str(tmp_path), timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().count("\n") == 0 and "no CUDA device" in done.stdout
+    assert list(tmp_path.iterdir()) == []
