@@ -1,19 +1,17 @@
-"""`make gpu-check`: the checks a short GPU loan is spent on, in one run of at most ~8 minutes on one GPU.
+"""`make gpu-check`: what a short GPU loan is spent on, one run of at most ~8 minutes on one GPU.
 
-Parts, in this order, each under its own time cap (a slow part cannot eat the others' time) and in its own
-try/except (an error is recorded and the next part runs); the JSON and Markdown are rewritten after every part:
-  1. unet      SDXL-architecture UNet (random weights, SDXL's config) at 1024 px and SD1.5-architecture at 512 px,
-               LoRA rank 64, bf16 autocast, fp32 LoRA, gradient checkpointing, batch 10: steps/s and peak memory of
-               PCM small-CFG, PCM + adversarial (joint), LCM, and the reference's layout (a second UNet copy as the
-               teacher); the PCM step against its cost floor (its passes timed alone).
-  2. overhead  the step's overhead ratio on the tiny teacher (step time / its unavoidable passes timed alone), eager
-               and with torch.compile on the UNet (losses compared over 5 steps).
-  3. precision bf16 + AdamW 8-bit, then fp16 with its grad scaler: a tiny `pcm distill` that checkpoints, then
-               resumes with resume="latest" and must continue from the checkpoint's step with finite losses.
-  4. demo      the demo chain with params.yaml (steps capped): demo data, prepare, teacher, one distillation,
-               evaluation; seconds per stage and how far it got.
-Results: <out>/gpu-<card>-<date>.json and .md (a rerun of some parts the same day keeps the others' results).
-Without CUDA it prints one line and exits 0; --tiny runs every part small on CPU (the rehearsal the tests run).
+Four parts, in order, each under its own time cap and its own try/except (an error or the cap is recorded with what
+the part measured so far, and the next part runs); the JSON and Markdown are rewritten after every part:
+  1. unet      SDXL-architecture UNet (random weights) at 1024 px, SD1.5-architecture at 512 px; LoRA rank 64, bf16
+               autocast, fp32 LoRA, gradient checkpointing, batch 10: steps/s and peak memory of PCM small-CFG,
+               PCM + adversarial (joint), LCM and the reference's layout (a second UNet as teacher); the PCM step
+               against its floor (its passes timed alone).
+  2. overhead  the tiny teacher's step / its unavoidable passes, eager and with torch.compile (5 losses compared).
+  3. precision bf16 + AdamW 8-bit and fp16 + grad scaler: a tiny `pcm distill` checkpoints, resumes ("latest") and
+               must go on from the checkpoint's step with finite losses.
+  4. demo      the demo chain with params.yaml, fewer steps: seconds per stage and how far it got.
+Results: <out>/gpu-<card>-<date>.json and .md (a same-day rerun of some parts keeps the others' results). Without
+CUDA it prints one line and exits 0; --tiny runs every part small on CPU (the rehearsal the tests run).
 
     python benchmarks/gpu_check.py [--parts 1,3] [--out benchmarks/results] [--tiny]
 """
@@ -26,9 +24,11 @@ import math
 import re
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,26 +45,20 @@ import train_step  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 CAPS_S = {1: 170, 2: 100, 3: 60, 4: 140}  # 470 s together: ~8 minutes, the loan's machine start aside
-SD15_UNET = {  # stable-diffusion-v1-5/stable-diffusion-v1-5, unet/config.json
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-    "block_out_channels": (320, 640, 1280, 1280), "attention_head_dim": 8, "cross_attention_dim": 768,
-    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+ROWS = {  # name: (full-size UNet config, --tiny's: a few channels wide at 32 px; SD1.5's four levels need 64 px)
+    "sdxl": (sdxl_gpu.SDXL_UNET, {**sdxl_gpu.TINY_UNET, "sample_size": 4}),
+    "sd15": (sdxl_gpu.SD15_UNET, {**sdxl_gpu.TINY_SD15_UNET, "sample_size": 8}),
 }
-# --tiny: the same architectures a few channels wide at 32 px (4x4 latents; SD1.5's four levels need 8x8)
-TINY_SDXL = {**sdxl_gpu.TINY_UNET, "sample_size": 4}
-TINY_SD15 = {**SD15_UNET, "sample_size": 8, "layers_per_block": 1, "block_out_channels": (32, 32, 64, 64),
-             "attention_head_dim": 2, "cross_attention_dim": 64, "norm_num_groups": 8}
 UNET_VARIANTS = {  # name: (distill section over PCM small-CFG, adversarial, two UNets)
     "pcm small-cfg": ({}, False, False),
     "pcm + adv joint": ({}, True, False),
     "lcm": ({"method": "lcm", "num_phases": 1}, False, False),
     "pcm two-unet (reference layout)": ({}, False, True),
 }
-BUDGETS = {  # name: (target, how it reads)
-    "overhead_ratio": (1.15, "tiny-teacher step / its passes timed alone, eager (part 2)"),
-    "one_over_two_unet_peak": (0.85, "SDXL 1024 px peak memory, one UNet / two UNets (part 1)"),
-    "sdxl_step_over_floor": (1.10, "SDXL 1024 px PCM step / its passes timed alone (part 1)"),
+BUDGETS = {  # name: (target, where in the parts' results, how it reads)
+    "overhead_ratio": (1.15, "overhead.eager.overhead_ratio", "tiny-teacher step / its passes timed alone, eager"),
+    "one_over_two_unet_peak": (0.85, "unet.sdxl.one_over_two_unet_peak", "SDXL 1024 px peak memory, 1 / 2 UNets"),
+    "sdxl_step_over_floor": (1.10, "unet.sdxl.floor.step_over_floor", "SDXL 1024 px PCM step / its passes alone"),
 }
 
 
@@ -95,13 +89,6 @@ class Run:
     work: Path
     save: Callable[[], None]
 
-    def sync(self) -> None:
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-
-    def peak_gib(self) -> float:
-        return torch.cuda.max_memory_allocated() / 2**30 if self.device == "cuda" else float("nan")
-
 
 # ---- 1. the step at full size ---------------------------------------------------------------------------------------
 
@@ -120,32 +107,23 @@ def step_floor(run: Run, unet, pooled: int, batch: int) -> dict:
     return train_step.floor(SimpleNamespace(eps_fn=eps_fn, unet=unet), data, {}, None, 2 if run.tiny else 3)
 
 
-def unet_row(run: Run, out: dict, config: dict) -> None:
-    batch, steps = (2, 2) if run.tiny else (10, 5)
-    unet, params, pooled = sdxl_gpu.build(run.tiny, run.device, 4 if run.tiny else 64, config)
-    out |= {"pixels": unet.config.sample_size * 8, "batch": batch, "timed_steps": steps, "variants": {}}
-    for name, (distill, adversarial, two_unets) in UNET_VARIANTS.items():
-        if run.device == "cuda":
-            torch.cuda.empty_cache()
-        r = sdxl_gpu.measure(unet, params, pooled, batch, steps, adversarial, run.device, distill, two_unets)
-        out["variants"][name] = r | {"step_s": 1 / r["steps_per_s"]}
-        run.save()
-    passes = step_floor(run, unet, pooled, batch)
-    floor_s = sum(passes.values())
-    out["floor"] = {"passes_s": passes, "floor_s": floor_s,
-                    "step_over_floor": out["variants"]["pcm small-cfg"]["step_s"] / floor_s}
-    one, two = (out["variants"][k]["peak_gib"] for k in ("pcm small-cfg", "pcm two-unet (reference layout)"))
-    out["one_over_two_unet_peak"] = one / two
-    out["one_unet_speedup"] = (out["variants"]["pcm small-cfg"]["steps_per_s"]
-                               / out["variants"]["pcm two-unet (reference layout)"]["steps_per_s"])
-
-
 def part_unet(run: Run, out: dict) -> None:
-    rows = {"sdxl": TINY_SDXL if run.tiny else sdxl_gpu.SDXL_UNET, "sd15": TINY_SD15 if run.tiny else SD15_UNET}
-    for name, config in rows.items():
-        out[name] = {}
-        unet_row(run, out[name], config)
-        run.save()
+    batch, steps = (2, 2) if run.tiny else (10, 5)
+    for name, (config, tiny) in ROWS.items():
+        unet, params, pooled = sdxl_gpu.build(run.tiny, run.device, 4 if run.tiny else 64, tiny if run.tiny else config)
+        row = out[name] = {"pixels": unet.config.sample_size * 8, "batch": batch, "timed_steps": steps, "variants": {}}
+        for variant, (distill, adversarial, two_unets) in UNET_VARIANTS.items():
+            torch.cuda.empty_cache()  # a no-op without CUDA
+            r = sdxl_gpu.measure(unet, params, pooled, batch, steps, adversarial, run.device, distill, two_unets)
+            row["variants"][variant] = r | {"step_s": 1 / r["steps_per_s"]}
+            run.save()
+        passes = step_floor(run, unet, pooled, batch)
+        pcm, reference = row["variants"]["pcm small-cfg"], row["variants"]["pcm two-unet (reference layout)"]
+        row["floor"] = {"passes_s": passes, "floor_s": sum(passes.values()),
+                        "step_over_floor": pcm["step_s"] / sum(passes.values())}
+        row["one_over_two_unet_peak"] = pcm["peak_gib"] / reference["peak_gib"]
+        row["one_unet_speedup"] = pcm["steps_per_s"] / reference["steps_per_s"]
+        del unet, params
         gc.collect()
 
 
@@ -315,12 +293,11 @@ PARTS = {1: ("unet", part_unet), 2: ("overhead", part_overhead), 3: ("precision"
 
 def budgets(parts: dict) -> dict:
     """Each budget target: measured value, and pass / fail, or 'not measured' (a part not run, or CPU memory)."""
-    measured = {"overhead_ratio": parts.get("overhead", {}).get("eager", {}).get("overhead_ratio"),
-                "one_over_two_unet_peak": parts.get("unet", {}).get("sdxl", {}).get("one_over_two_unet_peak"),
-                "sdxl_step_over_floor": parts.get("unet", {}).get("sdxl", {}).get("floor", {}).get("step_over_floor")}
     result = {}
-    for name, (target, meaning) in BUDGETS.items():
-        value = measured[name]
+    for name, (target, where, meaning) in BUDGETS.items():
+        value = parts
+        for key in where.split("."):
+            value = value.get(key, {}) if isinstance(value, dict) else None
         known = isinstance(value, float) and math.isfinite(value)
         result[name] = {"target": f"<= {target}", "measured": value if known else None, "meaning": meaning,
                         "verdict": ("pass" if value <= target else "fail") if known else "not measured"}
@@ -355,16 +332,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def header(device: str, tiny: bool) -> dict:
-    import subprocess
-
-    card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return {"card": card + (" (tiny)" if tiny else ""), "date": datetime.date.today().isoformat(),
-            "torch": torch.__version__, "cuda": torch.version.cuda, "commit": commit.stdout.strip() or "unknown",
-            "tiny": tiny, "torch_threads": torch.get_num_threads(), "parts": {}}
-
-
 def run_part(run: Run, entry: dict, number: int, cap_s: float) -> None:
     """One part under its cap; what it measured before an error or the cap stays in entry['results']."""
     name, fn = PARTS[number]
@@ -376,12 +343,12 @@ def run_part(run: Run, entry: dict, number: int, cap_s: float) -> None:
         entry["status"] = "ok"
     except PartTimeout as err:
         entry |= {"status": "capped", "error": str(err)}
-    except Exception as err:  # recorded; the next part runs
-        entry |= {"status": "error", "error": f"{type(err).__name__}: {err}"[:2000]}
+    except Exception as err:  # recorded with where it came from (a rare GPU run is debugged from this file alone)
+        entry |= {"status": "error", "error": f"{type(err).__name__}: {err}"[:2000],
+                  "traceback": traceback.format_exc()[-4000:]}
     entry["seconds"] = time.perf_counter() - start
-    if run.device == "cuda":
-        torch.cuda.empty_cache()
     gc.collect()
+    torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -400,7 +367,11 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu-check: no CUDA device here; nothing was run (`python benchmarks/gpu_check.py --tiny` rehearses "
               "every part on CPU).")
         return 0
-    report = header(device, args.tiny)
+    card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    report = {"card": card + (" (tiny)" if args.tiny else ""), "date": datetime.date.today().isoformat(),
+              "torch": torch.__version__, "cuda": torch.version.cuda, "commit": commit.stdout.strip() or "unknown",
+              "tiny": args.tiny, "torch_threads": torch.get_num_threads(), "parts": {}}
     slug = re.sub(r"[^a-z0-9]+", "-", report["card"].lower()).strip("-")
     path = Path(args.out) / f"gpu-{slug}-{report['date']}.json"
     if path.exists():  # a rerun of some parts keeps the others' results

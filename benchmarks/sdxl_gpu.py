@@ -38,6 +38,15 @@ TINY_UNET = {**SDXL_UNET, "sample_size": 16, "layers_per_block": 1, "block_out_c
              "transformer_layers_per_block": (1, 1, 1), "attention_head_dim": (2, 4, 4), "cross_attention_dim": 64,
              "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 32 + 6 * 8, "norm_num_groups": 8}
 
+SD15_UNET = {  # stable-diffusion-v1-5/stable-diffusion-v1-5, unet/config.json (make gpu-check's second row)
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280), "attention_head_dim": 8, "cross_attention_dim": 768,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+}
+TINY_SD15_UNET = {**SD15_UNET, "sample_size": 16, "layers_per_block": 1, "block_out_channels": (32, 32, 64, 64),
+                  "attention_head_dim": 2, "cross_attention_dim": 64, "norm_num_groups": 8}
+
 
 def build(tiny: bool, device: str, rank: int, config: dict | None = None):
     """(UNet with LoRA, LoRA params, pooled text width: 0 for a UNet without SDXL's added conditions)."""
