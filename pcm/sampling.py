@@ -56,6 +56,14 @@ def lcm_timesteps(T: int, N: int, K: int) -> list[int]:
     return [grid[int(i * N / K)] for i in range(K)]
 
 
+# What a PCM student does with K > M steps (docs/method.md §8; benchmarks/claims.py measures them):
+#   substeps      DDIM jumps between evenly spaced points inside a phase (the student's eps reused off its edges)
+#   edge_renoise  from each point jump to the phase's edge, then re-noise with fresh noise up to the next point
+#   edges_only    the M trained edges only: steps beyond M are not taken
+K_ABOVE_M_RULES = ("substeps", "edge_renoise", "edges_only")
+DEFAULT_K_ABOVE_M = "substeps"
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How to sample a model: its card (None: the teacher's own DDIM), K steps, inference CFG scale and gamma."""
@@ -64,8 +72,11 @@ class Sampling:
     steps: int
     guidance_scale: float = 1.0
     gamma: float = 0.0  # PCM/DDIM stochasticity (TCD's rule); LCM's multistep rule re-noises fully already
+    k_above_m: str = DEFAULT_K_ABOVE_M  # a PCM card's rule for steps > M (K_ABOVE_M_RULES); unused for K <= M
 
     def __post_init__(self):
+        if self.k_above_m not in K_ABOVE_M_RULES:
+            raise ValueError(f"k_above_m={self.k_above_m!r}; allowed: {', '.join(K_ABOVE_M_RULES)}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma={self.gamma:g}: must be in [0, 1] (0 = deterministic PCM, 1 = fully re-noised)")
         if self.gamma != 0 and self.card is None:
@@ -83,8 +94,17 @@ class Sampling:
         if card.num_train_timesteps != T:
             raise ValueError(f"the LoRA was trained on {card.num_train_timesteps} timesteps, the teacher has {T}")
         if card.method == "pcm":
+            if self.k_above_m == "edges_only":
+                K = min(K, card.num_phases)
             return pcm_timesteps(card.sampling_timesteps, K)
         return lcm_timesteps(T, card.num_solver_steps, K)
+
+    def jump_edges(self) -> list[int] | None:
+        """The points sample_pcm jumps to before re-noising (edge_renoise with K > M), else None (plain jumps)."""
+        card = self.card
+        if card is None or card.method != "pcm" or self.k_above_m != "edge_renoise" or self.steps <= card.num_phases:
+            return None
+        return card.sampling_timesteps
 
 
 @torch.no_grad()
@@ -99,7 +119,7 @@ def sample(eps_fn: EpsFn, x_T: torch.Tensor, cond: Cond, neg_cond: Cond | None, 
                           timestep_scaling=how.card.lcm_timestep_scaling, guidance_scale=how.guidance_scale,
                           neg_cond=neg_cond, generator=generator)
     return sample_pcm(eps_fn, x_T, cond, abar, path, guidance_scale=how.guidance_scale, neg_cond=neg_cond,
-                      gamma=how.gamma, generator=generator)
+                      gamma=how.gamma, generator=generator, edges=how.jump_edges())
 
 
 def guided_eval(
@@ -117,12 +137,13 @@ def guided_eval(
 def sample_pcm(
     eps_fn: EpsFn, x_T: torch.Tensor, cond: Cond, abar: torch.Tensor, timesteps: list[int], *,
     guidance_scale: float = 1.0, neg_cond: Cond | None = None, gamma: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, edges: list[int] | None = None,
 ) -> torch.Tensor:
     """DDIM jumps along timesteps with the model's eps; gamma > 0 adds TCD's stochastic step.
 
-    Stochastic rule: from t, jump to s' = floor((1 - gamma) s), then re-noise from s' back up to s.
-    With gamma = 0 and the teacher as eps_fn this is the teacher's deterministic DDIM.
+    Stochastic rule: from t, jump to s' = floor((1 - gamma) e), then re-noise from s' back up to s, where e = s,
+    or with edges (the trained path points, 0 included) the highest edge <= s: a consistency model's multistep
+    inside a phase. With gamma = 0, no edges and the teacher as eps_fn this is the teacher's deterministic DDIM.
     """
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma={gamma} must be in [0, 1]")
@@ -130,7 +151,9 @@ def sample_pcm(
     for t, s in zip(timesteps[:-1], timesteps[1:], strict=True):
         eps_hat = guided_eval(eps_fn, x, t, cond, neg_cond, guidance_scale)
         abar_t = abar_at(abar, torch.tensor([t]), x)
-        s_jump = int((1.0 - gamma) * s)  # the last s is 0: no noise after the final jump
+        # the student was trained to land on edges only, so edge_renoise jumps there and re-noises up to s
+        e = s if edges is None else max(p for p in edges if p <= s)
+        s_jump = int((1.0 - gamma) * e)  # the last s is 0: no noise after the final jump
         x = ddim_jump(x, eps_hat, abar_t, abar_at(abar, torch.tensor([s_jump]), x))
         if s_jump != s:
             z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)

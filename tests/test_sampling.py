@@ -5,7 +5,17 @@ from hypothesis import strategies as st
 
 from pcm.math import SolverGrid, alphas_cumprod
 from pcm.models.gmm import UNCOND, AnalyticTeacher, toy_mixture
-from pcm.sampling import ddim_timesteps, guided_eval, lcm_timesteps, pcm_timesteps, sample_pcm
+from pcm.sampling import (
+    DEFAULT_K_ABOVE_M,
+    K_ABOVE_M_RULES,
+    Sampling,
+    ddim_timesteps,
+    guided_eval,
+    lcm_timesteps,
+    pcm_timesteps,
+    sample,
+    sample_pcm,
+)
 
 
 @st.composite
@@ -97,4 +107,61 @@ def test_stochastic_step_follows_tcd_rule(world):
     x = ddim_jump(x_T, teacher(x_T, torch.full((32,), 999), labels), ab(999), ab(s_prime))
     x = renoise(x, torch.randn(x.shape, generator=gen), ab(s_prime), ab(499))
     x = ddim_jump(x, teacher(x, torch.full((32,), 499), labels), ab(499), ab(0))
+    torch.testing.assert_close(ours, x)
+
+
+def _card(M):
+    from pcm.eval.toy_gmm import toy_card, toy_config
+
+    return toy_card(toy_config("pcm", M, guided=True, steps=1))
+
+
+@pytest.mark.parametrize("rule", K_ABOVE_M_RULES)
+def test_k_above_m_rules_leave_k_up_to_m_unchanged(world, rule):
+    teacher, x_T, labels = world
+    card = _card(4)
+    for K in (1, 2, 3, 4):
+        ours = sample(teacher, x_T, labels, None, teacher.abar, Sampling(card, K, k_above_m=rule, gamma=0.3),
+                      torch.Generator().manual_seed(2))
+        plain = sample_pcm(teacher, x_T, labels, teacher.abar, pcm_timesteps(card.sampling_timesteps, K), gamma=0.3,
+                           generator=torch.Generator().manual_seed(2))
+        assert torch.equal(ours, plain)
+
+
+def test_the_default_k_above_m_rule_is_sub_steps_and_edges_only_stops_at_m(world):
+    teacher, x_T, labels = world
+    card = _card(2)
+
+    def run(K, rule=None):
+        how = Sampling(card, K) if rule is None else Sampling(card, K, k_above_m=rule)
+        return sample(teacher, x_T, labels, None, teacher.abar, how)
+
+    assert DEFAULT_K_ABOVE_M == "substeps"  # benchmarks/claims.py (e): the lowest endpoint error of the rules
+    assert torch.equal(run(8), sample_pcm(teacher, x_T, labels, teacher.abar, pcm_timesteps([999, 499, 0], 8)))
+    assert torch.equal(run(8, "edges_only"), run(2))
+    with pytest.raises(ValueError, match="allowed: substeps, edge_renoise, edges_only"):
+        Sampling(card, 8, k_above_m="restart")
+
+
+def test_edge_renoise_jumps_to_the_phase_edge_then_renoises_with_fresh_noise(world):
+    # M = 2, K = 4: 999 -> [499, renoise 749] -> 499 -> [0, renoise 249] -> 0, recomputed from the primitives
+    teacher, x_T, labels = world
+    from pcm.math import abar_at, ddim_jump, renoise
+
+    card = _card(2)
+    how = Sampling(card, 4, k_above_m="edge_renoise")
+    assert how.timesteps(1000) == [999, 749, 499, 249, 0] and how.jump_edges() == [999, 499, 0]
+    ours = sample(teacher, x_T, labels, None, teacher.abar, how, torch.Generator().manual_seed(3))
+
+    def ab(t):
+        return abar_at(teacher.abar, torch.tensor([t]), x_T)
+
+    def eps(x, t):
+        return teacher(x, torch.full((len(x),), t), labels)
+
+    gen, x = torch.Generator().manual_seed(3), x_T
+    for t, edge, s in ((999, 499, 749), (749, 499, 499), (499, 0, 249), (249, 0, 0)):
+        x = ddim_jump(x, eps(x, t), ab(t), ab(edge))
+        if edge != s:
+            x = renoise(x, torch.randn(x.shape, generator=gen), ab(edge), ab(s))
     torch.testing.assert_close(ours, x)

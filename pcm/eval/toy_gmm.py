@@ -114,8 +114,40 @@ def sample_model(
     if kind != "ddim" and kind != cfg.distill.method:
         raise ValueError(f"model kind {kind!r} but the config distills with {cfg.distill.method!r}")
     how = Sampling(None, K, 1.0 + ev.w) if kind == "ddim" else Sampling(toy_card(cfg), K)
-    uncond = torch.full_like(ev.labels, UNCOND)
-    return sample(eps_fn, ev.x_T, ev.labels, uncond, world.abar, how, torch.Generator().manual_seed(generator_seed))
+    return sample_with(world, eps_fn, ev, how, generator_seed=generator_seed)
+
+
+def sample_with(world: ToyWorld, eps_fn, ev: EvalSet, how: Sampling, neg_labels: torch.Tensor | None = None,
+                generator_seed: int = 0) -> torch.Tensor:
+    """Samples of any Sampling from the eval set's noise and labels; the negative label defaults to UNCOND."""
+    neg = torch.full_like(ev.labels, UNCOND) if neg_labels is None else neg_labels
+    return sample(eps_fn, ev.x_T, ev.labels, neg, world.abar, how, torch.Generator().manual_seed(generator_seed))
+
+
+def class_log_likelihood(mixture: GaussianMixture, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(x | class) under the class's own components (weights renormalized within it); (B, D) -> (B,)."""
+    x, means, stds = x.double(), mixture.means.double(), mixture.stds.double()
+    log_n = (-0.5 * (x[:, None, :] - means).pow(2).sum(-1) / stds**2
+             - mixture.dim * (stds.log() + 0.5 * torch.log(torch.tensor(2 * torch.pi, dtype=torch.float64))))
+    class_weight = torch.zeros(mixture.num_classes, dtype=torch.float64).index_add_(
+        0, mixture.classes, mixture.weights.double())
+    log_w = (mixture.weights.double() / class_weight[mixture.classes]).log()
+    member = labels[:, None] == mixture.classes
+    return torch.where(member, log_w + log_n, torch.full_like(log_n, -torch.inf)).logsumexp(1)
+
+
+def class_of(mixture: GaussianMixture, x: torch.Tensor) -> torch.Tensor:
+    """The most likely class of each point under the true mixture (Bayes rule with the class weights); (B,)."""
+    labels = torch.arange(mixture.num_classes)
+    log_lik = torch.stack([class_log_likelihood(mixture, x, torch.full((len(x),), int(c))) for c in labels], 1)
+    class_weight = torch.zeros(mixture.num_classes).index_add_(0, mixture.classes, mixture.weights)
+    return (log_lik + class_weight.double().log()).argmax(1)
+
+
+def distance_to_class(mixture: GaussianMixture, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Distance from each point to the nearest component mean of its given class; (B,)."""
+    dist = (x.double()[:, None, :] - mixture.means.double()).norm(dim=-1)
+    return torch.where(labels[:, None] == mixture.classes, dist, torch.full_like(dist, torch.inf)).min(1).values
 
 
 def toy_config(method: str, num_phases: int, guided: bool, steps: int, batch_size: int = 256, seed: int = 0,
