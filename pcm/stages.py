@@ -56,7 +56,8 @@ def precompute(cfg: Config, progress: bool = True) -> dict:
 def distill(cfg: Config, resume: str | None = None, overwrite: bool = False, processes: int = 1,
             progress: bool = True) -> dict:
     """The teacher (cfg.teacher) distilled into a PCM / LCM LoRA under cfg.train.output_dir; reads this teacher's
-    precomputed latents when `pcm precompute` wrote them, else encodes the prepared images on the fly.
+    precomputed latents and text states when `pcm precompute` wrote them, else encodes the prepared images and
+    captions on the fly.
 
     The folder is claimed first (pcm.train.manifest): a resume must match its run manifest, a fresh run refuses a
     folder holding another run unless overwrite. A resumed run continues its MLflow run. processes > 1: the ranks
@@ -64,7 +65,8 @@ def distill(cfg: Config, resume: str | None = None, overwrite: bool = False, pro
     import os
 
     from pcm.data.loader import loader_factory
-    from pcm.data.precompute import find_latents
+    from pcm.data.precompute import find_latents, stored_text
+    from pcm.train.distill import Precomputed
     from pcm.train.distill import distill as run_distill
     from pcm.train.manifest import RunManifest, claim
 
@@ -75,8 +77,9 @@ def distill(cfg: Config, resume: str | None = None, overwrite: bool = False, pro
     if processes > 1:
         return _launch(cfg, processes, resume)
     with track(cfg, "distill", out, resume=resume is not None) as tracker:
+        precomputed = Precomputed(True, *stored_text(folder)) if folder is not None else None
         result = run_distill(cfg, loader_factory(cfg, folder), resume=resume, sink=tracker, progress=progress,
-                             latents=folder is not None)
+                             precomputed=precomputed)
         return _log(tracker, result, (out / "samples", "samples"), (out / "metrics.jsonl", None),
                     (out / "lora" / "pcm_config.json", "lora"))
 

@@ -1,17 +1,21 @@
-"""`pcm precompute`: latents keyed to the teacher, and a distillation that reads them matches the on-the-fly one."""
+"""`pcm precompute`: latents and text states keyed to the teacher, and a distillation that reads them matches the
+on-the-fly one."""
 
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from builders import save_tiny
 from worlds import world_cfg
 
 from pcm import stages
 from pcm.data.digest import prepared_digest
 from pcm.data.loader import loader_factory
-from pcm.data.precompute import find_latents, precomputed_dir, teacher_key
-from pcm.train.distill import setup
+from pcm.data.precompute import find_latents, precomputed_dir, stored_text, teacher_key, text_key
+from pcm.rng import U_DROP, keyed_draws
+from pcm.train.distill import Precomputed, _encode, _nets, setup
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -28,7 +32,7 @@ def own_world(shapes_world, tmp_path):
     return {**base, "data": {**base["data"], "output_dir": str(tmp_path / "prepared")}}
 
 
-def test_precomputed_latents_give_the_same_losses_and_no_vae_is_loaded(own_world, tmp_path):
+def test_precomputed_latents_give_the_same_losses_and_no_vae_or_text_encoder_is_loaded(own_world, tmp_path):
     train = {"max_steps": 5, "log_every": 1, "checkpoint_every": 100}
     fly = world_cfg(own_world, tmp_path / "fly", train=train)
     assert find_latents(fly) is None
@@ -43,9 +47,11 @@ def test_precomputed_latents_give_the_same_losses_and_no_vae_is_loaded(own_world
     stages.distill(pre, progress=False)
     assert _losses(tmp_path / "pre") == pytest.approx(_losses(tmp_path / "fly"), abs=1e-4)
 
-    run = setup(pre, loader_factory(pre, folder), None, latents=True)
-    assert run.teacher.vae is None  # validate_every=0: nothing needs the decoder
-    assert "latent" in next(iter(run.data)) and "pixels" not in next(iter(run.data))
+    run = setup(pre, loader_factory(pre, folder), None, Precomputed(True, *stored_text(folder)))
+    assert run.teacher.vae is None and not run.teacher.text_encoders  # validate_every=0: no grid, no prompts
+    batch = next(iter(run.data))
+    assert "latent" in batch and "pixels" not in batch
+    assert batch["text_hidden"].dtype == torch.float16 and batch["text_hidden"].shape[0] == len(batch["key"])
 
 
 def test_the_key_changes_with_resolution_and_teacher_weights(own_world, tmp_path):
@@ -75,3 +81,82 @@ def test_latents_of_another_teacher_are_refused(own_world, tmp_path):
                  teacher={"model": str(other_teacher)}, data={"output_dir": str(folder)})
     with pytest.raises(ValueError, match="run `pcm precompute` for this teacher"):
         stages.distill(wrong, progress=False)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_a_step_on_precomputed_text_equals_one_encoding_the_captions(own_world, tmp_path, family):
+    """Same batch, same draws (caption dropout at 0.5, so the stored empty prompt is used): the step's loss with the
+    stored text states equals the loss with the captions encoded now, and the conditions equal the encoded ones
+    rounded to fp16 (what is stored)."""
+    teacher = {"family": family, "model": str(save_tiny(tmp_path / "teacher", family))}
+    cfg = world_cfg(own_world, tmp_path / "run", teacher=teacher, distill={"caption_dropout": 0.5})
+    folder = Path(stages.precompute(cfg, progress=False)["output_dir"])
+    assert find_latents(cfg) == folder and (folder / "empty_prompt.npy").is_file() == (family == "sd15")
+    with_text, empty = stored_text(folder)
+    pre = setup(cfg, loader_factory(cfg, folder), None, Precomputed(True, with_text, empty))
+    assert with_text and not pre.teacher.text_encoders
+    fly = setup(cfg, loader_factory(cfg, folder), None, Precomputed(latents=True))  # encoders loaded
+    batch = next(iter(pre.data))
+    captions = {k: v for k, v in batch.items() if not k.startswith("text_")}
+    stored, encoded = _encode(pre, cfg, batch, 0), _encode(fly, cfg, captions, 0)
+    for key, value in encoded.cond.items():
+        half = value.half().float() if key != "time_ids" else value  # time ids are recomputed, not stored
+        torch.testing.assert_close(stored.cond[key], half, rtol=0, atol=0)
+        torch.testing.assert_close(stored.uncond[key], encoded.uncond[key].half().float() if key != "time_ids"
+                                   else encoded.uncond[key], rtol=0, atol=0)
+    drop = keyed_draws(cfg.seed, 0, stored.ids, tuple(stored.x_0.shape[1:])).u[:, U_DROP] < 0.5
+    assert drop.any() and not drop.all()  # both the captions' and the empty condition enter the loss
+    losses = [run.loss(_nets(run, "g"), b, 0, "g")["loss"].item() for run, b in ((pre, stored), (fly, encoded))]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)  # fp16 storage: measured 3e-6 to 6e-6
+
+
+def test_the_folder_key_covers_the_text_encoders_and_old_folders_still_train(own_world, tmp_path):
+    cfg = world_cfg(own_world, tmp_path / "run")
+    teacher = Path(tmp_path / "teacher")
+    shutil.copytree(cfg.teacher.model, teacher)
+    moved = world_cfg(own_world, tmp_path / "run", teacher={"model": str(teacher)})
+    image_key, txt_key, folder = teacher_key(moved), text_key(moved), precomputed_dir(moved)
+    weights = next((teacher / "text_encoder").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # the text encoder retrained in place: the same latents, other text states
+    weights.write_bytes(bytes(data))
+    assert teacher_key(moved) == image_key and text_key(moved) != txt_key and precomputed_dir(moved) != folder
+
+    # a folder written before text was stored: found under its latents-only key, read, text encoded on the fly
+    old = Path(stages.precompute(moved, progress=False)["output_dir"])
+    legacy = old.parent / _legacy_key(moved)
+    _strip_text(old, legacy)
+    assert find_latents(moved) == legacy and stored_text(legacy) == (False, None)
+    run = setup(moved, loader_factory(moved, legacy), None, Precomputed(True, *stored_text(legacy)))
+    assert run.teacher.text_encoders and "text_hidden" not in next(iter(run.data))
+    train = {"max_steps": 1, "log_every": 1, "checkpoint_every": 100}
+    assert stages.distill(world_cfg(own_world, tmp_path / "old", teacher={"model": str(teacher)}, train=train),
+                          progress=False)["steps"] == 1
+
+
+def _legacy_key(cfg) -> str:
+    """The folder key `pcm precompute` used before it stored text (teacher_key and the prepared data)."""
+    from pcm.data.digest import digest
+
+    return digest([teacher_key(cfg), prepared_digest(cfg.data.output_dir)])
+
+
+def _strip_text(folder: Path, out: Path) -> None:
+    """A copy of a precomputed folder as written before text was stored: latents only, no text in meta.json."""
+    import io
+    import tarfile
+
+    out.mkdir()
+    for path in folder.iterdir():
+        if path.suffix == ".tar":
+            with tarfile.open(path) as src, tarfile.open(out / path.name, "w") as dst:
+                for member in src.getmembers():
+                    if ".text_" not in member.name:
+                        dst.addfile(member, io.BytesIO(src.extractfile(member).read()))
+        elif path.name == "meta.json":
+            meta = json.loads(path.read_text())
+            meta.pop("text")
+            (out / path.name).write_text(json.dumps(meta))
+        elif path.name != "empty_prompt.npy":
+            shutil.copy(path, out / path.name)
+    shutil.rmtree(folder)

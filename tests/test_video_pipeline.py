@@ -19,7 +19,7 @@ from pcm import stages
 from pcm.config import config_from_dict
 from pcm.data.loader import loader_factory
 from pcm.models.tiny import save_tiny_clip
-from pcm.train.distill import distill
+from pcm.train.distill import Precomputed, distill
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +149,7 @@ def test_precomputed_clip_latents_are_the_teachers_and_train(world, tmp_path):
     import torch
 
     from pcm.data.loader import make_loader
-    from pcm.data.precompute import precompute
+    from pcm.data.precompute import precompute, stored_text
     from pcm.models.families import load_teacher
 
     root, params, _ = world
@@ -158,11 +158,15 @@ def test_precomputed_clip_latents_are_the_teachers_and_train(world, tmp_path):
     latents = next(iter(make_loader(meta["output_dir"], batch_size=2, seed=0, shuffle_buffer=1)))
     clips = next(iter(make_loader(cfg.data.output_dir, batch_size=2, seed=0, shuffle_buffer=1)))
     assert latents["key"] == clips["key"] and latents["latent"].shape == (2, 4, FRAMES, 8, 8)
-    expected = load_teacher(cfg.teacher).encode_images(clips["pixels"], mean=True).half()
+    teacher = load_teacher(cfg.teacher)
+    expected = teacher.encode_images(clips["pixels"], mean=True).half()
     np.testing.assert_array_equal(latents["latent"].numpy(), expected.numpy())
+    states = teacher.text_states(clips["caption"])[0].half()  # one text state per clip, repeated per frame at call
+    np.testing.assert_array_equal(latents["text_hidden"].numpy(), states.numpy())
     out = tmp_path / "from-latents"
     cfg = config_from_dict({**params, "train": {**params["train"], "output_dir": str(out)}})
-    distill(cfg, loader_factory(cfg, meta["output_dir"]), progress=False, latents=True)
+    distill(cfg, loader_factory(cfg, meta["output_dir"]), progress=False,
+            precomputed=Precomputed(True, *stored_text(meta["output_dir"])))
     assert torch.isfinite(torch.tensor([json.loads(line)["loss"] for line in
                                         (out / "metrics.jsonl").read_text().splitlines()])).all()
 

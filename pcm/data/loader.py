@@ -32,6 +32,9 @@ from pcm.data.video import FRAMES_KEY, decode_frames_npy
 
 IMAGE_KEYS = ("jpg", "png")
 LATENT_KEY = "latent.npy"  # written by pcm.data.precompute in place of the image
+# pcm.data.precompute's text states beside the latent (batch name: record file): the text encoders' hidden states
+# (L, D) and sdxl's pooled embedding (P,), fp16
+TEXT_KEYS = {"text_hidden": "text_hidden.npy", "text_pooled": "text_pooled.npy"}
 
 
 class EmptyEpochError(RuntimeError):
@@ -163,13 +166,13 @@ class PreparedShards(IterableDataset):
 def decode_batch(records: list[RawSample], errors: list[str] | None = None) -> dict | None:
     """Tensors of a list of prepared records; corrupt ones are skipped and counted (None if all are), and the
     first few of their errors appended to errors."""
-    pixels, captions, sizes, crops, keys = [], [], [], [], []
+    pixels, captions, sizes, crops, keys, texts = [], [], [], [], [], []
     for record in records:
         try:
             if record.truncated:
                 raise ValueError("truncated record")
             if LATENT_KEY in record.files:  # a `pcm precompute` record: the teacher's latent, no image
-                image = torch.from_numpy(np.load(io.BytesIO(record.files[LATENT_KEY]), allow_pickle=False))
+                image = _npy(record.files[LATENT_KEY])
             elif FRAMES_KEY in record.files:  # a video clip: (F, H, W, 3) uint8 -> (F, 3, H, W)
                 image = torch.from_numpy(decode_frames_npy(record.files[FRAMES_KEY])).permute(0, 3, 1, 2)
             else:
@@ -179,6 +182,7 @@ def decode_batch(records: list[RawSample], errors: list[str] | None = None) -> d
             caption = record.files["txt"].decode("utf-8")
             size = (meta["original_height"], meta["original_width"])
             crop = (meta["crop_top"], meta["crop_left"])
+            text = {name: _npy(record.files[file]) for name, file in TEXT_KEYS.items() if file in record.files}
         except (StopIteration, KeyError, OSError, ValueError, SyntaxError) as err:
             if errors is not None and len(errors) < 3:
                 errors.append(f"{record.key or '?'}: {type(err).__name__}: {err}")
@@ -191,8 +195,11 @@ def decode_batch(records: list[RawSample], errors: list[str] | None = None) -> d
         sizes.append(size)
         crops.append(crop)
         keys.append(record.key)
+        texts.append(text)
     if not pixels:
         return None
+    if len({tuple(t) for t in texts}) > 1:  # the step builds one condition per batch, from text or captions
+        raise ValueError("a shard mixes records with and without precomputed text; re-run `pcm precompute`")
     if len({p.dtype for p in pixels}) > 1:
         raise ValueError("a shard mixes images and precomputed latents; re-run `pcm precompute`")
     if len({p.dim() for p in pixels}) > 1:
@@ -207,7 +214,13 @@ def decode_batch(records: list[RawSample], errors: list[str] | None = None) -> d
         "crop_top_left": torch.tensor(crops, dtype=torch.int64),  # (B, 2) top, left
         "key": keys,
         "skipped": len(records) - len(pixels),
+        # text_hidden (B, L, D), text_pooled (B, P): fp16, when `pcm precompute` stored them
+        **{name: torch.stack([t[name] for t in texts]) for name in texts[0]},
     }
+
+
+def _npy(data: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
 
 
 class Loader:

@@ -1,13 +1,20 @@
-"""`pcm precompute`: the teacher's VAE latents of every prepared sample, written once so training needs no VAE.
+"""`pcm precompute`: the teacher's VAE latents and text states of every prepared sample, written once so training
+needs neither the VAE nor the text encoders.
 
 The output is a prepared-shards folder of its own (index.json + shards with the same names, sample counts and
 order as the source, so the loader's plan and a resumed position mean the same samples): each sample keeps its
-caption and json and carries `latent.npy` (fp16, VAE posterior mean x scaling factor, (4, h, w)) in place of the
-image. It lives under data.output_dir/precomputed/<key>, where the key hashes what the latents depend on: the
-teacher's family, model reference, revision, variant and separate VAE, the VAE weights themselves for a local
-directory, the resolution, and the prepared data (the sha256 of every prepared shard, from index.json). A different
-teacher or resolution, or data prepared anew from other inputs, therefore never reuses them. The folder appears
-whole or not at all (pcm.atomic.staged_dir).
+caption and json and carries, in place of the image, `latent.npy` (fp16, VAE posterior mean x scaling factor,
+(4, h, w)) and the text encoders' output for its caption (Teacher.text_states, fp16): `text_hidden.npy` (L, D) and,
+for sdxl, `text_pooled.npy` (P,). SDXL's time ids are not stored: the loader's original size and crop and
+data.resolution give them, by the same Teacher.condition the on-the-fly path uses. The empty prompt's states, the
+unconditional condition of sd15 / animatediff, are stored once as `empty_prompt.npy` (1, L, D); sdxl's is zeros.
+
+It lives under data.output_dir/precomputed/<key>, where the key hashes what the contents depend on: the teacher's
+family, model reference, revision, variant and separate VAE, the VAE weights and the text encoders' and
+tokenizers' files for a local directory, the resolution, and the prepared data (the sha256 of every prepared shard,
+from index.json). A different teacher or resolution, retrained encoders, or data prepared anew from other inputs
+therefore never reuse them. Folders written before text was stored (latents only) are still found and read; the
+text is then encoded on the fly. The folder appears whole or not at all (pcm.atomic.staged_dir).
 """
 
 import io
@@ -19,53 +26,77 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pcm.atomic import staged_dir, write_text
+from pcm.atomic import staged_dir, write_bytes, write_text
 from pcm.config import Config
 from pcm.data.digest import digest, model_files, prepared_digest
-from pcm.data.loader import LATENT_KEY, decode_batch
+from pcm.data.loader import LATENT_KEY, TEXT_KEYS, decode_batch
 from pcm.data.shards import RawSample, ShardWriter, iter_tar
-from pcm.models.families import load_teacher
+from pcm.models.families import SD15_CONDITIONING, load_teacher
+
+TEXT_FOLDERS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")  # a diffusers pipeline's text parts
+EMPTY_PROMPT = "empty_prompt.npy"
 
 
 def teacher_key(cfg: Config) -> str:
-    """16 hex digits identifying the teacher's encoding: teacher reference, VAE weights (a local directory's),
-    resolution."""
+    """16 hex digits identifying the teacher's image encoding: teacher reference, VAE weights (a local
+    directory's), resolution."""
     t = cfg.teacher
     files = model_files(t.vae) if t.vae else model_files(t.model, ("vae",))
     return digest([t.family, t.model, t.revision, t.variant, t.vae, cfg.data.resolution],
                   [p for p in files if p.parent == Path(t.vae or Path(t.model) / "vae")])
 
 
+def text_key(cfg: Config) -> str:
+    """16 hex digits identifying the teacher's text encoding: teacher reference, the text encoders' and tokenizers'
+    files (a local directory's)."""
+    t = cfg.teacher
+    return digest(["text", t.family, t.model, t.revision, t.variant], model_files(t.model, TEXT_FOLDERS))
+
+
 def latents_key(cfg: Config) -> str:
-    """16 hex digits identifying the latents: the teacher's encoding (teacher_key) of the prepared data as
-    data.output_dir's index.json names it now."""
-    return digest([teacher_key(cfg), prepared_digest(cfg.data.output_dir)])
+    """16 hex digits identifying a precomputed folder: the teacher's image and text encodings (teacher_key,
+    text_key) of the prepared data as data.output_dir's index.json names it now."""
+    return digest([teacher_key(cfg), text_key(cfg), prepared_digest(cfg.data.output_dir)])
 
 
 def precomputed_dir(cfg: Config, key: str | None = None) -> Path:
-    """data.output_dir/precomputed/<key>; key: latents_key(cfg) when already computed (it hashes the VAE)."""
+    """data.output_dir/precomputed/<key>; key: latents_key(cfg) when already computed (it hashes the VAE and
+    the text encoders)."""
     return Path(cfg.data.output_dir) / "precomputed" / (key or latents_key(cfg))
 
 
 def find_latents(cfg: Config) -> Path | None:
     """The folder of this teacher's latents of the current prepared data: its complete precomputed folder
-    (index.json is written last), or data.output_dir itself when that holds latents; None when training reads the
-    prepared images. Raises ValueError when data.output_dir holds latents of another teacher or resolution."""
-    for folder in (precomputed_dir(cfg), Path(cfg.data.output_dir)):
+    (index.json is written last; one with text first, then one of latents only, as written before text was), or
+    data.output_dir itself when that holds latents; None when training reads the prepared images. Raises ValueError
+    when data.output_dir holds latents of another teacher or resolution, or text of other text encoders."""
+    image_key, txt_key, data = teacher_key(cfg), text_key(cfg), prepared_digest(cfg.data.output_dir)
+    for folder in (precomputed_dir(cfg, digest([image_key, txt_key, data])),
+                   precomputed_dir(cfg, digest([image_key, data])), Path(cfg.data.output_dir)):
         index = folder / "index.json"
         if not index.is_file() or not json.loads(index.read_text()).get("latents"):
             continue
         meta = json.loads((folder / "meta.json").read_text())
-        key = teacher_key(cfg)
         found = meta.get("teacher_key", meta["key"])  # folders of earlier versions hold the teacher's key only
-        if found != key:
+        stored_text = (meta.get("text") or {}).get("key", txt_key)  # latents-only folders: nothing to compare
+        if found != image_key or stored_text != txt_key:
             raise ValueError(
                 f"{folder} holds latents of teacher {meta['teacher']['model']!r} at resolution "
-                f"{meta['resolution']} (key {found}), not of teacher.model={cfg.teacher.model!r} at "
-                f"data.resolution={cfg.data.resolution} (key {key}); run `pcm precompute` for this teacher, or "
-                "point data.output_dir at the prepared shards")
+                f"{meta['resolution']} (key {found}, text key {stored_text}), not of teacher.model="
+                f"{cfg.teacher.model!r} at data.resolution={cfg.data.resolution} (key {image_key}, text key "
+                f"{txt_key}); run `pcm precompute` for this teacher, or point data.output_dir at the prepared shards")
         return folder
     return None
+
+
+def stored_text(folder: str | Path) -> tuple[bool, torch.Tensor | None]:
+    """(whether the folder's records carry text states, the stored empty prompt's states (1, L, D) fp16 or None:
+    sdxl's empty condition is zeros, and a latents-only folder stores no text)."""
+    text = json.loads((Path(folder) / "meta.json").read_text()).get("text")
+    if not text:
+        return False, None
+    empty = text.get("empty_prompt")
+    return True, (torch.from_numpy(np.load(Path(folder) / empty, allow_pickle=False)) if empty else None)
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -85,6 +116,25 @@ def _latents(teacher, pixels: torch.Tensor, chunk: int) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
+@torch.no_grad()
+def _text(teacher, captions: list[str], chunk: int) -> dict[str, np.ndarray]:
+    """Teacher.text_states of the captions, fp16, by record file: hidden states (B, L, D), sdxl's pooled (B, P)."""
+    parts = [teacher.text_states(captions[i:i + chunk]) for i in range(0, len(captions), chunk)]
+    out = {TEXT_KEYS["text_hidden"]: torch.cat([h for h, _ in parts]).half().cpu().numpy()}
+    if parts[0][1] is not None:
+        out[TEXT_KEYS["text_pooled"]] = torch.cat([p for _, p in parts]).half().cpu().numpy()
+    return out
+
+
+def _encode_shard(teacher, records: list[RawSample], chunk: int) -> dict[str, dict[str, np.ndarray]]:
+    """Each decodable record's arrays by key (latent and text states); corrupt records are left out."""
+    batch = decode_batch(records)
+    if not batch:
+        return {}
+    arrays = {LATENT_KEY: _latents(teacher, batch["pixels"], chunk), **_text(teacher, batch["caption"], chunk)}
+    return {key: {file: a[i] for file, a in arrays.items()} for i, key in enumerate(batch["key"])}
+
+
 def precompute(cfg: Config, progress: bool = True, chunk: int = 64) -> dict:
     """Writes data.output_dir/precomputed/<key>/ from the prepared shards; returns its meta.json content."""
     source = Path(cfg.data.output_dir)
@@ -93,36 +143,50 @@ def precompute(cfg: Config, progress: bool = True, chunk: int = 64) -> dict:
         raise FileNotFoundError(f"{index_path} not found: run `pcm prepare` for data.output_dir={source} first")
     index = json.loads(index_path.read_text())
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    teacher = load_teacher(cfg.teacher, device, with_vae=True, with_text=False)
-    key, data_digest = latents_key(cfg), prepared_digest(source)
+    teacher = load_teacher(cfg.teacher, device, with_vae=True, with_text=True)
+    image_key, txt_key, data_digest = teacher_key(cfg), text_key(cfg), prepared_digest(source)
+    key = digest([image_key, txt_key, data_digest])  # latents_key, each part hashed once
     out = precomputed_dir(cfg, key)
     encoded, passed_through = 0, 0
     with staged_dir(out) as tmp:
         for shard in tqdm(index["shards"], desc="precompute", unit="shard", disable=not progress):
             with open(source / shard["name"], "rb") as f:
                 records = list(iter_tar(f))
-            batch = decode_batch(records)  # corrupt records are left out here
-            latents = dict(zip(batch["key"], _latents(teacher, batch["pixels"], chunk), strict=True)) if batch else {}
-            _write_shard(tmp, shard["name"], records, latents)
-            encoded, passed_through = encoded + len(latents), passed_through + len(records) - len(latents)
-        meta = {"key": key, "teacher_key": teacher_key(cfg), "data_digest": data_digest,
+            arrays = _encode_shard(teacher, records, chunk)
+            _write_shard(tmp, shard["name"], records, arrays)
+            encoded, passed_through = encoded + len(arrays), passed_through + len(records) - len(arrays)
+        meta = {"key": key, "teacher_key": image_key, "data_digest": data_digest,
                 "teacher": {"family": cfg.teacher.family, "model": cfg.teacher.model, "revision": cfg.teacher.revision,
                             "variant": cfg.teacher.variant, "vae": cfg.teacher.vae},
                 "resolution": cfg.data.resolution, "scaling_factor": teacher.vae.config.scaling_factor,
-                "latent_dtype": "float16", "samples": encoded, "passed_through_unreadable": passed_through}
+                "latent_dtype": "float16", "text": _store_empty_prompt(teacher, txt_key, tmp),
+                "samples": encoded, "passed_through_unreadable": passed_through}
         write_text(tmp / "meta.json", json.dumps(meta, indent=2) + "\n")
         shards = [{"name": s["name"], "samples": s["samples"]} for s in index["shards"]]  # the sources' sha256 differ
         write_text(tmp / "index.json", json.dumps({**index, "shards": shards, "latents": True}, indent=2) + "\n")
     return {**meta, "output_dir": str(out)}
 
 
-def _write_shard(folder: Path, name: str, records: list[RawSample], latents: dict[str, np.ndarray]) -> None:
-    """folder/name: every record in order, latents in place of the images; corrupt ones pass through (skipped at
+def _store_empty_prompt(teacher, txt_key: str, folder: Path) -> dict:
+    """folder/empty_prompt.npy for sd15 / animatediff (the encoded ""); meta.json's description of the text."""
+    pooled = teacher.family not in SD15_CONDITIONING
+    text = {"key": txt_key, "dtype": "float16", "hidden": TEXT_KEYS["text_hidden"],
+            "pooled": TEXT_KEYS["text_pooled"] if pooled else None, "empty_prompt": None,
+            "uncond": "zeros (force_zeros_for_empty_prompt)" if pooled else EMPTY_PROMPT}
+    if not pooled:
+        write_bytes(folder / EMPTY_PROMPT, _npy(teacher.text_states([""])[0].half().cpu().numpy()))
+        text["empty_prompt"] = EMPTY_PROMPT
+    return text
+
+
+def _write_shard(folder: Path, name: str, records: list[RawSample],
+                 arrays: dict[str, dict[str, np.ndarray]]) -> None:
+    """folder/name: every record in order, its arrays in place of the image; corrupt ones pass through (skipped at
     load), an empty source shard stays an empty (valid) tar."""
     stem = name.removesuffix(".tar")
     writer = ShardWriter(folder, shard_size=max(1, len(records)), prefix=f".{stem}")
     for record in records:
-        writer.write(record.key, _latent_record(record, latents.get(record.key)))
+        writer.write(record.key, _latent_record(record, arrays.get(record.key)))
     writer.close()
     if writer.names:
         (folder / writer.names[0]).rename(folder / name)
@@ -130,8 +194,8 @@ def _write_shard(folder: Path, name: str, records: list[RawSample], latents: dic
         tarfile.open(folder / name, "w").close()
 
 
-def _latent_record(record: RawSample, latent: np.ndarray | None) -> dict[str, bytes]:
-    if latent is None:
+def _latent_record(record: RawSample, arrays: dict[str, np.ndarray] | None) -> dict[str, bytes]:
+    if arrays is None:
         return dict(record.files)
     files = {k: v for k, v in record.files.items() if k in ("txt", "json")}
-    return {**files, LATENT_KEY: _npy(latent)}
+    return {**files, **{file: _npy(a) for file, a in arrays.items()}}

@@ -48,7 +48,7 @@ class Teacher:
     vae: AutoencoderKL | None = None
     tokenizers: list[CLIPTokenizer] = field(default_factory=list)
     text_encoders: list[torch.nn.Module] = field(default_factory=list)
-    _empty: dict | None = field(default=None, repr=False)  # sd15's encoded "", computed once
+    _empty: dict | None = field(default=None, repr=False)  # sd15's encoded "": computed once, or stored
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -77,15 +77,36 @@ class Teacher:
     def encode_prompts(self, prompts: list[str], original_size: torch.Tensor | None = None,
                        crop_top_left: torch.Tensor | None = None, target_size: int | None = None) -> dict:
         """The family's condition for a batch of prompts (sizes are SDXL's micro-conditioning, (B, 2) each)."""
+        return self.condition(*self.text_states(prompts), original_size, crop_top_left, target_size)
+
+    @torch.no_grad()
+    def text_states(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the text encoders give for a batch of prompts, float32: (hidden states (B, L, D), pooled (B, P) or
+        None); sd15: the last hidden state; sdxl: both encoders' penultimate states concatenated and encoder 2's
+        pooled (projected) output. `pcm precompute` stores exactly these."""
+        if not self.text_encoders:
+            raise RuntimeError("this teacher was loaded without text encoders (the batches carry precomputed text "
+                               "embeddings); load it with with_text=True to encode prompts")
         if self.family in SD15_CONDITIONING:
-            return {"encoder_hidden_states": self._hidden(0, prompts, penultimate=False)[0]}
+            return self._hidden(0, prompts, penultimate=False)[0], None
         states, pooled = zip(*(self._hidden(i, prompts, penultimate=True) for i in range(2)), strict=True)
-        batch = len(prompts)
+        return torch.cat(states, dim=-1), pooled[1]
+
+    def condition(self, states: torch.Tensor, pooled: torch.Tensor | None = None,
+                  original_size: torch.Tensor | None = None, crop_top_left: torch.Tensor | None = None,
+                  target_size: int | None = None) -> dict:
+        """The family's condition from text states (text_states' output, encoded now or precomputed): sdxl adds
+        time_ids = (original size, crop top-left, target size), each (B, 2), defaults: the target size, no crop."""
+        states = states.to(self.device, torch.float32)
+        if self.family in SD15_CONDITIONING:
+            return {"encoder_hidden_states": states}
+        batch = len(states)
         side = target_size or self.unet.config.sample_size * self.vae_factor
         size = original_size if original_size is not None else torch.full((batch, 2), side)
         crop = crop_top_left if crop_top_left is not None else torch.zeros(batch, 2, dtype=torch.int64)
         time_ids = torch.cat([size, crop, torch.full((batch, 2), side)], dim=1).to(self.device, torch.float32)
-        return {"encoder_hidden_states": torch.cat(states, dim=-1), "text_embeds": pooled[1], "time_ids": time_ids}
+        return {"encoder_hidden_states": states, "text_embeds": pooled.to(self.device, torch.float32),
+                "time_ids": time_ids}
 
     def _hidden(self, i: int, prompts: list[str], penultimate: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         tokenizer, encoder = self.tokenizers[i], self.text_encoders[i]
@@ -96,8 +117,17 @@ class Teacher:
         pooled = out.text_embeds if isinstance(encoder, CLIPTextModelWithProjection) else None
         return hidden.float(), (pooled.float() if pooled is not None else None)
 
+    def set_empty_prompt(self, states: torch.Tensor) -> None:
+        """sd15 / animatediff: uncond's encoded "" from stored states (1, L, D), for a teacher without text encoders
+        (`pcm precompute` stores it once per folder); sdxl's uncond is zeros and needs none."""
+        if self.family not in SD15_CONDITIONING:
+            raise ValueError(f"teacher.family={self.family!r} has an all-zeros empty condition; only "
+                             f"{', '.join(SD15_CONDITIONING)} store the encoded empty prompt")
+        self._empty = self.condition(states)
+
     def uncond(self, batch_size: int, like: dict | None = None) -> dict:
-        """The empty condition: sd15 encodes "", sdxl uses zeros (time ids kept from `like` when given)."""
+        """The empty condition: sd15 encodes "" (or takes the stored one, set_empty_prompt), sdxl uses zeros (time
+        ids kept from `like` when given)."""
         if self.family in SD15_CONDITIONING:
             if self._empty is None:
                 self._empty = self.encode_prompts([""])

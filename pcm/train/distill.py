@@ -109,11 +109,20 @@ def _load(checkpoint: Path, cfg: Config, teacher: Teacher, opt: Optimization, di
     return state["step"], tuple(state["position"]), state["nonfinite_total"]
 
 
-def setup(cfg: Config, make_data: DataFactory, resume: str | None, latents: bool = False) -> Run:
+@dataclass(frozen=True)
+class Precomputed:
+    """What the batches carry from `pcm precompute` (pcm.stages reads it from the folder), so setup can leave the
+    VAE and the text encoders unloaded unless validation grids need them (the decoder, the validation prompts)."""
+
+    latents: bool = True  # `latent`: VAE posterior mean x scaling factor
+    text: bool = False  # `text_hidden` (+ sdxl's `text_pooled`): Teacher.text_states of the captions
+    empty_prompt: torch.Tensor | None = None  # (1, L, D) the encoded "" (sd15, animatediff); sdxl's uncond is zeros
+
+
+def setup(cfg: Config, make_data: DataFactory, resume: str | None, precomputed: Precomputed | None = None) -> Run:
     """Accelerator, teacher + LoRA, optimizer, schedule, EMA, data; restored from a checkpoint when resuming.
 
-    latents: the batches carry precomputed VAE latents (`pcm precompute`), so no VAE is loaded unless validation
-    grids need its decoder."""
+    precomputed: what the batches carry from `pcm precompute` (None: images and captions)."""
     t = cfg.train
     if t.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision=fp16 needs a CUDA device; use bf16 or no on CPU")
@@ -122,7 +131,11 @@ def setup(cfg: Config, make_data: DataFactory, resume: str | None, latents: bool
     if per_process % accelerator.num_processes:
         raise ConfigError(f"train.batch_size={t.batch_size} / gradient_accumulation_steps does not split over "
                           f"{accelerator.num_processes} processes; use a multiple of {accelerator.num_processes}")
-    teacher = load_teacher(cfg.teacher, accelerator.device, with_vae=not latents or t.validate_every > 0)
+    stored = precomputed or Precomputed(latents=False)
+    teacher = load_teacher(cfg.teacher, accelerator.device, with_vae=not stored.latents or t.validate_every > 0,
+                           with_text=not stored.text or t.validate_every > 0)
+    if stored.empty_prompt is not None:  # caption dropout's uncond, as stored beside the text (encoders or not)
+        teacher.set_empty_prompt(stored.empty_prompt)
     if len(teacher.abar) % cfg.distill.num_solver_steps:
         raise ConfigError(f"distill.num_solver_steps={cfg.distill.num_solver_steps} must divide the teacher's "
                           f"{len(teacher.abar)} training timesteps")
@@ -189,8 +202,11 @@ def _encode(run: Run, cfg: Config, batch: dict, k: int) -> Batch:
         x_0 = batch["latent"].to(acc.device).float()
     else:
         x_0 = teacher.encode_images(batch["pixels"], mean=True)  # images (B, 3, H, W) or clips (B, F, 3, H, W)
-    cond = teacher.encode_prompts(batch["caption"], batch["original_size"], batch["crop_top_left"],
-                                  cfg.data.resolution)
+    if "text_hidden" in batch:  # precomputed: Teacher.text_states, stored fp16; time ids from the sizes as on the fly
+        states = (batch["text_hidden"], batch.get("text_pooled"))
+    else:
+        states = teacher.text_states(batch["caption"])
+    cond = teacher.condition(*states, batch["original_size"], batch["crop_top_left"], cfg.data.resolution)
     world, m = acc.num_processes, run.micro_batch
     first = (run.step * cfg.train.gradient_accumulation_steps + k) * world * m + acc.process_index * m
     return Batch(x_0, cond, teacher.uncond(len(x_0), like=cond), torch.arange(first, first + len(x_0)))
@@ -241,9 +257,11 @@ def _sigterm_flag():
 
 
 def distill(cfg: Config, make_data: DataFactory, resume: str | None = None, sink: Sink | None = None,
-            progress: bool = True, latents: bool = False) -> dict:
-    """Runs (or resumes) distillation to cfg.train.max_steps; exports the LoRA; returns a summary."""
-    run = setup(cfg, make_data, resume, latents)
+            progress: bool = True, precomputed: Precomputed | None = None) -> dict:
+    """Runs (or resumes) distillation to cfg.train.max_steps; exports the LoRA; returns a summary.
+
+    precomputed: what the batches carry from `pcm precompute` (None: images and captions)."""
+    run = setup(cfg, make_data, resume, precomputed)
     with _sigterm_flag() as flag:
         _train(run, cfg, flag, sink, progress)
     return _finish(run, cfg)
