@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint demo demo-video bench bench-step bench-gpu bench-checkpoint lock clean
+.PHONY: setup test test-fast lint demo demo-video bench bench-step bench-gpu bench-checkpoint bench-claims bench-loader gpu-check lock clean
 
 setup: $(STAMP)
 
@@ -67,6 +67,19 @@ bench-step: setup
 # SDXL-size UNet on a GPU (bf16, gradient checkpointing, LoRA rank 64, batch 10); says so and exits 0 without CUDA.
 bench-gpu: setup
 	$(PY) benchmarks/sdxl_gpu.py
+
+# The GPU checks in one run (~8 min on one GPU; each part has its own cap, results written as it goes).
+# Rerun some parts: make gpu-check GPU_CHECK_ARGS="--parts 1,3"
+gpu-check: setup
+	timeout 540 $(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
+# The paper's claims on the analytic teacher, with confidence intervals (about 15 min on 2 cores).
+bench-claims: setup
+	$(PY) benchmarks/claims.py
+
+# Loader samples/s per worker (PNG, JPEG, latents at 512 / 1024 px) against what 8 GPUs consume.
+bench-loader: setup
+	$(PY) benchmarks/loader_throughput.py
 
 # Seconds to write, fsync and verify an SDXL-size checkpoint (LoRA rank 64 + AdamW moments) on this disk.
 bench-checkpoint: setup
