@@ -73,7 +73,7 @@ bench-gpu: setup
 gpu-check: setup
 	timeout 540 $(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
-# The paper's claims on the analytic teacher, with confidence intervals (about 15 min on 2 cores).
+# The paper's claims on the analytic teacher, with confidence intervals (about 5 min on 2 cores).
 bench-claims: setup
 	$(PY) benchmarks/claims.py
 
