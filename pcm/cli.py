@@ -78,10 +78,10 @@ STAGES = {  # command -> (stages function, help)
     "demo-data": ("demo_data", "write the shapes demo world as input shards (demo.*)"),
     "prepare": ("prepare", "input shards -> filtered, resized, cropped prepared shards + stats.json (data.*)"),
     "demo-teacher": ("demo_teacher", "train the tiny demo teacher on the prepared shapes (demo_teacher.*)"),
-    "precompute": ("precompute", "the teacher's VAE latents of the prepared samples, so distill loads no VAE "
-                                 "(teacher.*, data.*)"),
+    "precompute": ("precompute", "the teacher's VAE latents and text embeddings of the prepared samples, so "
+                                 "distill loads no VAE and no text encoder (teacher.*, data.*)"),
     "distill": ("distill", "distill the teacher into a PCM/LCM LoRA (teacher.*, lora.*, distill.*, train.*); "
-                           "uses precomputed latents when present"),
+                           "uses precomputed latents and text when present"),
     "evaluate": ("evaluate", "score the teacher's DDIM and every LoRA at several step counts; writes metrics.json, "
                              "steps.csv, plots and report.html (eval.*)"),
     "register": ("register", "register the LoRA in the MLflow model registry: candidate alias, champion when the gate "

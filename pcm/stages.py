@@ -46,7 +46,8 @@ def demo_teacher(cfg: Config, progress: bool = True) -> dict:
 
 
 def precompute(cfg: Config, progress: bool = True) -> dict:
-    """The teacher's VAE latents of every prepared sample, under data.output_dir/precomputed/<teacher key>."""
+    """The teacher's VAE latents and text embeddings of every prepared sample, under
+    data.output_dir/precomputed/<key> (the key covers the VAE, the text encoders and the prepared data)."""
     from pcm.data.precompute import precompute as run_precompute
 
     with track(cfg, "precompute", Path(cfg.data.output_dir) / "precomputed") as tracker:
