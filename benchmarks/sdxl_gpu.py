@@ -111,8 +111,8 @@ def measure(unet, params, pooled: int, batch: int, steps: int, adversarial: bool
         with adapters_off(unet):
             return eps(x, t, c)
 
-    def disc_fn(x, r, c, train_heads):
-        return disc(x, r, c, train_heads=train_heads)
+    def disc_fn(x, r, c, train_heads, fake=None):
+        return disc(x, r, c, train_heads=train_heads, fake=fake)
 
     loss = make_loss(cfg.distill, grid, abar, 0, adversarial_weight=0.1)
     nets = Nets(eps, teacher, eps, disc_fn if disc else None)

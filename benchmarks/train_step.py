@@ -89,7 +89,7 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def make_step(teacher, params, batch, distill: dict, schedule, separate=False, turn="joint"):
+def make_step(teacher, params, batch, distill: dict, schedule, separate=False, turn="joint", shared_fake=True):
     cfg = config_from_dict({"distill": {"num_solver_steps": 50, "num_phases": 4, **distill}})
     grid = SolverGrid(len(teacher.abar), cfg.distill.num_solver_steps, cfg.distill.num_phases)
     opt = torch.optim.AdamW(params, lr=1e-6)
@@ -110,8 +110,13 @@ def make_step(teacher, params, batch, distill: dict, schedule, separate=False, t
     def target(x, t, c):
         return teacher.eps_fn(x, t, c)
 
-    def disc_fn(x, r, c, train_heads):
-        return disc(x, r, c, train_heads=train_heads)
+    def disc_fn(x, r, c, train_heads, fake=None):
+        if fake is None or shared_fake:
+            return disc(x, r, c, train_heads=train_heads, fake=fake)
+        # the earlier joint layout: D over [real; fake.detach()], then the fake through the backbone again for G
+        logits = disc(torch.cat([x, fake.detach()]), torch.cat([r, r]), cat_cond(c, c), train_heads=True)
+        d_real, d_fake = zip(*(head.chunk(2) for head in logits), strict=True)
+        return d_real, d_fake, disc(fake, r, c, train_heads=False)
 
     counter = {"k": 0}
     loss = make_loss(cfg.distill, grid, teacher.abar, 0, adversarial_weight=0.1)
@@ -235,6 +240,8 @@ def main() -> None:
         joint, _ = make_step(teacher, params, batch, VARIANTS["pcm small-cfg"][0], "joint")
         g_step, _ = make_step(teacher, params, batch, VARIANTS["pcm small-cfg"][0], "alternate", turn="g")
         d_step, _ = make_step(teacher, params, batch, VARIANTS["pcm small-cfg"][0], "alternate", turn="d")
+        twice, _ = make_step(teacher, params, batch, VARIANTS["pcm small-cfg"][0], "joint", shared_fake=False)
+        results["joint_fake_twice_over_shared"] = timed(twice, args.repeats) / timed(joint, args.repeats)
         joint_ups = 1 / timed(joint, args.repeats)
         alternate_ups = 1 / (timed(g_step, args.repeats) + timed(d_step, args.repeats))  # one update per G+D pair
         results["student_updates_per_s"] = {"joint": joint_ups, "alternate": alternate_ups}
@@ -246,6 +253,8 @@ def main() -> None:
     print(f"student updates/s: joint {joint_ups:.2f}, alternate {alternate_ups:.2f} "
           f"(joint / alternate {joint_ups / alternate_ups:.2f})")
     print(f"step with the VAE encoder pass / with precomputed latents: {results['on_the_fly_over_precomputed']:.2f}")
+    print(f"adversarial joint step, fake through the backbone twice / once: "
+          f"{results['joint_fake_twice_over_shared']:.2f}")
     print(f"peak RSS: one UNet {one:.0f} MB, two UNets {two:.0f} MB (ratio {two / one:.3f}); "
           f"precomputed latents, no VAE loaded: {no_vae:.0f} MB")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ real UNet forward; r covers [s, min(s + T/M, T) - 1].
 """
 
 import copy
+import unittest.mock
 
 import pytest
 import torch
@@ -80,6 +81,57 @@ def test_generator_gradient_equals_a_separate_frozen_copy(family, kernel_size):
     assert worst < 1e-5, f"generator gradient differs from the separate-copy reference by {worst:.2e}"
     assert any(a.abs().max() > 0 for a in grads[: len(lora)]), "the LoRA must receive gradient through D"
     assert unet.down_blocks[0].gradient_checkpointing, "the discriminator must restore the checkpointing flags"
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_the_joint_turn_shares_the_fake_s_backbone_pass_and_equals_a_d_turn_plus_a_g_turn(family):
+    """One backbone pass over the fake serves D (detached) and G (live): the same losses and the same gradients of
+    the student's LoRA and of the heads as the separate D call over [real; fake.detach()] and G call on the fake."""
+    unet, _, lora, disc = _setup(family, 1)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    real = torch.randn(2, 4, 8, 8, generator=g)
+    cond, t, r = _cond(family, 2), torch.tensor([500, 700]), torch.tensor([600, 800])
+    added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond} or None
+    params = [*lora, *disc.heads.parameters()]
+    calls = []
+    original = Discriminator._features
+
+    def counted(self, x_r, r_, c):
+        calls.append(len(x_r))
+        return original(self, x_r, r_, c)
+
+    def losses(joint: bool):
+        fake = unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added).sample
+        if joint:
+            d_real, d_fake, g_fake = disc(real, r, cond, train_heads=True, fake=fake)
+        else:
+            logits = disc(torch.cat([real, fake.detach()]), torch.cat([r, r]), {k: torch.cat([v, v])
+                                                                                   for k, v in cond.items()})
+            d_real, d_fake = zip(*(head.chunk(2) for head in logits), strict=True)
+            g_fake = disc(fake, r, cond, train_heads=False)
+        d_loss, g_loss = hinge_d_loss(d_real, d_fake), hinge_g_loss(g_fake)
+        d_grads = torch.autograd.grad(d_loss, params, retain_graph=True, allow_unused=True)
+        g_grads = torch.autograd.grad(g_loss, params, allow_unused=True)
+        return d_loss.detach(), g_loss.detach(), d_grads, g_grads
+
+    with unittest.mock.patch.object(Discriminator, "_features", counted):
+        joint = losses(True)
+        assert calls == [2, 2]  # real once, fake once (the separate calls take 4 + 2 samples)
+        calls.clear()
+        separate = losses(False)
+        assert calls == [4, 2]
+    torch.testing.assert_close(joint[0], separate[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(joint[1], separate[1], rtol=0, atol=1e-6)
+    for a_grads, b_grads in ((joint[2], separate[2]), (joint[3], separate[3])):
+        for a, b in zip(a_grads, b_grads, strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    n = len(lora)
+    assert all(gr is None or gr.abs().max() == 0 for gr in joint[2][:n]), "D's loss must not reach the student"
+    assert all(gr is None or gr.abs().max() == 0 for gr in joint[3][n:]), "G's loss must not train the heads"
+    assert any(gr is not None and gr.abs().max() > 0 for gr in joint[3][:n]), "G's loss must reach the student"
 
 
 def test_discriminator_holds_only_the_heads_and_the_d_loss_trains_them():

@@ -99,14 +99,31 @@ class Discriminator(nn.Module):
     def unet(self) -> nn.Module:
         return self._unet[0]
 
-    def forward(self, x_r: torch.Tensor, r: torch.Tensor, cond: dict, train_heads: bool = True) -> list[torch.Tensor]:
+    def forward(self, x_r: torch.Tensor, r: torch.Tensor, cond: dict, train_heads: bool = True,
+                fake: torch.Tensor | None = None) -> list[torch.Tensor] | tuple[list, list, list]:
         """Per head h, its logit map flattened to (B, P_h), P_h the positions of feature map h, in float32.
 
         Left unreduced because the hinge losses (pcm.math.losses) act per position and per head before averaging
         (docs/method.md §6). train_heads=False: the heads take part as constants, so the generator's loss sends no
-        gradient to them."""
+        gradient to them.
+
+        fake given (the joint turn; x_r is then the real batch): (D's logits on real, D's on fake, G's on fake) from
+        one backbone pass per batch. The fake's features are computed once, with their graph to the student: the
+        trainable heads read them detached (D), the frozen heads live (G); before, the fake went through the
+        backbone twice."""
+        if fake is None:
+            return self._heads(self._features(x_r, r, cond), train_heads)
+        with torch.no_grad():
+            real = self._features(x_r, r, cond)
+        live = self._features(fake, r, cond)
+        d_real, d_fake = self._heads(real, True), self._heads([f.detach() for f in live], True)
+        return d_real, d_fake, self._heads(live, False)
+
+    def _features(self, x_r: torch.Tensor, r: torch.Tensor, cond: dict) -> list[torch.Tensor]:
         with adapters_off(self.unet), _no_checkpointing(self.unet):
-            features = encoder_features(self.unet, x_r, r, cond)
+            return encoder_features(self.unet, x_r, r, cond)
+
+    def _heads(self, features: list[torch.Tensor], train_heads: bool) -> list[torch.Tensor]:
         with _frozen(self.heads, not train_heads):
             return [head(f).float().flatten(1) for head, f in zip(self.heads, features, strict=True)]
 

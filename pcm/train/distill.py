@@ -224,10 +224,10 @@ def _nets(run: Run, turn: str) -> Nets:
         with adapters_off(teacher.unet):
             return teacher.eps_fn(x_t, t, c)
 
-    def disc(x_r, r, c, train_heads):
+    def disc(x_r, r, c, train_heads, fake=None):
         # gradients reach the heads only through the prepared (DDP) module; the G pass treats them as constants
         module = run.disc if train_heads else acc.unwrap_model(run.disc)
-        return module(x_r, r, c, train_heads=train_heads)
+        return module(x_r, r, c, train_heads=train_heads, fake=fake)
 
     return Nets(student, frozen_teacher, target_net_for(student, run.opt.ema), disc if run.disc is not None else None)
 

@@ -31,9 +31,11 @@ from pcm.rng import U_DROP, U_GRID, U_R, U_W, Draws, keyed_draws
 
 class Discriminate(Protocol):
     """D(x_r, r, cond) -> per head its (B, P_h) logits, one per position (the hinge acts on each before averaging);
-    train_heads=False runs the heads as constants (the generator's pass)."""
+    train_heads=False runs the heads as constants (the generator's pass). With fake (the joint turn, x_r real):
+    (D's logits on real, D's on the detached fake, G's on the fake) from one backbone pass over the fake."""
 
-    def __call__(self, x_r: torch.Tensor, r: torch.Tensor, cond: Cond, train_heads: bool) -> list[torch.Tensor]: ...
+    def __call__(self, x_r: torch.Tensor, r: torch.Tensor, cond: Cond, train_heads: bool,
+                 fake: torch.Tensor | None = None) -> list[torch.Tensor] | tuple[list, list, list]: ...
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,8 @@ class PCMLoss(SolverLoss):
     def adversarial(self, disc: Discriminate, f: torch.Tensor, y: torch.Tensor, s: torch.Tensor, cond: Cond,
                     draws: Draws, turn: str) -> dict[str, torch.Tensor]:
         """Step 7: r ~ U{s, ..., min(s + T/M, T) - 1}; fake f and real y re-noised from s to r with the same z;
-        hinge losses. The D pass over real and detached fake is one batched call; the G pass is a second one."""
+        hinge losses. A 'd' turn scores real and detached fake in one batched call, a 'g' turn the live fake; the
+        joint turn takes the backbone once over real and once over the fake, whose features both losses share."""
         abar = self.abar
         T = len(abar)
         hi = (s + T // self.grid.M).clamp(max=T)
@@ -146,15 +149,15 @@ class PCMLoss(SolverLoss):
         abar_s, abar_r = abar_at(abar, s, f), abar_at(abar, r, f)
         z = draws.z.to(device=f.device, dtype=f.dtype)
         x_fake, x_real = renoise(f, z, abar_s, abar_r), renoise(y, z, abar_s, abar_r)
-        out = {}
-        if turn != "g":
+        if turn == "joint":
+            d_real, d_fake, g_fake = disc(x_real, r, cond, train_heads=True, fake=x_fake)
+            return {"d_loss": hinge_d_loss(d_real, d_fake), "g_loss": hinge_g_loss(g_fake)}
+        if turn == "d":
             logits = disc(torch.cat([x_real, x_fake.detach()]), torch.cat([r, r]), cat_cond(cond, cond),
                           train_heads=True)
             d_real, d_fake = zip(*(head.chunk(2) for head in logits), strict=True)
-            out["d_loss"] = hinge_d_loss(d_real, d_fake)
-        if turn != "d":
-            out["g_loss"] = hinge_g_loss(disc(x_fake, r, cond, train_heads=False))
-        return out
+            return {"d_loss": hinge_d_loss(d_real, d_fake)}
+        return {"g_loss": hinge_g_loss(disc(x_fake, r, cond, train_heads=False))}
 
 
 @dataclass(frozen=True)
