@@ -8,17 +8,17 @@ the part measured so far, and the next part runs); the JSON and Markdown are rew
                against its floor (its passes timed alone).
   2. overhead  the tiny teacher's step / its unavoidable passes, eager and with torch.compile (5 losses compared).
   3. precision bf16 + AdamW 8-bit and fp16 + grad scaler: a tiny `pcm distill` checkpoints, resumes ("latest") and
-               must go on from the checkpoint's step with finite losses.
+               must go on with finite losses; host syncs per step (benchmarks/host_syncs.py).
   4. demo      the demo chain with params.yaml, fewer steps: seconds per stage and how far it got.
 Results: <out>/gpu-<card>-<date>.json and .md (a same-day rerun of some parts keeps the others' results). Without
 CUDA it prints one line and exits 0; --tiny runs every part small on CPU (the rehearsal the tests run).
-
-    python benchmarks/gpu_check.py [--parts 1,3] [--out benchmarks/results] [--tiny]
+Usage: python benchmarks/gpu_check.py [--parts 1,3] [--out benchmarks/results] [--tiny]
 """
 
 import argparse
 import datetime
 import gc
+import importlib.util
 import json
 import math
 import re
@@ -40,6 +40,7 @@ import torch
 from pcm.models.tiny import TinySizes
 
 sys.path.insert(0, str(Path(__file__).parent))  # the sibling benchmarks, reused by import
+import host_syncs  # noqa: E402
 import sdxl_gpu  # noqa: E402
 import train_step  # noqa: E402
 
@@ -59,6 +60,7 @@ BUDGETS = {  # name: (target, where in the parts' results, how it reads)
     "overhead_ratio": (1.15, "overhead.eager.overhead_ratio", "tiny-teacher step / its passes timed alone, eager"),
     "one_over_two_unet_peak": (0.85, "unet.sdxl.one_over_two_unet_peak", "SDXL 1024 px peak memory, 1 / 2 UNets"),
     "sdxl_step_over_floor": (1.10, "unet.sdxl.floor.step_over_floor", "SDXL 1024 px PCM step / its passes alone"),
+    "host_syncs_per_step": (1.0, "precision.host_syncs_per_step", "synchronizing CUDA calls per distill step"),
 }
 
 
@@ -219,19 +221,16 @@ def checkpoint_and_resume(base: dict, out_dir: Path, precision: str, optimizer: 
 
 def part_precision(run: Run, out: dict) -> None:
     base = tiny_world(run.work / "precision-world")
-    try:
-        import bitsandbytes  # noqa: F401  (optional: GPU hosts only)
-        eight_bit = run.device == "cuda"
-    except ImportError:
-        eight_bit = False
+    eight_bit = run.device == "cuda" and importlib.util.find_spec("bitsandbytes") is not None  # GPU hosts only
     out["adamw8bit"] = "used" if eight_bit else "skipped: bitsandbytes not installed or no CUDA; bf16 ran plain AdamW"
     run.save()
     out["bf16"] = checkpoint_and_resume(base, run.work / "bf16", "bf16", "adamw8bit" if eight_bit else "adamw")
     run.save()
     if run.device != "cuda":
-        out["fp16"] = "skipped: fp16 with a grad scaler needs CUDA"
+        out["fp16"] = out["host_syncs_per_step"] = "skipped: needs CUDA"
         return
     out["fp16"] = checkpoint_and_resume(base, run.work / "fp16", "fp16", "adamw")
+    out["host_syncs_per_step"] = host_syncs.per_step(host_syncs.distill_runner(base, run.work / "syncs"))
 
 
 # ---- 4. the demo chain ----------------------------------------------------------------------------------------------

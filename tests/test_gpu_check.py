@@ -91,3 +91,20 @@ def test_an_error_or_the_time_cap_ends_only_its_part_and_keeps_what_it_measured(
     again = json.loads(found.read_text())["parts"]
     assert again["unet"]["status"] == "ok" and again["overhead"] == parts["overhead"]
     assert again["precision"] == parts["precision"]
+
+
+def test_host_syncs_per_step_is_the_difference_of_a_long_and_a_short_run():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import host_syncs
+
+    syncs_of = {2: 11, 6: 15}  # start-up, checkpoint and export: 9; one per step
+    runs = []
+
+    def run_steps(n):
+        runs.append(n)
+        return n
+
+    def counter(fn):
+        return syncs_of[fn()]
+
+    assert host_syncs.per_step(run_steps, 2, 6, counter) == 1.0 and sorted(runs) == [2, 6]
