@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install -qq --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# The first line says how fast this machine is and how long the suite should take on it (benchmarks/machine_speed.py).
 test: setup
+	@$(PY) benchmarks/machine_speed.py expect test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The suite minus the tests marked slow (end to end, more than a few seconds each): under 3 minutes on 2 cores.
@@ -38,7 +40,8 @@ ifeq ($(QUICK),1)
 	cp configs/quick.yaml .demo-quick/params.yaml
 	cd .demo-quick && git init -q
 endif
-	cd $(DEMO_DIR) && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
+	cd $(DEMO_DIR) && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(CURDIR)/$(PY) $(CURDIR)/benchmarks/machine_speed.py \
+		run $(if $(filter 1,$(QUICK)),demo-quick,demo) -- dvc repro
 	@echo; cat $(DEMO_DIR)/reports/eval/steps.md; echo
 	@echo "report (open in a browser):  $(DEMO_DIR)/reports/eval/report.html"
 	@echo "sample grids and plots:      $(DEMO_DIR)/reports/eval/grids/ $(DEMO_DIR)/reports/eval/plots/"
