@@ -1,7 +1,8 @@
 """How fast is this machine, and how long will `make test` / `make demo` take here?
 
-`expect NAME` times a fixed one-second torch workload (a small convolution's forward and backward, on one thread) and prints this machine's speed beside the reference machine's and the expected duration of
-NAME, scaled from what NAME took there (benchmarks/machine_speed.json). `run NAME -- COMMAND...` runs COMMAND,
+`expect NAME` times a fixed one-second torch workload (a small convolution's forward and backward, on one
+thread) and prints this machine's speed beside the reference machine's and the expected duration of NAME, scaled
+from what NAME took there (benchmarks/machine_speed.json). `run NAME -- COMMAND...` runs COMMAND,
 passing its output through, and prints at the end how long it took against that expectation, with one line per
 DVC stage it ran ("Running stage '...'" lines). Never fails the build: any error of its own is one line on stderr,
 and `run` exits with COMMAND's status.
