@@ -23,6 +23,8 @@ version instead of a duplicate.
 import dataclasses
 import json
 import logging
+import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -38,9 +40,9 @@ from pcm.models.card import CONFIG_FILE, LoraFileError, ModelCard, read_card
 from pcm.models.families import ModelLoadError
 from pcm.models.lora import DIFFUSERS_FILE
 from pcm.registry_store import RegistryError, connect, resolve, tracking_store
+from pcm.serving import request_rows
 from pcm.tracking import RUN_FILE, experiment, lineage_tags, read_run_file, tracking_uri
 
-COLUMNS = {"prompt": str, "negative_prompt": str, "steps": int, "guidance_scale": float, "gamma": float, "seed": int}
 ADAPTER = "pcm"
 SHA_TAG = "pcm.lora_sha256"
 log = logging.getLogger(__name__)
@@ -48,7 +50,12 @@ log = logging.getLogger(__name__)
 
 class PCMPipelineModel(PythonModel):
     """The registered pyfunc: base model + LoRA + pcm's sampler. model_config: base_model, family, resolution,
-    dtype, device (override base_model at load time when the base moved)."""
+    dtype, device (override base_model at load time when the base moved), warmup (generate one image while loading,
+    so that a server's first request does not pay the lazy first-call costs; set with MLFLOW_PYFUNC_INFERENCE_CONFIG).
+
+    Everything loads in load_context: `mlflow models serve` answers /ping only once it returned. Requests are
+    serialized: one generation at a time holds a lock (the UNet, its adapter state and the memory of one forward are
+    shared; a second generation alongside would only slow both down). Rows are checked first (pcm.serving)."""
 
     def load_context(self, context):
         from pcm.models.families import load_teacher
@@ -66,12 +73,16 @@ class PCMPipelineModel(PythonModel):
         self.teacher = load_teacher(teacher, c.get("device", "cpu"))
         load_checked(self.teacher.unet, lora, ADAPTER, "registered LoRA", f"the LoRA records a {self.card.family} "
                      f"base {self.card.base_model}, model_config's base_model is {teacher.family} {teacher.model}")
+        self.lock = threading.Lock()
+        if c.get("warmup"):
+            start = time.perf_counter()
+            self.predict(context, pd.DataFrame({"prompt": ["warm-up"]}))
+            log.warning("pcm: warm-up generation done in %.2f s", time.perf_counter() - start)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        if "prompt" not in model_input:
-            raise ValueError(f"the input needs a 'prompt' column; optional: {', '.join(list(COLUMNS)[1:])}")
-        rows = model_input.to_dict("records")
-        return pd.DataFrame({"image": generate_pngs(self.teacher, self.card, ADAPTER, rows, self.defaults)})
+        rows = request_rows(model_input, self.card, self.defaults)  # MlflowException (HTTP 400) when bad
+        with self.lock:
+            return pd.DataFrame({"image": generate_pngs(self.teacher, self.card, ADAPTER, rows, self.defaults)})
 
 
 def _read_json(path: Path, key: str):
@@ -295,13 +306,11 @@ def _log_version(cfg: Config, card: ModelCard, metrics: dict, sha: str) -> str:
     example = pd.DataFrame({"prompt": ["a red circle in the center on a gray background"], "negative_prompt": [""],
                             "steps": [defaults.num_steps], "guidance_scale": [defaults.guidance_scale],
                             "gamma": [defaults.gamma], "seed": [0]})
-    optional = [ColSpec(kind, name, required=False) for name, kind in (
-        ("negative_prompt", "string"), ("steps", "long"), ("guidance_scale", "double"), ("gamma", "double"),
-        ("seed", "long"))]
-    signature = ModelSignature(Schema([ColSpec("string", "prompt"), *optional]), Schema([ColSpec("binary", "image")]))
+    # no input schema: MLflow would drop an unknown column before predict sees it (pcm.serving says why)
+    signature = ModelSignature(outputs=Schema([ColSpec("binary", "image")]))
     model_config = {"base_model": base, "family": card.family, "resolution": card.resolution,
                     "dtype": cfg.teacher.dtype, "device": r.device, "lora_sha256": sha,
-                    "sample": dataclasses.asdict(defaults)}
+                    "sample": dataclasses.asdict(defaults), "warmup": False}
     if card.motion_adapter:
         model_config["motion_adapter"] = _base_model(card.motion_adapter)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else "register"):

@@ -15,19 +15,20 @@ from pcm.config import SampleConfig
 from pcm.inference import load_checked
 from pcm.models.card import ModelCard, read_card
 from pcm.models.families import Teacher
-from pcm.sampling import Sampling, sample
+from pcm.sampling import DEFAULT_K_ABOVE_M, Sampling, sample
 
 
 @dataclass(frozen=True)
 class Sampler:
     """One row source: label, adapter (None = the teacher), the LoRA's card (None = the teacher's DDIM), inference
-    CFG and gamma (PCM/DDIM stochasticity, TCD's rule)."""
+    CFG, gamma (PCM/DDIM stochasticity, TCD's rule) and a PCM LoRA's rule for K > M (pcm.sampling.K_ABOVE_M_RULES)."""
 
     label: str
     adapter: str | None
     card: ModelCard | None
     guidance_scale: float
     gamma: float = 0.0
+    k_above_m: str = DEFAULT_K_ABOVE_M
 
     def __post_init__(self):
         self.sampling(1)  # gamma out of range, or gamma with an LCM LoRA, is refused here
@@ -37,7 +38,7 @@ class Sampler:
         return "ddim" if self.card is None else self.card.method
 
     def sampling(self, K: int) -> Sampling:
-        return Sampling(self.card, K, self.guidance_scale, self.gamma)
+        return Sampling(self.card, K, self.guidance_scale, self.gamma, self.k_above_m)
 
 
 def teacher_sampler(guidance_scale: float) -> Sampler:
@@ -155,13 +156,23 @@ def generate_pngs(teacher: Teacher, card: ModelCard, adapter: str, rows: list[di
     """PNG bytes (a video LoRA: looping GIF bytes at the card's fps) for rows {prompt, negative_prompt?, steps?,
     guidance_scale?, gamma?, seed?} with the LoRA loaded as `adapter`; a missing (None / NaN) value takes defaults'
     when set, else the card's recommended steps, CFG and gamma, no negative prompt, seed 0."""
-    defaults, images = defaults or SampleConfig(), []
+    images = []
     for row in rows:
-        scale = float(_first(row.get("guidance_scale"), defaults.guidance_scale, card.recommended_guidance_scale))
-        gamma = float(_first(row.get("gamma"), defaults.gamma, card.recommended_gamma))
-        steps = int(_first(row.get("steps"), defaults.num_steps, card.recommended_steps))
-        image = generate(teacher, Sampler("generate", adapter, card, scale, gamma), str(row["prompt"]),
-                         str(_first(row.get("negative_prompt"), "")), steps, int(_first(row.get("seed"), 0)),
-                         card.resolution, card.frames)
+        r = row_settings(row, card, defaults)
+        image = generate(teacher, Sampler("generate", adapter, card, r["guidance_scale"], r["gamma"]), r["prompt"],
+                         r["negative_prompt"], r["steps"], r["seed"], card.resolution, card.frames)
         images.append(gif_bytes(image, card.fps) if image.ndim == 4 else png_bytes(image))
     return images
+
+
+def row_settings(row: dict, card: ModelCard, defaults: SampleConfig | None = None) -> dict:
+    """The values a row {prompt, negative_prompt?, steps?, guidance_scale?, gamma?, seed?} samples with: a missing
+    (None / NaN) value takes defaults' when set, else the card's recommended steps, CFG and gamma, no negative prompt,
+    seed 0."""
+    d = defaults or SampleConfig()
+    return {"prompt": str(row["prompt"]), "negative_prompt": str(_first(row.get("negative_prompt"), "")),
+            "steps": int(_first(row.get("steps"), d.num_steps, card.recommended_steps)),
+            "guidance_scale": float(_first(row.get("guidance_scale"), d.guidance_scale,
+                                           card.recommended_guidance_scale)),
+            "gamma": float(_first(row.get("gamma"), d.gamma, card.recommended_gamma)),
+            "seed": int(_first(row.get("seed"), 0))}

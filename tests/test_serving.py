@@ -1,0 +1,223 @@
+"""Serving the champion (issue 21 §1): `mlflow models serve -m models:/NAME@champion --env-manager local` answers a
+prompt with the PNG bytes `pcm sample` writes for the same inputs; the model loads at start; concurrent requests are
+serialized; a bad request is a 400 with a message, checked before anything is generated."""
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from builders import card, make_lora, save_tiny
+from mlflow.exceptions import MlflowException
+
+import pcm.registry
+from pcm import stages
+from pcm.config import SampleConfig, config_from_dict
+from pcm.inference import lora_sha256
+from pcm.registry import load_registered
+from pcm.serving import request_rows
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+PROMPT = "a red circle at the top left on a gray background"
+MODEL = "models:/tiny-serve@champion"
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory):
+    """(cfg, teacher folder) of a project whose store holds tiny-serve v1 @champion: a LoRA (random B, 2 phases over
+    N = 20, 16 px) on a tiny SD1.5 teacher of its own, so that a test may move the teacher away."""
+    root = tmp_path_factory.mktemp("serving")
+    teacher = save_tiny(root / "teacher", "sd15")
+    lora = make_lora(teacher, "sd15", root / "v1" / "lora")
+    (root / "eval").mkdir()
+    (root / "eval" / "metrics.json").write_text(json.dumps({"pcm-M2/k2/fid_teacher": 5.0}))
+    (root / "eval" / "info.json").write_text(json.dumps({"lora_sha256": {"pcm-M2": lora_sha256(lora)}}))
+    cfg = config_from_dict({"teacher": {"model": str(teacher)}, "data": {"resolution": 16},
+                            "tracking": {"uri": f"sqlite:///{root}/mlflow.db", "experiment": "serving"},
+                            "register": {"lora": str(lora), "model_name": "tiny-serve", "gate_threshold": 100.0,
+                                         "eval_metrics": str(root / "eval" / "metrics.json"),
+                                         "gate_metric": "pcm-M2/k2/fid_teacher", "output": str(root / "r.json")}})
+    assert stages.register(cfg)["aliases"] == ["candidate", "champion"]
+    return cfg, teacher
+
+
+# ---- the request contract, without a model ------------------------------------------------------------------------
+
+TINY_CARD = card("sd15", "unused")  # M = 2, N = 20, recommended 2 steps
+
+
+def _refused(frame) -> str:
+    with pytest.raises(MlflowException) as refused:
+        request_rows(frame, TINY_CARD, SampleConfig())
+    assert refused.value.get_http_status_code() == 400 and refused.value.error_code == "INVALID_PARAMETER_VALUE"
+    message = refused.value.message
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("frame, expected", [
+    ({"prompt": ["a"], "step": [1]}, "unknown column(s) 'step'; the columns are prompt (required), negative_prompt, "
+                                     "steps, guidance_scale, gamma, seed (optional)"),
+    ({"text": ["a"]}, "unknown column(s) 'text'"),
+    ({"steps": [1]}, "no 'prompt' column"),
+    ({"prompt": []}, "the request has no rows"),
+    ({"prompt": ["a", None]}, "row 1: prompt is missing"),
+    ({"prompt": ["  "]}, "row 0: prompt='  ': must be a non-empty string"),
+    ({"prompt": [3]}, "row 0: prompt=3: must be a non-empty string"),
+    ({"prompt": ["a"], "steps": [0]}, "row 0: number of sampling steps K=0 must be >= 1"),
+    ({"prompt": ["a", "b"], "steps": [2, 1.5]}, "row 1: steps=1.5: must be an integer"),
+    ({"prompt": ["a"], "steps": ["four"]}, "row 0: steps='four': must be a finite integer"),
+    ({"prompt": ["a"], "steps": [True]}, "row 0: steps=True: must be a finite integer"),
+    ({"prompt": ["a"], "steps": [21]}, "row 0: steps=21: at most 20 (the LoRA's distillation grid N)"),
+    ({"prompt": ["a"], "gamma": [1.5]}, "row 0: gamma=1.5: must be in [0, 1]"),
+    ({"prompt": ["a"], "gamma": [float("inf")]}, "row 0: gamma=inf: must be a finite number"),
+    ({"prompt": ["a"], "guidance_scale": ["high"]}, "row 0: guidance_scale='high': must be a finite number"),
+    ({"prompt": ["a"], "guidance_scale": [-1.0]}, "row 0: guidance_scale=-1.0: must be >= 0"),
+    ({"prompt": ["a"], "seed": [-1]}, "row 0: seed=-1: must be in 0.."),
+    ({"prompt": ["a"], "negative_prompt": [7]}, "row 0: negative_prompt=7: must be a string"),
+    ("a prompt", "the request is a str, not a table of rows"),
+])
+def test_a_bad_request_is_a_400_naming_the_row_the_column_and_what_is_allowed(frame, expected):
+    message = _refused(pd.DataFrame(frame) if isinstance(frame, dict) else frame)
+    assert message.startswith(expected), message
+
+
+def test_a_good_request_resolves_missing_values_to_the_defaults():
+    frame = pd.DataFrame({"prompt": ["a", "b"], "steps": [1, None], "seed": [3.0, None], "gamma": [None, 0.5]})
+    rows = request_rows(frame, TINY_CARD, SampleConfig(guidance_scale=1.5))
+    assert rows == [{"prompt": "a", "negative_prompt": "", "steps": 1, "guidance_scale": 1.5, "gamma": 0.0, "seed": 3},
+                    {"prompt": "b", "negative_prompt": "", "steps": 2, "guidance_scale": 1.5, "gamma": 0.5, "seed": 0}]
+    assert request_rows([{"prompt": "c"}], TINY_CARD)[0]["steps"] == 2  # dataframe_records as a list of dicts
+
+
+# ---- the loaded model ---------------------------------------------------------------------------------------------
+
+def test_a_bad_row_anywhere_is_refused_before_the_first_image_is_generated(champion, monkeypatch):
+    cfg, teacher = champion
+    model = load_registered(cfg, MODEL)
+    calls = []
+    monkeypatch.setattr(pcm.registry, "generate_pngs", lambda *args: calls.append(args) or [b""])
+    with pytest.raises(MlflowException, match=r"row 2: gamma=2: must be in \[0, 1\]"):
+        model.predict(pd.DataFrame({"prompt": ["a", "b", "c"], "gamma": [0.0, 0.1, 2.0]}))
+    assert calls == []
+
+
+def test_concurrent_predictions_are_serialized(champion, monkeypatch):
+    cfg, teacher = champion
+    model = load_registered(cfg, MODEL)
+    inside, most, guard = [0], [0], threading.Lock()
+
+    def one_at_a_time(teacher, card, adapter, rows, defaults):
+        with guard:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.05)
+        with guard:
+            inside[0] -= 1
+        return [row["prompt"].encode() for row in rows]
+
+    monkeypatch.setattr(pcm.registry, "generate_pngs", one_at_a_time)
+    with ThreadPoolExecutor(4) as pool:
+        out = list(pool.map(lambda i: model.predict(pd.DataFrame({"prompt": [f"p{i}"]}))["image"][0], range(8)))
+    assert out == [f"p{i}".encode() for i in range(8)] and most[0] == 1
+
+
+# ---- mlflow models serve ------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(uri: str, store: str, log: Path) -> tuple[subprocess.Popen, str]:
+    """`mlflow models serve` of uri on a free loopback port, in a process group of its own; (process, base URL) once
+    /ping answers (the model is loaded by then). Killed and RuntimeError (with its log) when not up in 240 s."""
+    port = _free_port()
+    venv = str(Path(sys.executable).parent)  # mlflow execs `uvicorn` by name: the venv's, as after `activate`
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": f"{venv}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with open(log, "wb") as out:
+        process = subprocess.Popen([str(Path(venv) / "mlflow"), "models", "serve", "-m", uri,
+                                    "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                                   env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if urllib.request.urlopen(f"{url}/ping", timeout=2).status == 200:
+                return process, url
+        except OSError:
+            time.sleep(0.5)
+    _stop(process)
+    raise RuntimeError(f"mlflow models serve did not answer /ping in 240 s: {log.read_text()[-3000:]}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=20)
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _image(answer: dict) -> bytes:
+    return base64.b64decode(answer["predictions"][0]["image"])
+
+
+REQUESTS = [{"steps": 2, "guidance_scale": 1.0, "gamma": 0.0, "seed": 3},
+            {"steps": 1, "guidance_scale": 2.0, "gamma": 0.3, "seed": 7},
+            {"steps": 4, "guidance_scale": 1.0, "gamma": 0.0, "seed": 0}]
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_with_the_bytes_of_pcm_sample(champion, tmp_path):
+    cfg, teacher = champion
+    expected = []
+    for i, r in enumerate(REQUESTS):
+        done = stages.sample(cfg, [PROMPT], str(tmp_path / f"sample-{i}.png"), model=MODEL, **r)
+        expected.append(Path(done["images"][0]).read_bytes())
+    process, url = _serve(MODEL, cfg.tracking.uri, tmp_path / "serve.log")
+    moved = teacher.with_name("teacher-away")
+    try:
+        teacher.rename(moved)  # loaded at start: the running server no longer needs the files
+        status, answer = _post(url, {"dataframe_split": {"columns": ["prompt", *REQUESTS[0]],
+                                                         "data": [[PROMPT, *REQUESTS[0].values()]]}})
+        assert status == 200 and _image(answer) == expected[0]
+        with ThreadPoolExecutor(3) as pool:  # concurrent requests: serialized, each its own image
+            answers = list(pool.map(lambda r: _post(url, {"dataframe_records": [{"prompt": PROMPT, **r}]}),
+                                    REQUESTS))
+        assert [status for status, _ in answers] == [200] * 3
+        assert [_image(answer) for _, answer in answers] == expected
+        status, answer = _post(url, {"dataframe_records": [{"prompt": PROMPT, "steps": 0}]})
+        assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE"
+        assert "row 0: number of sampling steps K=0 must be >= 1" in answer["message"] and "stack_trace" not in answer
+        status, answer = _post(url, {"dataframe_records": [{"prompt": PROMPT, "step": 2}]})
+        assert status == 400 and "unknown column(s) 'step'" in answer["message"]
+        assert _post(url, {"dataframe_records": [{"prompt": PROMPT, "seed": 3}]})[0] == 200  # still serving
+    finally:
+        _stop(process)
+        if moved.exists():
+            moved.rename(teacher)
