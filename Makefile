@@ -9,22 +9,44 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-# Re-runs only when the pins change; otherwise `make setup` is a no-op.
+# Re-runs only when the pins change; otherwise `make setup` is a no-op. uv (pinned in requirements.lock) installs the
+# same exact pins as pip several times faster; where uv cannot be had, pip does it.
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	( $(PY) -m pip install -qq --disable-pip-version-check "$$(grep -E '^uv==' requirements.lock)" && \
+	  $(VENV)/bin/uv pip install -q --python $(PY) --index-strategy unsafe-best-match $$($(PY) -c "$$PIP_SOURCES") \
+		-r requirements.lock ) || \
 	$(PY) -m pip install -qq --disable-pip-version-check -r requirements.lock
 	$(PY) -m pip install -qq --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# pip's package sources (pip.conf, PIP_* variables) as uv flags: uv reads neither, and a machine may keep its torch
+# build there (this one: the CPU wheel in a find-links folder). Like pip, uv then takes the best match of each pin
+# over PyPI and those sources (--index-strategy unsafe-best-match).
+define PIP_SOURCES
+import re, subprocess, sys
+listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+flags = {"find-links": "--find-links", "index-url": "--index-url", "extra-index-url": "--extra-index-url",
+         "constraint": "--constraints", "cert": "--cert"}
+found = re.findall(r"^[^.\n]*\.([a-z-]+)='(.*)'$$", listed, re.M)
+print(" ".join(dict.fromkeys(f"{flags[k]} {v}" for k, vs in found if k in flags for v in vs.split())))
+endef
+export PIP_SOURCES
+
+# Two pytest-xdist workers, one per core, each taking whole test modules (a module's fixtures are built once), the
+# longest modules first (tests/conftest.py orders them); TEST_WORKERS=1 runs the suite in one process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
+
 # The first line says how fast this machine is and how long the suite should take on it (benchmarks/machine_speed.py).
 test: setup
 	@$(PY) benchmarks/machine_speed.py expect test
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The suite minus the tests marked slow (end to end, more than a few seconds each): under 3 minutes on 2 cores.
 # `make test` runs every test and stays the CI command.
 test-fast: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check pcm tests benchmarks components pipelines
