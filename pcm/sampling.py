@@ -1,9 +1,11 @@
 """Samplers over any denoiser eps_fn(x_t, t, cond): PCM (deterministic and stochastic), teacher DDIM, LCM.
 
-A schedule is a decreasing list of timesteps from T - 1 down to 0; each consecutive pair is one model call
-and one jump. The final point 0 uses abar[0] (diffusers' set_alpha_to_one=False). `sample` is the one way from a
-model card, a step count and gamma to a sampler call: validation grids, evaluation, `pcm sample`, the registered
-model and the toy benchmark all take it.
+A path is a decreasing list of timesteps from T - 1 down to 0; each consecutive pair is one model call and one
+jump. Every sampler runs on a NoiseSchedule (an abar tensor stands for the VP schedule of an eps-predictor) and reads
+the model's output in the schedule's parametrization: the same code is DDIM on a VP teacher and Euler on a flow one.
+The final point 0 is abar[0] on VP (diffusers' set_alpha_to_one=False) and sigma = 0 on a flow. `sample` is the one
+way from a model card, a step count and gamma to a sampler call: validation grids, evaluation, `pcm sample`, the
+registered model and the toy benchmark all take it.
 """
 
 from dataclasses import dataclass
@@ -11,12 +13,14 @@ from dataclasses import dataclass
 import torch
 
 from pcm.math import (
-    abar_at,
-    ddim_jump,
+    NoiseSchedule,
+    add_noise,
+    as_schedule,
     guided_eps,
+    jump,
     lcm_boundary_scalings,
-    lcm_prediction,
-    renoise,
+    lcm_origin,
+    renoise_to,
 )
 from pcm.models.card import ModelCard
 from pcm.models.denoiser import Cond, EpsFn, cat_cond
@@ -108,17 +112,18 @@ class Sampling:
 
 
 @torch.no_grad()
-def sample(eps_fn: EpsFn, x_T: torch.Tensor, cond: Cond, neg_cond: Cond | None, abar: torch.Tensor, how: Sampling,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(eps_fn: EpsFn, x_T: torch.Tensor, cond: Cond, neg_cond: Cond | None,
+           schedule: NoiseSchedule | torch.Tensor, how: Sampling, generator: torch.Generator | None = None
+           ) -> torch.Tensor:
     """x_0 after how.steps steps of the sampler a model card asks for (PCM's DDIM jumps or LCM's multistep rule)."""
-    path = how.timesteps(len(abar))
+    path = how.timesteps(len(schedule))
     if how.card is None:
-        return sample_ddim(eps_fn, x_T, cond, abar, path, guidance_scale=how.guidance_scale, neg_cond=neg_cond)
+        return sample_ddim(eps_fn, x_T, cond, schedule, path, guidance_scale=how.guidance_scale, neg_cond=neg_cond)
     if how.card.method == "lcm":
-        return sample_lcm(eps_fn, x_T, cond, abar, path, sigma_data=how.card.lcm_sigma_data,
+        return sample_lcm(eps_fn, x_T, cond, schedule, path, sigma_data=how.card.lcm_sigma_data,
                           timestep_scaling=how.card.lcm_timestep_scaling, guidance_scale=how.guidance_scale,
                           neg_cond=neg_cond, generator=generator)
-    return sample_pcm(eps_fn, x_T, cond, abar, path, guidance_scale=how.guidance_scale, neg_cond=neg_cond,
+    return sample_pcm(eps_fn, x_T, cond, schedule, path, guidance_scale=how.guidance_scale, neg_cond=neg_cond,
                       gamma=how.gamma, generator=generator, edges=how.jump_edges())
 
 
@@ -135,7 +140,7 @@ def guided_eval(
 
 @torch.no_grad()
 def sample_pcm(
-    eps_fn: EpsFn, x_T: torch.Tensor, cond: Cond, abar: torch.Tensor, timesteps: list[int], *,
+    eps_fn: EpsFn, x_T: torch.Tensor, cond: Cond, schedule: NoiseSchedule | torch.Tensor, timesteps: list[int], *,
     guidance_scale: float = 1.0, neg_cond: Cond | None = None, gamma: float = 0.0,
     generator: torch.Generator | None = None, edges: list[int] | None = None,
 ) -> torch.Tensor:
@@ -147,51 +152,50 @@ def sample_pcm(
     """
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma={gamma} must be in [0, 1]")
-    x = x_T
+    x, schedule = x_T, as_schedule(schedule)
     for t, s in zip(timesteps[:-1], timesteps[1:], strict=True):
-        eps_hat = guided_eval(eps_fn, x, t, cond, neg_cond, guidance_scale)
-        abar_t = abar_at(abar, torch.tensor([t]), x)
+        out = guided_eval(eps_fn, x, t, cond, neg_cond, guidance_scale)
         # the student was trained to land on edges only, so edge_renoise jumps there and re-noises up to s
         e = s if edges is None else max(p for p in edges if p <= s)
         s_jump = int((1.0 - gamma) * e)  # the last s is 0: no noise after the final jump
-        x = ddim_jump(x, eps_hat, abar_t, abar_at(abar, torch.tensor([s_jump]), x))
+        x = jump(x, out, schedule, t, s_jump)
         if s_jump != s:
             z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-            x = renoise(x, z, abar_at(abar, torch.tensor([s_jump]), x), abar_at(abar, torch.tensor([s]), x))
+            x = renoise_to(x, z, schedule, s_jump, s)
     return x
 
 
 @torch.no_grad()
 def sample_ddim(
-    eps_fn: EpsFn, x_T: torch.Tensor, cond: Cond, abar: torch.Tensor, timesteps: list[int], *,
+    eps_fn: EpsFn, x_T: torch.Tensor, cond: Cond, schedule: NoiseSchedule | torch.Tensor, timesteps: list[int], *,
     guidance_scale: float = 1.0, neg_cond: Cond | None = None,
 ) -> torch.Tensor:
     """The teacher's DDIM exactly as diffusers' DDIMScheduler (eta 0) runs it: the model at each timestep of the
     path, then a jump by T // K to t - T // K (abar[0] below 0). Where K does not divide T that is not always the
-    path's next point (K = 16: 937 -> 875, then the model at 874); the teacher row is what diffusers users get."""
-    x, stride = x_T, len(abar) // (len(timesteps) - 1)
+    path's next point (K = 16: 937 -> 875, then the model at 874); the teacher row is what diffusers users get.
+    On a flow schedule the same jumps are Euler steps in sigma, ending at sigma = 0."""
+    schedule = as_schedule(schedule)
+    x, stride = x_T, len(schedule) // (len(timesteps) - 1)
     for t in timesteps[:-1]:
-        eps_hat = guided_eval(eps_fn, x, t, cond, neg_cond, guidance_scale)
-        s = max(t - stride, 0)
-        x = ddim_jump(x, eps_hat, abar_at(abar, torch.tensor([t]), x), abar_at(abar, torch.tensor([s]), x))
+        out = guided_eval(eps_fn, x, t, cond, neg_cond, guidance_scale)
+        x = jump(x, out, schedule, t, max(t - stride, 0))
     return x
 
 
 @torch.no_grad()
 def sample_lcm(
-    eps_fn: EpsFn, x_T: torch.Tensor, cond: Cond, abar: torch.Tensor, timesteps: list[int], *,
+    eps_fn: EpsFn, x_T: torch.Tensor, cond: Cond, schedule: NoiseSchedule | torch.Tensor, timesteps: list[int], *,
     sigma_data: float = 0.5, timestep_scaling: float = 10.0, guidance_scale: float = 1.0, neg_cond: Cond | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """LCM multistep sampling (diffusers' LCMScheduler): predict the origin, re-noise with fresh noise."""
-    x = x_T
+    x, schedule = x_T, as_schedule(schedule)
     for i, t in enumerate(timesteps):
-        eps_hat = guided_eval(eps_fn, x, t, cond, neg_cond, guidance_scale)
+        out = guided_eval(eps_fn, x, t, cond, neg_cond, guidance_scale)
         c_skip, c_out = lcm_boundary_scalings(torch.tensor(t), sigma_data, timestep_scaling)
-        denoised = lcm_prediction(x, eps_hat, abar_at(abar, torch.tensor([t]), x), c_skip, c_out)
+        denoised = lcm_origin(x, out, schedule, t, c_skip, c_out)
         if i == len(timesteps) - 1:
             return denoised
-        abar_next = abar_at(abar, torch.tensor([timesteps[i + 1]]), x)
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-        x = abar_next.sqrt() * denoised + (1 - abar_next).sqrt() * noise
+        x = add_noise(denoised, noise, schedule, timesteps[i + 1])
     return x

@@ -1,5 +1,7 @@
 """Distill and score a student of the analytic Gaussian-mixture teacher (benchmarks/toy_gmm.py, tests).
 
+The teacher lives on a variance-preserving schedule (the config's abar, eps-prediction) or on a rectified flow
+(alpha = 1 - sigma, velocity prediction, optionally shifted as SD3): the same distillation and samplers run on both.
 Scores at K sampling steps, from the same initial noise and labels for every model:
   endpoint error  mean ||x_K - x_exact||, x_exact the guided PF-ODE endpoint (RK4, float64)
   sliced W2       sliced Wasserstein-2 distance between the samples and the labels' true mixture
@@ -11,27 +13,49 @@ from dataclasses import dataclass
 import torch
 
 from pcm.config import Config, config_from_dict
-from pcm.math import SolverGrid, alphas_cumprod
+from pcm.math import NoiseSchedule, SolverGrid, alphas_cumprod, flow_schedule, vp_schedule
 from pcm.models.card import ModelCard, card_of_run
-from pcm.models.gmm import UNCOND, AnalyticTeacher, GaussianMixture, exact_ode_endpoint, toy_mixture
+from pcm.models.gmm import (
+    UNCOND,
+    AnalyticTeacher,
+    GaussianMixture,
+    exact_flow_endpoint,
+    exact_ode_endpoint,
+    toy_mixture,
+)
 from pcm.models.toy import ResidualMLPStudent
 from pcm.sampling import Sampling, sample
 from pcm.train.loop import train
 from pcm.train.step import Batch
 
+TOY_SCHEDULES = ("vp", "flow")
+
 
 @dataclass
 class ToyWorld:
     mixture: GaussianMixture
-    abar: torch.Tensor  # (T,) float32, the SD1.5 schedule unless the config says otherwise
+    schedule: NoiseSchedule  # float32; VP: the SD1.5 abar unless the config says otherwise; flow: sigma_t
     teacher: AnalyticTeacher
 
+    @property
+    def abar(self) -> torch.Tensor:
+        """The VP world's abar (T,)."""
+        if self.schedule.kind != "vp":
+            raise ValueError("a flow world has no abar: use world.schedule")
+        return self.schedule.table
 
-def make_world(cfg: Config) -> ToyWorld:
+
+def make_world(cfg: Config, schedule: str = "vp", shift: float = 1.0) -> ToyWorld:
+    """The analytic teacher on the config's VP schedule, or on a rectified flow with T timesteps (SD3's shift)."""
     s = cfg.schedule
-    abar = alphas_cumprod(s.beta_schedule, s.beta_start, s.beta_end, s.num_train_timesteps)
+    if schedule == "vp":
+        sched = vp_schedule(alphas_cumprod(s.beta_schedule, s.beta_start, s.beta_end, s.num_train_timesteps))
+    elif schedule == "flow":
+        sched = flow_schedule(s.num_train_timesteps, shift)
+    else:
+        raise ValueError(f"unknown toy schedule {schedule!r}; allowed: {', '.join(TOY_SCHEDULES)}")
     mixture = toy_mixture()
-    return ToyWorld(mixture, abar, AnalyticTeacher(mixture, abar))
+    return ToyWorld(mixture, sched, AnalyticTeacher(mixture, sched))
 
 
 def draw_labels(mixture: GaussianMixture, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -57,7 +81,7 @@ def distill_student(world: ToyWorld, cfg: Config, progress: bool = False) -> tup
     torch.manual_seed(cfg.seed)
     student = ResidualMLPStudent(world.teacher, world.mixture.dim, world.mixture.num_classes,
                                  cfg.schedule.num_train_timesteps)
-    losses = train(student, world.teacher, batch_source(world, cfg.train.batch_size, cfg.seed), world.abar, cfg,
+    losses = train(student, world.teacher, batch_source(world, cfg.train.batch_size, cfg.seed), world.schedule, cfg,
                    progress=progress)
     return student, losses
 
@@ -75,8 +99,11 @@ def make_eval_set(world: ToyWorld, count: int, w: float, seed: int = 1234) -> Ev
     gen = torch.Generator().manual_seed(seed)
     labels = draw_labels(world.mixture, count, gen)
     x_T = torch.randn(count, world.mixture.dim, generator=gen)
-    abar = world.abar.double()
-    exact = exact_ode_endpoint(world.mixture, x_T, labels, w, float(abar[-1]), float(abar[0]))
+    table = world.schedule.table.double()
+    if world.schedule.kind == "vp":
+        exact = exact_ode_endpoint(world.mixture, x_T, labels, w, float(table[-1]), float(table[0]))
+    else:  # from sigma_{T-1} to the clean end sigma_0 = 0
+        exact = exact_flow_endpoint(world.mixture, x_T, labels, w, float(table[-1]), float(table[0]))
     data = world.mixture.sample(labels, gen)
     return EvalSet(x_T, labels, exact, data, w)
 
@@ -121,7 +148,7 @@ def sample_with(world: ToyWorld, eps_fn, ev: EvalSet, how: Sampling, neg_labels:
                 generator_seed: int = 0) -> torch.Tensor:
     """Samples of any Sampling from the eval set's noise and labels; the negative label defaults to UNCOND."""
     neg = torch.full_like(ev.labels, UNCOND) if neg_labels is None else neg_labels
-    return sample(eps_fn, ev.x_T, ev.labels, neg, world.abar, how, torch.Generator().manual_seed(generator_seed))
+    return sample(eps_fn, ev.x_T, ev.labels, neg, world.schedule, how, torch.Generator().manual_seed(generator_seed))
 
 
 def class_log_likelihood(mixture: GaussianMixture, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

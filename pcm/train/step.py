@@ -12,19 +12,21 @@ import torch
 
 from pcm.config import DistillConfig
 from pcm.math import (
+    NoiseSchedule,
     SolverGrid,
-    abar_at,
+    add_noise,
     append_dims,
+    as_schedule,
     consistency_distance,
-    ddim_jump,
     hinge_d_loss,
     hinge_g_loss,
+    jump,
     lcm_boundary_scalings,
-    lcm_prediction,
-    phased_target,
-    renoise,
-    teacher_solver_step,
+    lcm_origin,
+    renoise_to,
+    solver_step,
 )
+from pcm.math import consistency_target as phased_target  # step 5's target, under the name the method uses
 from pcm.models.denoiser import Cond, EpsFn, cat_cond, where_cond
 from pcm.rng import U_DROP, U_GRID, U_R, U_W, Draws, keyed_draws
 
@@ -76,14 +78,17 @@ class SolverLoss:
     """What both methods share: the run's constants, and steps 1, 2 and 4 of docs/method.md §5."""
 
     grid: SolverGrid
-    abar: torch.Tensor  # (T,) the teacher's noise schedule
+    schedule: NoiseSchedule  # the teacher's x_t = alpha_t x_0 + sigma_t eps (an abar tensor: VP, eps-prediction)
     cfg: DistillConfig
     seed: int
     adversarial_weight: float = 0.0  # lambda of the generator's hinge loss in 'total'
 
+    def __post_init__(self):
+        object.__setattr__(self, "schedule", as_schedule(self.schedule))
+
     def solve(self, teacher: EpsFn, batch: Batch, step: int, with_z: bool = False) -> tuple[SolverOutcome, Draws]:
         """Steps 1, 2 and 4 (plus caption dropout), with keyed randomness (z: re-noising noise)."""
-        x_0, grid, abar, cfg = batch.x_0, self.grid, self.abar, self.cfg
+        x_0, grid, sched, cfg = batch.x_0, self.grid, self.schedule, self.cfg
         draws = keyed_draws(self.seed, step, batch.ids, tuple(x_0.shape[1:]), with_z=with_z)
         u = draws.u.to(x_0.device)
         # 1. n ~ U{0..N-1}; t = tau_n, t' = tau_{n-1}
@@ -92,18 +97,17 @@ class SolverLoss:
         drop = u[:, U_DROP] < cfg.caption_dropout
         cond = where_cond(drop, batch.uncond, batch.cond) if cfg.caption_dropout > 0 else batch.cond
         # 2. x_t = alpha_t x_0 + sigma_t eps
-        abar_t, abar_prev = abar_at(abar, t, x_0), abar_at(abar, t_prev, x_0)
         eps = draws.eps.to(device=x_0.device, dtype=x_0.dtype)
-        x_t = abar_t.sqrt() * x_0 + (1 - abar_t).sqrt() * eps
+        x_t = add_noise(x_0, eps, sched, t)
         # 4. teacher ODE step t -> t', cond and uncond in one batched forward (no uncond pass for normal CFG)
         with torch.no_grad():
             if cfg.guidance == "small_cfg":
                 w = append_dims((cfg.w_min + (cfg.w_max - cfg.w_min) * u[:, U_W]).to(x_0.dtype), x_0.ndim)
                 eps_c, eps_u = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]),
                                        cat_cond(cond, batch.uncond)).chunk(2)
-                x_prev = teacher_solver_step(x_t, eps_c, eps_u, w, abar_t, abar_prev)
+                x_prev = solver_step(x_t, eps_c, eps_u, w, sched, t, t_prev)
             else:
-                x_prev = teacher_solver_step(x_t, teacher(x_t, t, cond), None, 0.0, abar_t, abar_prev)
+                x_prev = solver_step(x_t, teacher(x_t, t, cond), None, 0.0, sched, t, t_prev)
         return SolverOutcome(t, t_prev, n, cond, x_t, x_prev), draws
 
 
@@ -117,16 +121,15 @@ class PCMLoss(SolverLoss):
         if turn not in TURNS:
             raise ValueError(f"unknown turn {turn!r}; allowed: {', '.join(TURNS)}")
         o, draws = self.solve(nets.teacher, batch, step, with_z=nets.disc is not None)
-        like, abar = batch.x_0, self.abar
+        like, sched = batch.x_0, self.schedule
         s = self.grid.s(o.n).to(like.device)
-        abar_t, abar_prev, abar_s = abar_at(abar, o.t, like), abar_at(abar, o.t_prev, like), abar_at(abar, s, like)
         # 5. target without gradient: x_{t'} at the edge, else jump(x_{t'} -> s) with the target net. Computed
         #    before the student pass: an EMA target swaps weights in place, which must not touch a live graph.
         with torch.no_grad():
             eps_prev = nets.target_net(o.x_prev, o.t_prev, o.cond)
-            y = phased_target(o.x_prev, eps_prev, abar_prev, abar_s, self.grid.at_edge(o.n).to(like.device))
+            y = phased_target(o.x_prev, eps_prev, sched, o.t_prev, s, self.grid.at_edge(o.n).to(like.device))
         # 3. student: f = jump(x_t -> s) with its eps_hat
-        f = ddim_jump(o.x_t, nets.student(o.x_t, o.t, o.cond), abar_t, abar_s)
+        f = jump(o.x_t, nets.student(o.x_t, o.t, o.cond), sched, o.t, s)
         # 6. consistency loss
         out = {"loss": consistency_distance(f, y, self.cfg.loss, self.cfg.huber_c), "t_mean": o.t.float().mean()}
         if nets.disc is not None:
@@ -141,14 +144,12 @@ class PCMLoss(SolverLoss):
         """Step 7: r ~ U{s, ..., min(s + T/M, T) - 1}; fake f and real y re-noised from s to r with the same z;
         hinge losses. A 'd' turn scores real and detached fake in one batched call, a 'g' turn the live fake; the
         joint turn takes the backbone once over real and once over the fake, whose features both losses share."""
-        abar = self.abar
-        T = len(abar)
+        T = len(self.schedule)
         hi = (s + T // self.grid.M).clamp(max=T)
         u = draws.u[:, U_R].to(s.device)
         r = torch.minimum(s + (u * (hi - s)).long(), hi - 1)
-        abar_s, abar_r = abar_at(abar, s, f), abar_at(abar, r, f)
         z = draws.z.to(device=f.device, dtype=f.dtype)
-        x_fake, x_real = renoise(f, z, abar_s, abar_r), renoise(y, z, abar_s, abar_r)
+        x_fake, x_real = renoise_to(f, z, self.schedule, s, r), renoise_to(y, z, self.schedule, s, r)
         if turn == "joint":
             d_real, d_fake, g_fake = disc(x_real, r, cond, train_heads=True, fake=x_fake)
             return {"d_loss": hinge_d_loss(d_real, d_fake), "g_loss": hinge_g_loss(g_fake)}
@@ -168,8 +169,7 @@ class LCMLoss(SolverLoss):
         if nets.disc is not None or turn != "g":
             raise ValueError("the LCM baseline has no adversarial terms (no phase edges to re-noise from)")
         o, _ = self.solve(nets.teacher, batch, step)
-        like, cfg = batch.x_0, self.cfg
-        abar_t, abar_prev = abar_at(self.abar, o.t, like), abar_at(self.abar, o.t_prev, like)
+        like, cfg, sched = batch.x_0, self.cfg, self.schedule
 
         def scalings(t):
             c_skip, c_out = lcm_boundary_scalings(t.to(like.dtype), cfg.lcm_sigma_data, cfg.lcm_timestep_scaling)
@@ -177,9 +177,9 @@ class LCMLoss(SolverLoss):
 
         # 5. target at t' (equals x_{t'} at t' = 0 through the boundary scalings); before the student pass, as in PCM
         with torch.no_grad():
-            y = lcm_prediction(o.x_prev, nets.target_net(o.x_prev, o.t_prev, o.cond), abar_prev, *scalings(o.t_prev))
+            y = lcm_origin(o.x_prev, nets.target_net(o.x_prev, o.t_prev, o.cond), sched, o.t_prev, *scalings(o.t_prev))
         # 3. student prediction of the trajectory's origin
-        f = lcm_prediction(o.x_t, nets.student(o.x_t, o.t, o.cond), abar_t, *scalings(o.t))
+        f = lcm_origin(o.x_t, nets.student(o.x_t, o.t, o.cond), sched, o.t, *scalings(o.t))
         # 6. consistency loss
         loss = consistency_distance(f, y, cfg.loss, cfg.huber_c)
         return {"loss": loss, "t_mean": o.t.float().mean(), "total": loss}
@@ -188,9 +188,9 @@ class LCMLoss(SolverLoss):
 LOSSES = {"pcm": PCMLoss, "lcm": LCMLoss}
 
 
-def make_loss(cfg: DistillConfig, grid: SolverGrid, abar: torch.Tensor, seed: int,
+def make_loss(cfg: DistillConfig, grid: SolverGrid, schedule: NoiseSchedule | torch.Tensor, seed: int,
               adversarial_weight: float = 0.0) -> SolverLoss:
-    """The loss object of cfg.method ('pcm' or 'lcm') over the run's grid and schedule."""
+    """The loss object of cfg.method ('pcm' or 'lcm') over the run's grid and schedule (an abar tensor: VP, eps)."""
     if cfg.method not in LOSSES:
         raise ValueError(f"unknown distill.method {cfg.method!r}; allowed: {', '.join(LOSSES)}")
-    return LOSSES[cfg.method](grid, abar, cfg, seed, adversarial_weight)
+    return LOSSES[cfg.method](grid, schedule, cfg, seed, adversarial_weight)
