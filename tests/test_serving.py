@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from builders import card, make_lora, save_tiny
 from mlflow.exceptions import MlflowException
 
@@ -27,6 +28,9 @@ from pcm.config import SampleConfig, config_from_dict
 from pcm.inference import lora_sha256
 from pcm.registry import load_registered
 from pcm.serving import request_rows
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
+import serve  # noqa: E402  pipelines/serve.py
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -142,16 +146,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(uri: str, store: str, log: Path) -> tuple[subprocess.Popen, str]:
-    """`mlflow models serve` of uri on a free loopback port, in a process group of its own; (process, base URL) once
-    /ping answers (the model is loaded by then). Killed and RuntimeError (with its log) when not up in 240 s."""
+def _serve(uri: str, store: str, config: str, log: Path) -> tuple[subprocess.Popen, str]:
+    """The InferenceService's command (pipelines/serve.py) on a free loopback port, in a process group of its own,
+    with the service's MLFLOW_PYFUNC_INFERENCE_CONFIG; (process, base URL) once /ping answers (the model is loaded by
+    then). Killed, and RuntimeError with its log, when not up in 240 s."""
     port = _free_port()
+    command = serve.serve_command(uri, 60)
+    command[command.index("--host") + 1], command[command.index("--port") + 1] = "127.0.0.1", str(port)
     venv = str(Path(sys.executable).parent)  # mlflow execs `uvicorn` by name: the venv's, as after `activate`
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": f"{venv}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MLFLOW_PYFUNC_INFERENCE_CONFIG": config,
+           "PATH": f"{venv}{os.pathsep}{os.environ.get('PATH', '')}"}
     with open(log, "wb") as out:
-        process = subprocess.Popen([str(Path(venv) / "mlflow"), "models", "serve", "-m", uri,
-                                    "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-                                   env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen([str(Path(venv) / command[0]), *command[1:]], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
         try:
@@ -199,9 +206,13 @@ def test_mlflow_models_serve_answers_with_the_bytes_of_pcm_sample(champion, tmp_
     for i, r in enumerate(REQUESTS):
         done = stages.sample(cfg, [PROMPT], str(tmp_path / f"sample-{i}.png"), model=MODEL, **r)
         expected.append(Path(done["images"][0]).read_bytes())
-    process, url = _serve(MODEL, cfg.tracking.uri, tmp_path / "serve.log")
+    manifest = _manifest(tmp_path, "--gpus", "0")  # the CPU service's model config: device cpu, warm-up at load
+    container = manifest["spec"]["predictor"]["containers"][0]
+    config = next(e["value"] for e in container["env"] if e["name"] == "MLFLOW_PYFUNC_INFERENCE_CONFIG")
+    process, url = _serve(MODEL, cfg.tracking.uri, config, tmp_path / "serve.log")
     moved = teacher.with_name("teacher-away")
     try:
+        assert "warm-up generation done" in (tmp_path / "serve.log").read_text()
         teacher.rename(moved)  # loaded at start: the running server no longer needs the files
         status, answer = _post(url, {"dataframe_split": {"columns": ["prompt", *REQUESTS[0]],
                                                          "data": [[PROMPT, *REQUESTS[0].values()]]}})
@@ -221,3 +232,109 @@ def test_mlflow_models_serve_answers_with_the_bytes_of_pcm_sample(champion, tmp_
         _stop(process)
         if moved.exists():
             moved.rename(teacher)
+
+
+# ---- the KServe InferenceService (pipelines/serve.py) -------------------------------------------------------------
+
+# KServe v1beta1 PredictorSpec: its ComponentExtensionSpec fields and the framework / custom-container keys; the
+# rest is a Kubernetes PodSpec, checked against the Kubernetes client's own model of it.
+PREDICTOR_FIELDS = {"minReplicas", "maxReplicas", "scaleTarget", "scaleMetric", "scaleMetricType", "autoScaling",
+                    "containerConcurrency", "timeout", "canaryTrafficPercent", "logger", "batcher", "labels",
+                    "annotations", "deploymentStrategy", "workerSpec", "model"}
+SCALARS = {"str": str, "int": int, "bool": bool, "float": (int, float)}
+
+
+def _strict(data, kind: str, where: str) -> None:
+    """data is a valid `kind` of the Kubernetes client's models (V1PodSpec, list[V1Container], dict(str, str), ...):
+    every key one of its fields, every required field present, every leaf of its type, all the way down."""
+    from kubernetes import client
+
+    if kind.startswith("list["):
+        assert isinstance(data, list), where
+        for i, item in enumerate(data):
+            _strict(item, kind[5:-1], f"{where}[{i}]")
+    elif kind.startswith("dict("):
+        assert isinstance(data, dict), where
+        for key, value in data.items():
+            _strict(value, kind[5:-1].split(", ", 1)[1], f"{where}.{key}")
+    elif kind in SCALARS:
+        assert isinstance(data, SCALARS[kind]) and (kind == "bool" or not isinstance(data, bool)), (where, data)
+    elif kind != "object":  # object: IntOrString and the like
+        model = getattr(client, kind)
+        fields = {json_key: attr for attr, json_key in model.attribute_map.items()}
+        assert isinstance(data, dict) and set(data) <= set(fields), (where, sorted(set(data) - set(fields)))
+        model(**{fields[k]: v for k, v in data.items()})  # the client's own check of required fields and enums
+        for key, value in data.items():
+            _strict(value, model.openapi_types[fields[key]], f"{where}.{key}")
+
+
+def _manifest(tmp_path, *flags) -> dict:
+    out = tmp_path / "serve.yaml"
+    assert serve.main(["--model-name", "sdxl-pcm", "--tracking-uri", "http://mlflow.mlflow:5000", "-o", str(out),
+                       *flags]) == 0
+    docs = list(yaml.safe_load_all(out.read_text()))
+    assert len(docs) == 1
+    return docs[0]
+
+
+def _predictor_pod(manifest: dict) -> tuple[dict, dict]:
+    predictor = manifest["spec"]["predictor"]
+    pod = {k: v for k, v in predictor.items() if k not in PREDICTOR_FIELDS}
+    _strict(pod, "V1PodSpec", "spec.predictor")
+    return predictor, pod["containers"][0]
+
+
+def test_the_inference_service_serves_the_champion_with_mlflow_on_a_gpu(tmp_path):
+    manifest = _manifest(tmp_path)
+    assert manifest["apiVersion"] == "serving.kserve.io/v1beta1" and manifest["kind"] == "InferenceService"
+    assert manifest["metadata"]["name"] == "sdxl-pcm" and set(manifest["spec"]) == {"predictor"}
+    assert manifest["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Serverless"
+    predictor, container = _predictor_pod(manifest)
+    assert set(predictor) - {"containers", "volumes", "securityContext", "tolerations"} <= PREDICTOR_FIELDS
+    assert predictor["containerConcurrency"] == 1 and predictor["minReplicas"] == 1  # one generation at a time
+    assert container["image"] == "ghcr.io/pcm-pipelines/pcm:0.1.0"
+    assert container["command"][:7] == ["mlflow", "models", "serve", "-m", "models:/sdxl-pcm@champion",
+                                        "--env-manager", "local"]
+    assert container["command"][container["command"].index("--port") + 1] == "8080"
+    assert container["ports"] == [{"containerPort": 8080, "protocol": "TCP"}]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):  # /ping answers once the model is loaded
+        assert container[probe]["httpGet"]["port"] == 8080 and container[probe]["httpGet"]["path"] in ("/ping",
+                                                                                                         "/health")
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 900  # --load-seconds, the default
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in predictor["tolerations"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MLFLOW_TRACKING_URI"]["value"] == "http://mlflow.mlflow:5000"
+    assert json.loads(env["MLFLOW_PYFUNC_INFERENCE_CONFIG"]["value"]) == {"device": "cuda", "warmup": True}
+    assert set(env) == {"MLFLOW_TRACKING_URI", "MLFLOW_PYFUNC_INFERENCE_CONFIG", "MLFLOW_TRACKING_TOKEN", "HF_TOKEN"}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "pcm-secrets", "key": "HF_TOKEN",
+                                                            "optional": True}
+
+
+def test_a_cpu_service_that_scales_to_zero_and_a_pinned_version(tmp_path):
+    manifest = _manifest(tmp_path, "--gpus", "0", "--min-replicas", "0", "--model", "models:/sdxl-pcm/3",
+                         "--name", "pcm-v3", "--namespace", "serving", "--base-model", "/mnt/data/models/sdxl",
+                         "--node-selector", "pool=cpu")
+    predictor, container = _predictor_pod(manifest)
+    assert manifest["metadata"] == {"name": "pcm-v3", "namespace": "serving", "annotations": {
+        "serving.kserve.io/deploymentMode": "Serverless", "pcm-pipelines/model": "models:/sdxl-pcm/3"}}
+    assert predictor["minReplicas"] == 0 and "tolerations" not in predictor and predictor["nodeSelector"] == {
+        "pool": "cpu"}
+    assert "nvidia.com/gpu" not in container["resources"]["limits"] and "models:/sdxl-pcm/3" in container["command"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert json.loads(env["MLFLOW_PYFUNC_INFERENCE_CONFIG"]) == {"device": "cpu", "warmup": True,
+                                                                 "base_model": "/mnt/data/models/sdxl"}
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--min-replicas", "0", "--mode", "RawDeployment"], "--min-replicas 0 (scale to zero) needs --mode Serverless"),
+    (["--name", "Bad_Name"], "--name 'Bad_Name': a DNS label"),
+    (["--model", "runs:/abc/pcm-lora"], "--model 'runs:/abc/pcm-lora': give a registry URI"),
+    (["--max-replicas", "0"], "--min-replicas must be >= 0 and --max-replicas >= max(1, --min-replicas)"),
+])
+def test_options_that_make_no_valid_service_are_one_line_and_exit_2(tmp_path, capsys, flags, expected):
+    out = tmp_path / "serve.yaml"
+    assert serve.main(["--model-name", "sdxl-pcm", "--tracking-uri", "http://m", "-o", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"python pipelines/serve.py: error: {expected}") and not out.exists()
