@@ -23,6 +23,7 @@ version instead of a duplicate.
 import dataclasses
 import json
 import logging
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from mlflow.types import ColSpec, Schema
 from pcm.config import Config, RegisterConfig, SampleConfig, TeacherConfig
 from pcm.eval.generate import generate_pngs
 from pcm.inference import check_family, load_checked, lora_sha256, one_line
+from pcm.lineage import evaluation_files, with_evaluation
 from pcm.models.card import CONFIG_FILE, LoraFileError, ModelCard, read_card
 from pcm.models.families import ModelLoadError
 from pcm.models.lora import DIFFUSERS_FILE
@@ -204,6 +206,10 @@ model = mlflow.pyfunc.load_model("models:/{name}@champion")   # base + LoRA + pc
 png = model.predict(pd.DataFrame({{"prompt": ["a red circle in the center on a gray background"], "seed": [0]}}))
 ```
 
+Input columns: `prompt` (required), `negative_prompt`, `steps`, `guidance_scale`, `gamma`, `seed`; anything else
+is refused. Over HTTP: `mlflow models serve -m models:/{name}@champion --env-manager local`, then POST
+`{{"dataframe_records": [{{"prompt": "...", "seed": 0}}]}}` to `/invocations`: the images come back base64-encoded.
+
 With diffusers directly: `pipe = {_diffusers_pipeline(card, base)}`{video},
 `pipe.load_lora_weights(<the version's artifacts>/artifacts/lora)`, then a `TCDScheduler` with
 `timesteps={card.sampling_timesteps[:-1]}` and `gamma=0` (deterministic PCM), or `pcm sample --model ...`.
@@ -313,20 +319,27 @@ def _log_version(cfg: Config, card: ModelCard, metrics: dict, sha: str) -> str:
                     "sample": dataclasses.asdict(defaults), "warmup": False}
     if card.motion_adapter:
         model_config["motion_adapter"] = _base_model(card.motion_adapter)
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else "register"):
+    report = Path(r.eval_metrics).parent if metrics else None  # an evaluation of this very file (eval_metrics)
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else "register"), \
+            tempfile.TemporaryDirectory() as scratch:
         if card.family != "animatediff":  # the flavor rebuilds DiffusionPipeline(base): no motion adapter there
             mlflow.diffusers.log_model(str(lora / DIFFUSERS_FILE), base_model=base, name="diffusers-lora")
+        artifacts = {"lora": str(lora)}
+        if report is not None:
+            artifacts["evaluation"] = str(evaluation_files(report, Path(scratch) / "evaluation"))
         info = mlflow.pyfunc.log_model(
             name="pcm-lora", python_model=str(Path(__file__).with_name("registered_model.py")),
-            artifacts={"lora": str(lora)},
-            model_config=model_config, signature=signature, input_example=example,
+            artifacts=artifacts, model_config=model_config, signature=signature, input_example=example,
             code_paths=[str(Path(pcm.__file__).parent)], registered_model_name=r.model_name,
             pip_requirements=_requirements())
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
     for key, value in version_tags(cfg, card, metrics, sha).items():
         client.set_model_version_tag(r.model_name, version, key, str(value))
-    client.update_model_version(r.model_name, version, description=model_card(r.model_name, card, base, defaults))
+    description = model_card(r.model_name, card, base, defaults)
+    if report is not None:
+        description = with_evaluation(description, report, r.gate_metric.split("/")[0])
+    client.update_model_version(r.model_name, version, description=description)
     return version
 
 

@@ -19,6 +19,12 @@ def _log(tracker, result: dict, *artifacts: tuple) -> dict:
     return result
 
 
+def _reads_shards(tracker, cfg: Config, context: str) -> None:
+    """The prepared shards as an input dataset of the stage's MLflow run (its lineage in the MLflow UI)."""
+    if tracker is not None:
+        tracker.log_input(cfg, context)
+
+
 def demo_data(cfg: Config, progress: bool = True) -> dict:
     """The shapes demo world as input shards under cfg.demo.output_dir."""
     from pcm.demo.dataset import write_shapes_shards
@@ -42,6 +48,7 @@ def demo_teacher(cfg: Config, progress: bool = True) -> dict:
 
     out = Path(cfg.demo_teacher.output_dir)
     with track(cfg, "demo-teacher", out) as tracker:  # its first write comes after the pipeline is saved
+        _reads_shards(tracker, cfg, "training")
         return _log(tracker, train_demo_teacher(cfg, progress), (out / "metrics.json", None))
 
 
@@ -51,6 +58,7 @@ def precompute(cfg: Config, progress: bool = True) -> dict:
     from pcm.data.precompute import precompute as run_precompute
 
     with track(cfg, "precompute", Path(cfg.data.output_dir) / "precomputed") as tracker:
+        _reads_shards(tracker, cfg, "preprocessing")
         return _log(tracker, run_precompute(cfg, progress))
 
 
@@ -78,6 +86,7 @@ def distill(cfg: Config, resume: str | None = None, overwrite: bool = False, pro
     if processes > 1:
         return _launch(cfg, processes, resume)
     with track(cfg, "distill", out, resume=resume is not None) as tracker:
+        _reads_shards(tracker, cfg, "training")
         precomputed = Precomputed(True, *stored_text(folder)) if folder is not None else None
         result = run_distill(cfg, loader_factory(cfg, folder), resume=resume, sink=tracker, progress=progress,
                              precomputed=precomputed)
@@ -116,6 +125,7 @@ def evaluate(cfg: Config, progress: bool = True) -> dict:
 
     out = Path(cfg.eval.output_dir)
     with track(cfg, "evaluate", out) as tracker:
+        _reads_shards(tracker, cfg, "evaluation")
         result = run_evaluate(cfg, progress, world=_shapes_world())
         if tracker is not None:
             tracker.log(0, json.loads((out / "metrics.json").read_text()))  # keys model/k<steps>/metric

@@ -33,7 +33,7 @@ import yaml
 
 from pcm import __version__, atomic
 from pcm.config import Config, TrackingConfig, config_to_dict
-from pcm.data.digest import digest
+from pcm.data.digest import digest, prepared_digest
 from pcm.tracking_queue import Outbox, UnloggedFile
 
 log = logging.getLogger(__name__)
@@ -114,22 +114,63 @@ def _git(*args: str) -> str | None:
         return None
 
 
+def dvc_md5(path: str) -> str | None:
+    """The md5 that dvc.lock (in the working directory, where DVC runs the stages) records for the output path, None
+    when it records none. Raises on an unreadable dvc.lock."""
+    lock, target = Path("dvc.lock"), Path(path).as_posix().rstrip("/")
+    if lock.is_file():
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for stage in stages.values():
+            for out in stage.get("outs", []):
+                if out.get("path", "").rstrip("/") == target and out.get("md5"):
+                    return out["md5"]
+    return None
+
+
 def data_hash(cfg: Config) -> str:
     """'dvc:<md5>' of data.output_dir as dvc.lock records it, else 'index:<digest of its index.json>'; 'unknown'
     when either file is unreadable (a lineage tag is not worth failing a stage)."""
-    lock, target = Path("dvc.lock"), Path(cfg.data.output_dir).as_posix().rstrip("/")
     try:
-        if lock.is_file():
-            stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-            for stage in stages.values():
-                for out in stage.get("outs", []):
-                    if out.get("path", "").rstrip("/") == target and out.get("md5"):
-                        return f"dvc:{out['md5']}"
+        md5 = dvc_md5(cfg.data.output_dir)
+        if md5:
+            return f"dvc:{md5}"
         index = Path(cfg.data.output_dir) / "index.json"
         return f"index:{digest([index.read_text()])}" if index.is_file() else "none"
     except (OSError, ValueError, yaml.YAMLError, AttributeError, TypeError) as err:
         log.warning("no data hash for the lineage tags (%s: %s)", type(err).__name__, err)
         return "unknown"
+
+
+def shards_dataset(cfg: Config) -> dict | None:
+    """The prepared shards (data.output_dir) as an MLflow dataset record (mlflow.entities.Dataset's fields), None
+    before `pcm prepare` wrote index.json. digest: pcm.data.digest.prepared_digest (equal data, equal digest);
+    profile: sample and shard counts; source: the folder, the input shard URLs and, when dvc.lock records the folder,
+    where DVC gets it back (`dvc get REPO PATH --rev REV`: the git remote or checkout, commit, path and md5)."""
+    folder = Path(cfg.data.output_dir)
+    try:
+        index = json.loads((folder / "index.json").read_text())
+        md5 = dvc_md5(cfg.data.output_dir)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        log.warning("the prepared shards are not logged as an MLflow dataset (%s: %s)", type(err).__name__, err)
+        return None
+    source = {"uri": folder.resolve().as_uri(), "inputs": list(cfg.data.inputs)}
+    top = _git("rev-parse", "--show-toplevel")
+    if md5 and top:
+        resolved = folder.resolve()
+        path = resolved.relative_to(top).as_posix() if resolved.is_relative_to(top) else resolved.as_posix()
+        source["dvc"] = {"repo": _git("config", "--get", "remote.origin.url") or top,
+                         "rev": _git("rev-parse", "HEAD") or "unknown", "path": path, "md5": md5}
+    shards = index.get("shards", [])
+    profile = {"num_samples": sum(s.get("samples", 0) for s in shards), "num_shards": len(shards),
+               "resolution": index.get("resolution"), **({"frames": index["frames"]} if "frames" in index else {})}
+    member = "frames.npy" if "frames" in index else index.get("image_format", "jpg")
+    schema = {"mlflow_colspec": [{"type": "binary", "name": member, "required": True},
+                                 {"type": "string", "name": "txt", "required": True},
+                                 {"type": "string", "name": "json", "required": True}]}
+    return {"name": cfg.data.output_dir, "digest": prepared_digest(folder), "source_type": "dvc" if "dvc" in source
+            else "local", "source": json.dumps(source), "schema": json.dumps(schema), "profile": json.dumps(profile)}
 
 
 def lineage_tags(cfg: Config, stage: str) -> dict[str, str]:
@@ -222,6 +263,13 @@ class Tracker:
         if Path(path).exists():
             self.outbox.put(("artifact", str(path), artifact_path))
 
+    def log_input(self, cfg: Config, context: str) -> None:
+        """The prepared shards as a dataset this run read (shards_dataset: what mlflow.log_input records), with its
+        context (training, evaluation, ...); nothing before `pcm prepare` wrote them."""
+        dataset = shards_dataset(cfg)
+        if dataset is not None:
+            self.outbox.put(("input", dataset, context))
+
     def close(self, status: str = "FINISHED") -> str | None:
         """Delivers what is queued and ends the run, waiting at most tracking.close_timeout; what is left is saved
         to mlflow_unlogged.json. Returns the run id (None if the run never started). Never raises."""
@@ -299,10 +347,16 @@ class Tracker:
         elif kind == "artifact":
             path = Path(op[1])
             (client.log_artifacts if path.is_dir() else client.log_artifact)(run, str(path), op[2])
+        elif kind == "input":
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+            from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+            client.log_inputs(run, [DatasetInput(Dataset(**op[1]), [InputTag(MLFLOW_DATASET_CONTEXT, op[2])])])
         elif kind == "end":
             client.set_terminated(run, op[1])
         else:
-            raise ValueError(f"unknown tracking record {kind!r}; allowed: tags, params, metrics, artifact, end")
+            raise ValueError(f"unknown tracking record {kind!r}; allowed: tags, params, metrics, artifact, input, "
+                             "end")
 
 
 @contextmanager
