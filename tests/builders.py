@@ -147,3 +147,18 @@ def merge(base: dict, extra: dict) -> dict:
     for key, value in extra.items():
         out[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
     return out
+
+
+# Two distillations instead of the demo's four: the M = 4 PCM LoRA the pipeline registers, and the LCM baseline. Each
+# run the end-to-end tests drop saves a `pcm distill` process (and its LoRA's rows in the evaluation).
+TINY_RUNS = {"pcm-m4": {"method": "pcm", "num_phases": 4}, "lcm": {"method": "lcm", "num_phases": 1}}
+
+
+def tiny_params(params: dict) -> dict:
+    """params.yaml's tree at TINY's sizes, distilling (and evaluating) only TINY_RUNS' LoRAs. The runs replace the
+    file's: merge would keep its other runs."""
+    out = merge(params, TINY)
+    out["pipeline"] = {**out["pipeline"], "distill_runs": TINY_RUNS}
+    out["eval"] = {**out["eval"], "loras": [f"models/{name}/lora" for name in TINY_RUNS]}
+    out["register"] = {**out["register"], "lora": "models/pcm-m4/lora"}
+    return out

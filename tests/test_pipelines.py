@@ -408,9 +408,9 @@ def test_shards_are_fetched_from_a_dvc_repository_at_a_revision(tmp_path):
 
 @pytest.mark.slow
 def test_the_sd15_demo_pipeline_runs_under_kfp_local_and_registers_a_model(tmp_path):
-    from builders import TINY, merge
+    from builders import TINY_RUNS, tiny_params
 
-    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    params = tiny_params(yaml.safe_load((ROOT / "params.yaml").read_text()))
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     result = subprocess.run([sys.executable, str(ROOT / "pipelines" / "pcm_sd15.py"), "--params",
@@ -421,7 +421,7 @@ def test_the_sd15_demo_pipeline_runs_under_kfp_local_and_registers_a_model(tmp_p
     # the work folders are scoped by the run id kfp.local resolved for the placeholder
     runs = tmp_path / "work" / "runs"
     loras = sorted(runs.glob("*/*/lora"))
-    assert sorted(p.parent.name for p in loras) == ["lcm", "pcm-m1", "pcm-m2", "pcm-m4"], loras
+    assert sorted(p.parent.name for p in loras) == sorted(TINY_RUNS), loras
     assert len({p.parent.parent for p in loras}) == 1  # one pipeline run: one id for all its distillations
     assert list((loras[0].parent.parent / "eval-cache").iterdir())  # and for its evaluation's cache
     registered = [json.loads(p.read_text()) for p in (tmp_path / "root").rglob("registered")]
