@@ -3,9 +3,10 @@
 A request is a table of rows: `prompt` (required) and the optional `negative_prompt`, `steps`, `guidance_scale`,
 `gamma` and `seed`; a missing or null value takes the version's defaults (pcm.eval.generate.row_settings). Anything
 else (an unknown column, a value of the wrong type, steps or gamma the LoRA's sampler refuses, more steps than the
-distillation grid N) is refused with an MlflowException of error code INVALID_PARAMETER_VALUE naming the row, the
-column and what is allowed. MLflow's scoring server (`mlflow models serve`) answers that exception with HTTP 400 and
-its message, `pcm sample --model` with one line, and a Python caller of `model.predict` can catch it.
+distillation grid N) is refused with BadRequest, an MlflowException of error code INVALID_PARAMETER_VALUE naming
+the row, the column and what is allowed. MLflow's scoring server (`mlflow models serve`) answers it with HTTP 400
+and its message, `pcm sample --model` with one line, and a Python caller of `model.predict` can catch it (it is a
+ValueError too).
 
 Why the registered version has no input schema in its signature: MLflow enforces a schema before `predict` runs and
 drops columns it does not know with a warning, so a typo (`step` for `steps`) would silently sample with the default;
@@ -18,6 +19,7 @@ import numbers
 
 import pandas as pd
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from pcm.config import SampleConfig
 from pcm.eval.generate import row_settings
@@ -28,9 +30,16 @@ COLUMNS = {"prompt": str, "negative_prompt": str, "steps": int, "guidance_scale"
 MAX_SEED = 2**63 - 1
 
 
-def bad_request(message: str) -> MlflowException:
-    """The exception MLflow's scoring server turns into HTTP 400 with this message."""
-    return MlflowException.invalid_parameter_value(message)
+class BadRequest(MlflowException, ValueError):
+    """A request the model refuses. MLflow's scoring server answers an MlflowException of INVALID_PARAMETER_VALUE
+    with HTTP 400 and its message; in Python it is also a ValueError, as the model's refusals were before."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def bad_request(message: str) -> BadRequest:
+    return BadRequest(message)
 
 
 def request_rows(model_input, card: ModelCard, defaults: SampleConfig | None = None) -> list[dict]:

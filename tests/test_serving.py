@@ -66,6 +66,7 @@ def _refused(frame) -> str:
     with pytest.raises(MlflowException) as refused:
         request_rows(frame, TINY_CARD, SampleConfig())
     assert refused.value.get_http_status_code() == 400 and refused.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert isinstance(refused.value, ValueError)  # what Python callers caught before
     message = refused.value.message
     assert "\n" not in message
     return message
