@@ -3,10 +3,11 @@
     python benchmarks/claims_demo.py [--root .] [--seeds 3] [--prompts 100] [--out-dir benchmarks/results]
 
 Needs a demo project after `make demo` (its params.yaml, prepared shards and teacher). Per seed s it distills, with
-the project's own train settings and `seed=s`: PCM M = 1, 2, 4 and LCM as the demo does (small CFG), and a normal-CFG
-PCM M = 4 (no guidance in the solver, caption dropout 0.1), into <root>/models/claims-demo/seed<s>/<run>/ (a finished
-LoRA is reused: a killed benchmark continues where it stopped). Then every model samples the held-out captions from
-the same noises (pcm.eval's), and:
+the project's own train settings and `seed=s`: PCM M = 1, 2, 4 and LCM as the demo does (small CFG), and a
+normal-CFG PCM M = 4 (no guidance in the solver, caption dropout 0.1), into <root>/models/claims-demo/seed<s>/<run>/.
+A finished run with the same run manifest and step count anywhere under <root>/models/ is reused: `make demo`'s own
+LoRAs serve as seed 0 of its runs, and a killed benchmark continues where it stopped. Then every model samples the
+held-out captions from the same noises (pcm.eval's), and:
 
 (a) trajectory error (RMS latent distance to the teacher's 50-step DDIM): PCM M = K against teacher DDIM-K, K = 1, 2, 4
 (b) step consistency at K = 4 (mean cosine of its latents with those at 1, 2, 8, 16 steps): PCM M = 4 against LCM
@@ -46,8 +47,27 @@ STEPS = (1, 2, 4, 8, 16)
 CFG_HIGH = 3.0
 
 
+def finished_run(cfg, search: Path) -> Path | None:
+    """The LoRA of a finished run under search (e.g. the demo's own models/pcm-m4) with exactly cfg's run manifest and
+    its train.max_steps, if any: `make demo` already distilled seed 0 of the demo's runs."""
+    from pcm.data.precompute import find_latents
+    from pcm.train.manifest import RunManifest, RunMismatch
+
+    wanted = RunManifest.of(cfg, find_latents(cfg) or cfg.data.output_dir)
+    for path in sorted(search.glob("**/manifest.json")):
+        try:
+            same = not wanted.differences(RunManifest.read(path))
+        except RunMismatch:
+            continue
+        last = path.parent / "checkpoints" / f"step-{cfg.train.max_steps:06d}"
+        if same and last.is_dir() and (path.parent / "lora" / "pcm_config.json").is_file():
+            return path.parent / "lora"
+    return None
+
+
 def distill_seed(params: Path, work: Path, seed: int, progress: bool) -> dict[str, Path]:
-    """{run name: LoRA folder} of one seed, distilling what is not finished yet."""
+    """{run name: LoRA folder} of one seed: a finished run with the same manifest is reused (under models/, the
+    benchmark's own work folder included, so a killed benchmark continues), the rest is distilled into work."""
     from accelerate.state import AcceleratorState
 
     from pcm import stages
@@ -56,14 +76,17 @@ def distill_seed(params: Path, work: Path, seed: int, progress: bool) -> dict[st
     loras = {}
     for name, overrides in RUNS.items():
         out = work / f"seed{seed}" / name
-        loras[name] = out / "lora"
-        if (loras[name] / "pcm_config.json").is_file():
-            continue
-        AcceleratorState._reset_state(reset_partial_state=True)
         cfg = load_config(params, [*overrides, f"seed={seed}", f"train.output_dir={out}", "train.validate_every=0",
                                    "tracking.experiment=claims-demo"])
+        found = finished_run(cfg, params.parent / "models")
+        if found is not None:
+            loras[name] = found
+            continue
+        AcceleratorState._reset_state(reset_partial_state=True)
         start = time.perf_counter()
-        stages.distill(cfg, resume="latest" if (out / "manifest.json").is_file() else None, progress=progress)
+        stages.distill(cfg, resume="latest" if (out / "manifest.json").is_file() else None, overwrite=False,
+                       progress=progress)
+        loras[name] = out / "lora"
         print(f"distilled {name} seed {seed} in {time.perf_counter() - start:.0f} s", flush=True)
     return loras
 
