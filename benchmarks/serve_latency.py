@@ -9,8 +9,9 @@ The server is the InferenceService's command (pipelines/serve.py) with its CPU m
 process group of its own. Per step count: --requests sequential requests of one prompt (seeds 0, 1, ...), after one
 untimed request; each is timed end to end (wall clock) and by the server process's CPU time (user + sys, from
 /proc), which contention on a shared machine inflates less. Also: the time from start to /ping, the first request's
-latency, and the same rows through model.predict in this process (no HTTP), alternating with the HTTP requests
-so that both see the same load; each served image must equal model.predict's.
+latency, and the same rows through model.predict in this process (no HTTP, in a worker thread as the server
+calls it), alternating with the HTTP requests so that both see the same load; each served image must equal
+model.predict's.
 
     python benchmarks/serve_latency.py [--requests 20] [--model models:/pcm-demo-sd15-4phase@champion
                                         --tracking-uri sqlite:///$PWD/mlflow/mlflow.db]
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -146,7 +148,14 @@ def load_in_process(model: str, store: str):
 
 def measure(url: str, group: int, local, requests: int) -> dict:
     """Per step count: `requests` timed requests over HTTP and through model.predict here, alternating, so that
-    both see the same load on a shared machine; the images must be the same."""
+    both see the same load on a shared machine; the images must be the same. model.predict runs in a worker thread,
+    as the scoring server runs it (asyncio.to_thread): torch's intra-op threads differ between the main thread and
+    others, and on an oversubscribed machine two OpenMP threads in the main thread were measured 10-100x slower."""
+    with ThreadPoolExecutor(1) as worker:
+        return worker.submit(_measure, url, group, local, requests).result()
+
+
+def _measure(url: str, group: int, local, requests: int) -> dict:
     out = {}
     for steps in STEPS:
         request(url, steps, 10_000)  # untimed
