@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint demo demo-video bench bench-step bench-gpu bench-checkpoint bench-claims bench-loader gpu-check lock clean
+.PHONY: setup test test-fast lint demo demo-video bench bench-step bench-reference bench-gpu bench-checkpoint bench-claims bench-loader gpu-check lock clean
 
 setup: $(STAMP)
 
@@ -90,6 +90,12 @@ bench: setup
 
 bench-step: setup
 	$(PY) benchmarks/train_step.py
+
+# `pcm distill` beside the PCM authors' SD1.5 training script on the same tiny teacher, data, batch, precision and
+# threads: steps/s, start-up and finish. Their repository is cloned at a pinned commit into ~/.cache (needs git and
+# the network) unless REFERENCE names a local clone; more options: BENCH_REFERENCE_ARGS="--steps 40 --repeats 3".
+bench-reference: setup
+	$(PY) benchmarks/reference_side_by_side.py $(if $(REFERENCE),--reference $(REFERENCE)) $(BENCH_REFERENCE_ARGS)
 
 # SDXL-size UNet on a GPU (bf16, gradient checkpointing, LoRA rank 64, batch 10); says so and exits 0 without CUDA.
 bench-gpu: setup

@@ -44,7 +44,7 @@ import tarfile
 import time
 from pathlib import Path
 
-PINNED_COMMIT = "b127277f641f28ad2459647a05f78133e5b3fd34"  # G-U-N/Phased-Consistency-Model, 2024-10
+PINNED_COMMIT = "b127277f641f28ad2459647a05f78133e5b3fd34"  # G-U-N/Phased-Consistency-Model, 2024-12-11
 REPO_URL = "https://github.com/G-U-N/Phased-Consistency-Model"
 SCRIPT = "code/text_to_image_sd15/train_pcm_lora_sd15.py"
 STANDIN = Path(__file__).resolve().parent / "torchvision_standin"
@@ -58,9 +58,10 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _install_step_clock(stamps_file: Path, bar_prefix: str, threads: int) -> None:
+def _install_step_clock(stamps_file: Path, bar_prefix: str, threads: int) -> dict:
     """tqdm's class replaced (before the script imports it) by one that stamps (wall, cpu) at every update of the
-    bar whose description starts with bar_prefix; the stamps are written to stamps_file at exit."""
+    bar whose description starts with bar_prefix; the stamps are written to stamps_file at exit, with one when the
+    script returned (`returned`, set by the caller) and one in the last atexit handler (`exit`)."""
     import atexit
 
     import torch
@@ -69,6 +70,11 @@ def _install_step_clock(stamps_file: Path, bar_prefix: str, threads: int) -> Non
 
     torch.set_num_threads(threads)
     stamps: list[tuple[float, float]] = []
+    clock = {"steps": stamps, "returned": None, "exit": None}
+
+    def write():
+        clock["exit"] = (time.monotonic(), _cpu())
+        stamps_file.write_text(json.dumps(clock))
 
     class StepClock(tqdm.tqdm):
         def __init__(self, *args, **kwargs):
@@ -81,7 +87,8 @@ def _install_step_clock(stamps_file: Path, bar_prefix: str, threads: int) -> Non
             return super().update(n)
 
     tqdm.tqdm = tqdm.auto.tqdm = StepClock
-    atexit.register(lambda: stamps_file.write_text(json.dumps(stamps)))
+    atexit.register(write)  # registered first: runs after every handler the script registers
+    return clock
 
 
 def _hide_standin_from_libraries() -> None:
@@ -97,12 +104,14 @@ def _hide_standin_from_libraries() -> None:
 
 def _child(side: str, stamps_file: str, threads: int, data_dir: str, argv: list[str]) -> None:
     if side == "ours":
-        _install_step_clock(Path(stamps_file), OURS_BAR, threads)
+        clock = _install_step_clock(Path(stamps_file), OURS_BAR, threads)
         from pcm.cli import main
 
-        sys.exit(main(argv))
+        code = main(argv)
+        clock["returned"] = (time.monotonic(), _cpu())
+        sys.exit(code)
     script = Path(argv[0]).resolve()
-    _install_step_clock(Path(stamps_file), THEIR_BAR, threads)
+    clock = _install_step_clock(Path(stamps_file), THEIR_BAR, threads)
     _hide_standin_from_libraries()
     # the stand-in, and their script's own folder (as `python script.py` has it), first on the path
     sys.path[:0] = [str(STANDIN), str(script.parent)]
@@ -115,26 +124,27 @@ def _child(side: str, stamps_file: str, threads: int, data_dir: str, argv: list[
     reference.CustomImageDataset = OurFolder
     sys.argv = [str(script), *argv[1:]]
     reference.main(reference.parse_args())
+    clock["returned"] = (time.monotonic(), _cpu())
 
 
 # ---- in the parent: the world, the reference, the runs ------------------------------------------------------------
 
-def fetch_reference(reference: str | None, cache: Path, url: str = REPO_URL) -> Path:
+def fetch_reference(reference: str | None, cache: Path, url: str = REPO_URL, commit: str = PINNED_COMMIT) -> Path:
     """The folder of a clone holding SCRIPT: --reference as given, else url cloned into cache with the code/ folder
-    of PINNED_COMMIT checked out."""
+    of commit checked out."""
     if reference:
         root = Path(reference)
         if not (root / SCRIPT).is_file():
             raise SystemExit(f"--reference {root}: no {SCRIPT} there; pass a clone of {REPO_URL}")
         return root
-    root = cache / PINNED_COMMIT[:12]
+    root = cache / commit[:12]
     if not (root / SCRIPT).is_file():
-        partial = cache / f"{PINNED_COMMIT[:12]}.partial"
+        partial = cache / f"{commit[:12]}.partial"
         subprocess.run(["rm", "-rf", str(partial)], check=True)
         cache.mkdir(parents=True, exist_ok=True)
         subprocess.run(["git", "clone", "--quiet", "--no-checkout", url, str(partial)], check=True)
         # only their code: the repository's images are most of its size and no script reads them
-        subprocess.run(["git", "-C", str(partial), "checkout", "--quiet", PINNED_COMMIT, "--", "code"], check=True)
+        subprocess.run(["git", "-C", str(partial), "checkout", "--quiet", commit, "--", "code"], check=True)
         partial.rename(root)
     return root
 
@@ -250,14 +260,17 @@ def run_side(side: str, argv: list[str], threads: int, data_dir: Path, log: Path
     if code != 0:
         raise RuntimeError(f"the {side} run exited {code}; its output is in {log}:\n"
                            + "\n".join(log.read_text().splitlines()[-15:]))
-    stamps = json.loads(stamps_file.read_text())
+    clock = json.loads(stamps_file.read_text())
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return summarize(start, end, cpu, stamps)
+    return summarize(start, end, cpu, clock)
 
 
-def summarize(start: float, end: float, cpu_total: float, stamps: list) -> dict:
+def summarize(start: float, end: float, cpu_total: float, clock: dict) -> dict:
     """Per-step wall and CPU seconds (median interval), start-up and finish, from a process's launch, exit, total
-    CPU time and its (wall, cpu) stamp at the end of every step (at least 2)."""
+    CPU time and its (wall, cpu) stamps: at the end of every step (at least 2), when the script returned, in the
+    last atexit handler. The finish splits into the script's own work after the last step (`after_steps`) and the
+    interpreter's exit (`exit`: atexit handlers, threads, module teardown)."""
+    stamps = clock["steps"]
     if len(stamps) < 2:
         raise RuntimeError(f"the step clock saw {len(stamps)} step(s); need at least 2")
     walls, cpus = [s[0] for s in stamps], [s[1] for s in stamps]
@@ -265,7 +278,9 @@ def summarize(start: float, end: float, cpu_total: float, stamps: list) -> dict:
     step_cpu = statistics.median(b - a for a, b in zip(cpus, cpus[1:], strict=False))
     startup_wall, finish_wall = walls[0] - start - step_wall, end - walls[-1]
     startup_cpu, finish_cpu = cpus[0] - step_cpu, max(cpu_total - cpus[-1], 0.0)
+    returned = clock.get("returned") or stamps[-1]
     return {"steps": len(stamps), "total_s": end - start, "cpu_total_s": cpu_total,
+            "after_steps_s": returned[0] - walls[-1], "exit_s": end - returned[0],
             "step_s": step_wall, "step_cpu_s": step_cpu, "steps_per_s": 1 / step_wall,
             "startup_s": startup_wall, "finish_s": finish_wall, "overhead_s": startup_wall + finish_wall,
             "startup_cpu_s": startup_cpu, "finish_cpu_s": finish_cpu, "overhead_cpu_s": startup_cpu + finish_cpu}
@@ -276,8 +291,8 @@ def compare(ours: list[dict], theirs: list[dict]) -> dict:
     def med(runs, key):
         return statistics.median(r[key] for r in runs)
 
-    keys = ("total_s", "cpu_total_s", "step_s", "step_cpu_s", "startup_s", "finish_s", "overhead_s",
-            "startup_cpu_s", "finish_cpu_s", "overhead_cpu_s")
+    keys = ("total_s", "cpu_total_s", "step_s", "step_cpu_s", "startup_s", "finish_s", "after_steps_s", "exit_s",
+            "overhead_s", "startup_cpu_s", "finish_cpu_s", "overhead_cpu_s")
     summary = {"ours": {k: med(ours, k) for k in keys}, "reference": {k: med(theirs, k) for k in keys}}
     o, r = summary["ours"], summary["reference"]
     summary["ratios"] = {"per_step_speedup_wall": r["step_s"] / o["step_s"],
@@ -291,6 +306,7 @@ def compare(ours: list[dict], theirs: list[dict]) -> dict:
 def table(summary: dict) -> str:
     rows = [("whole run, s", "total_s"), ("CPU, s", "cpu_total_s"), ("per step, s", "step_s"),
             ("per step CPU, s", "step_cpu_s"), ("start-up, s", "startup_s"), ("finish, s", "finish_s"),
+            ("  of which after the last step, s", "after_steps_s"), ("  of which the interpreter's exit, s", "exit_s"),
             ("start-up + finish, s", "overhead_s"), ("start-up + finish CPU, s", "overhead_cpu_s")]
     lines = ["| | pcm distill | reference script |", "|---|---:|---:|"]
     lines += [f"| {name} | {summary['ours'][k]:.2f} | {summary['reference'][k]:.2f} |" for name, k in rows]
@@ -304,7 +320,7 @@ def table(summary: dict) -> str:
 
 def run(args) -> dict:
     work = args.work.resolve()
-    script = fetch_reference(args.reference, args.cache, args.url) / SCRIPT
+    script = fetch_reference(args.reference, args.cache, args.url, args.commit) / SCRIPT
     params = make_world(work, args.resolution, args.images)
     from pcm.config import config_from_dict, config_to_yaml
 
@@ -326,7 +342,7 @@ def run(args) -> dict:
     summary = compare(ours, theirs)
     settings = {"steps": args.steps, "batch_size": args.batch_size, "resolution": args.resolution,
                 "threads": args.threads, "repeats": args.repeats, "images": args.images,
-                "reference_commit": PINNED_COMMIT, "reference": str(script)}
+                "reference_commit": None if args.reference else args.commit, "reference": str(script)}
     return {"settings": settings, "machine": {"cpu": platform.machine(), "cores": os.cpu_count()},
             "runs": {"ours": ours, "reference": theirs}, **summary}
 
@@ -336,8 +352,11 @@ def parse_args(argv=None):
     parser.add_argument("--reference", help="a local clone of G-U-N/Phased-Consistency-Model (default: clone "
                         f"{REPO_URL} at {PINNED_COMMIT[:12]} into --cache)")
     parser.add_argument("--url", default=REPO_URL, help="where to clone from when --reference is not given")
+    parser.add_argument("--commit", default=PINNED_COMMIT, help="the commit of theirs to check out (default: the "
+                        "one this benchmark was written against)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "pcm-pipelines" / "reference")
-    parser.add_argument("--work", type=Path, default=Path(".bench-reference"), help="the world and the runs' "
+    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "pcm-pipelines" / "bench-reference",
+                        help="the world and the runs' "
                         "outputs (kept: the world is made once)")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch-size", type=int, default=8)

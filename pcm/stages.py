@@ -87,6 +87,8 @@ def distill(cfg: Config, resume: str | None = None, overwrite: bool = False, pro
         return _launch(cfg, processes, resume)
     with track(cfg, "distill", out, resume=resume is not None) as tracker:
         _reads_shards(tracker, cfg, "training")
+        if tracker is not None:
+            tracker.start()  # the folder is claimed: MLflow's import and the run's creation overlap the set-up
         precomputed = Precomputed(True, *stored_text(folder)) if folder is not None else None
         result = run_distill(cfg, loader_factory(cfg, folder), resume=resume, sink=tracker, progress=progress,
                              precomputed=precomputed)

@@ -248,6 +248,11 @@ class Tracker:
         self.outbox.put(("metrics", int(step), _numbers(metrics)))
         self.outbox.start()
 
+    def start(self) -> None:
+        """Starts delivery before the first log, for a stage whose output folder is already in place: MLflow's
+        import and the run's creation then overlap the stage's start-up (teacher loading) instead of its steps."""
+        self.outbox.start()
+
     def log_result(self, result: dict, prefix: str = "") -> None:
         """Every finite number in a stage's (nested) result dict as a metric at step 0."""
         flat = {}

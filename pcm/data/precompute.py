@@ -70,6 +70,9 @@ def find_latents(cfg: Config) -> Path | None:
     (index.json is written last; one with text first, then one of latents only, as written before text was), or
     data.output_dir itself when that holds latents; None when training reads the prepared images. Raises ValueError
     when data.output_dir holds latents of another teacher or resolution, or text of other text encoders."""
+    prepared = Path(cfg.data.output_dir)
+    if not (prepared / "precomputed").is_dir() and not _holds_latents(prepared):
+        return None  # nothing precomputed: the keys would hash the VAE and text encoders (GBs at SDXL size) for naught
     image_key, txt_key, data = teacher_key(cfg), text_key(cfg), prepared_digest(cfg.data.output_dir)
     for folder in (precomputed_dir(cfg, digest([image_key, txt_key, data])),
                    precomputed_dir(cfg, digest([image_key, data])), Path(cfg.data.output_dir)):
@@ -87,6 +90,11 @@ def find_latents(cfg: Config) -> Path | None:
                 f"{txt_key}); run `pcm precompute` for this teacher, or point data.output_dir at the prepared shards")
         return folder
     return None
+
+
+def _holds_latents(folder: Path) -> bool:
+    index = folder / "index.json"
+    return index.is_file() and bool(json.loads(index.read_text()).get("latents"))
 
 
 def stored_text(folder: str | Path) -> tuple[bool, torch.Tensor | None]:
