@@ -20,12 +20,13 @@ def demo_teacher(params: str, overrides: list, mlflow_uri: str, prepared: Input[
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)  # the image has kfp
 def distill(params: str, overrides: list, mlflow_uri: str, teacher_model: str, run_name: str, method: str,
-            num_phases: int, max_steps: int, num_gpus: int, work_root: str, pipeline_run: str, continue_run: str,
-            prepared: Input[Dataset], lora: Output[Model], teacher: Input[Model] = None):
+            num_phases: int, config_hash: str, max_steps: int, num_gpus: int, work_root: str, pipeline_run: str,
+            continue_run: str, prepared: Input[Dataset], lora: Output[Model], teacher: Input[Model] = None):
     """One distillation (pcm.stages.distill_job): checkpoints under work_root/runs/<pipeline run id>/<run_name> (a
     PVC in a cluster: a retried task resumes there, a new pipeline run starts fresh; continue_run names an earlier
     run's id to continue its checkpoints), `accelerate launch` on num_gpus GPUs when > 1; the exported LoRA folder
-    is the output. max_steps > 0 overrides train.max_steps."""
+    is the output. max_steps > 0 overrides train.max_steps. config_hash (of the run's params, method and phases)
+    is in KFP's cache key and the LoRA's metadata: a cached result is never one of other params."""
     from components.workdir import run_folder
     from pcm import stages
     from pcm.config import config_from_yaml
@@ -36,4 +37,5 @@ def distill(params: str, overrides: list, mlflow_uri: str, teacher_model: str, r
                                     f"distill.num_phases={num_phases}", f"train.output_dir={work}",
                                     *([f"train.max_steps={max_steps}"] if max_steps > 0 else [])], mlflow_uri)
     result = stages.distill_job(cfg, num_gpus, lora.path)
-    lora.metadata.update({"run_name": run_name, **result})  # method, phases and edges from the LoRA's card
+    # method, phases and edges from the LoRA's card
+    lora.metadata.update({"run_name": run_name, "config_hash": config_hash, **result})

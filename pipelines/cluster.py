@@ -30,6 +30,7 @@ TASK_SECRETS = {
 }
 
 GRACE_ANNOTATION = "pcm-pipelines/termination-grace-seconds"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"  # Kueue admits a labelled workload through that LocalQueue
 FS_GROUP_ANNOTATION = "pcm-pipelines/fs-group"
 
 
@@ -74,6 +75,7 @@ class Resources:
     uid: int = 1000  # the image's user (Dockerfile: useradd --uid 1000 pcm), and its group
     fs_group: int = 1000  # group owning the PVC mounts, so uid 1000 can write them
     grace_seconds: int = 600  # pipeline.termination_grace_seconds: SIGTERM to SIGKILL on the distill pods
+    queue_name: str = ""  # Kueue LocalQueue of the distill pods (QUEUE_LABEL); empty = no label, not queued
 
     def size(self, name: str) -> TaskSize:
         if name == "distill":
@@ -107,6 +109,8 @@ def apply(task, r: Resources, name: str) -> None:
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=r.shm_size)
         kubernetes.add_pod_annotation(task, GRACE_ANNOTATION, str(r.grace_seconds))
+        if r.queue_name:  # only the GPU-hungry task waits for quota; the short CPU tasks around it run at once
+            kubernetes.add_pod_label(task, QUEUE_LABEL, r.queue_name)
 
 
 def spec_patch(r: Resources) -> dict:
