@@ -11,6 +11,7 @@ what its pods expect and a cluster policy can check them.
 """
 
 import json
+import re
 from dataclasses import dataclass, field
 
 # The secret keys by what they open. MLflow artifacts go through the tracking server (`mlflow server` proxies them
@@ -31,6 +32,15 @@ TASK_SECRETS = {
 
 GRACE_ANNOTATION = "pcm-pipelines/termination-grace-seconds"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"  # Kueue admits a labelled workload through that LocalQueue
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+
+
+def queue_name_problem(name: str) -> str:
+    """What makes `name` unusable as a Kueue queue name (a Kubernetes label value), in one line; empty if nothing."""
+    if name and not _LABEL_VALUE.fullmatch(name):
+        return (f"queue name {name!r}: a Kubernetes label value (at most 63 letters, digits, '-', '_', '.', starting "
+                "and ending with a letter or digit)")
+    return ""
 FS_GROUP_ANNOTATION = "pcm-pipelines/fs-group"
 
 

@@ -11,7 +11,6 @@ import hashlib
 import inspect
 import json
 import os
-import re
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,7 +23,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the components package
 if str(ROOT / "pipelines") not in sys.path:
     sys.path.insert(0, str(ROOT / "pipelines"))  # cluster.py beside this file
-from cluster import Resources, apply, device_gpus, spec_patch  # noqa: E402
+from cluster import Resources, apply, device_gpus, queue_name_problem, spec_patch  # noqa: E402
 
 # Which tasks KFP may answer from its cache (a finished execution with the same component and the same inputs). The
 # data tasks are functions of their inputs. distill and evaluate also read the pipeline run's id (their work folder),
@@ -200,7 +199,7 @@ def _add_cluster_options(command: argparse.ArgumentParser) -> None:
                          "/mnt/work (default pcm-work)")
     command.add_argument("--secret", default="pcm-secrets", help="Kubernetes secret whose keys the tasks get as "
                          "env vars, each task only its own (default pcm-secrets)")
-    command.add_argument("--queue-name", type=_label_value, default="", metavar="QUEUE", help="Kueue LocalQueue "
+    command.add_argument("--queue-name", type=_queue_name, default="", metavar="QUEUE", help="Kueue LocalQueue "
                          "of the distill pods (label kueue.x-k8s.io/queue-name; default: none, not queued)")
     command.add_argument("--no-cache", action="store_true", help="no task reuses a cached result (default: data "
                          "and import tasks do, distill within its run only, evaluate and register never)")
@@ -215,10 +214,10 @@ def _add_import_options(command: argparse.ArgumentParser) -> None:
                          "parameter fid_reference_uri")
 
 
-def _label_value(text: str) -> str:
-    if not re.fullmatch(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?", text):
-        raise argparse.ArgumentTypeError(f"{text!r}: a Kubernetes label value (at most 63 letters, digits, '-', '_', "
-                                         "'.', starting and ending with a letter or digit)")
+def _queue_name(text: str) -> str:
+    problem = queue_name_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster import TASK_SECRETS, Resources  # noqa: E402
+from cluster import QUEUE_LABEL, TASK_SECRETS, Resources, queue_name_problem  # noqa: E402
 
 AGENT_MARGIN = 15  # seconds between torchrun's SIGKILL of stuck workers and the kubelet's SIGKILL of the pod
 
@@ -86,6 +86,12 @@ def _command(args, nodes_env: str, rank_env: str) -> list[str]:
                           args.grace_seconds - AGENT_MARGIN)
 
 
+def _metadata(args) -> dict:
+    """The job's name, and the Kueue queue label with --queue-name: Kueue then suspends the job until the queue's
+    ClusterQueue has quota for all its pods, and admits them together (no half-started gang holding GPUs)."""
+    return {"name": _name(args), **({"labels": {QUEUE_LABEL: args.queue_name}} if args.queue_name else {})}
+
+
 def pytorchjob(args) -> list[dict]:
     """kubeflow.org/v1 PyTorchJob: one Master and nodes - 1 Workers; the operator sets WORLD_SIZE (= nodes here,
     as one pod per node) and RANK (the node rank)."""
@@ -93,7 +99,7 @@ def pytorchjob(args) -> list[dict]:
     specs = {"Master": {"replicas": 1, "restartPolicy": "OnFailure", "template": pod}}
     if args.nodes > 1:
         specs["Worker"] = {"replicas": args.nodes - 1, "restartPolicy": "OnFailure", "template": copy.deepcopy(pod)}
-    return [{"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": {"name": _name(args)},
+    return [{"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": _metadata(args),
              "spec": {"runPolicy": {"backoffLimit": args.retries}, "pytorchReplicaSpecs": specs}}]
 
 
@@ -116,7 +122,7 @@ def trainjob(args) -> list[dict]:
                                                                  "trainer"}},
                                          "spec": {"backoffLimit": args.retries,
                                                   "template": {"spec": {**pod, "containers": [node]}}}}}]}}}}
-    job = {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob", "metadata": {"name": _name(args)},
+    job = {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob", "metadata": _metadata(args),
            "spec": {"runtimeRef": {"name": _name(args), "kind": "TrainingRuntime",
                                    "apiGroup": "trainer.kubeflow.org"},
                     "trainer": {"image": args.image, "command": container["command"], "numNodes": args.nodes,
@@ -151,6 +157,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", default="32", help="CPU limit per pod (default 32)")
     p.add_argument("--memory", default="480Gi", help="memory limit per pod (default 480Gi)")
     p.add_argument("--retries", type=int, default=3, help="restarts of failed pods before the job fails (default 3)")
+    p.add_argument("--queue-name", default="", metavar="QUEUE", help="Kueue LocalQueue of the job (label "
+                   "kueue.x-k8s.io/queue-name; default: none, not queued)")
     p.add_argument("-o", "--output", required=True, help="output manifest .yaml, for `kubectl apply -f`")
     return p
 
@@ -180,7 +188,8 @@ def _problem(args) -> str:
                 "checkpoint)")
     if not all(c.isalnum() or c == "-" for c in args.run_id) or args.run_id != args.run_id.lower():
         return f"--run-id {args.run_id!r}: lower-case letters, digits and '-' (it names Kubernetes objects)"
-    return ""
+    problem = queue_name_problem(args.queue_name)
+    return f"--queue-name: {problem}" if problem else ""
 
 
 if __name__ == "__main__":
