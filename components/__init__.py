@@ -23,4 +23,8 @@ __all__ = ["IMAGE", *_MODULES]
 def __getattr__(name: str):
     if name not in _MODULES:
         raise AttributeError(f"module 'components' has no attribute {name!r}; components: {sorted(_MODULES)}")
-    return getattr(importlib.import_module(f"components.{_MODULES[name]}"), name)
+    component = getattr(importlib.import_module(f"components.{_MODULES[name]}"), name)
+    # importing components.evaluate binds the package's attribute `evaluate` to that submodule; the component takes
+    # the name back, so a second pipeline compiled in the same process gets the component again
+    globals()[name] = component
+    return component

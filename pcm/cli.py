@@ -44,6 +44,10 @@ def _stage(name: str):
 
         kwargs = {k: getattr(args, k) for k in ("resume", "overwrite", "processes") if getattr(args, k, None)}
         cfg = load_config(args.params, args.overrides)
+        katib = getattr(args, "katib_metric", None)
+        if katib and katib[1] not in cfg.eval.steps:  # before the evaluation, not after an hour of it
+            raise ValueError(f"--katib-metric {katib[0]}@{katib[1]}: {katib[1]} steps is not among "
+                             f"eval.steps={list(cfg.eval.steps)}")
         use_params_file(args.params)  # the default MLflow store is the params file's project's, wherever pcm runs
         result = getattr(stages, name)(cfg, **kwargs)
         table = result.pop("table", None)  # a markdown step table reads better as itself than inside JSON
@@ -51,6 +55,8 @@ def _stage(name: str):
         print(json.dumps(summary, indent=2))
         if table:
             print(table, end="")
+        if katib:
+            print(_katib_line(Path(result["metrics"]), *katib))
         return 0
 
     return run
@@ -87,6 +93,26 @@ STAGES = {  # command -> (stages function, help)
     "register": ("register", "register the LoRA in the MLflow model registry: candidate alias, champion when the gate "
                              "passes (register.*, tracking.*)"),
 }
+
+
+def _katib_metric(text: str) -> tuple[str, int]:
+    metric, sep, steps = text.partition("@")
+    if not (metric and sep and steps.isdigit() and int(steps) >= 1):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected METRIC@STEPS, e.g. fid_teacher@4")
+    return metric, int(steps)
+
+
+def _katib_line(metrics_file: Path, metric: str, steps: int) -> str:
+    """`metric=value` of the one distilled model at `steps` (metrics.json's <model>/k<steps>/<metric>), the line
+    Katib's StdOut metrics collector reads. A trial evaluates one LoRA: more, or none, is an error naming them."""
+    suffix = f"/k{steps}/{metric}"
+    found = {key[:-len(suffix)]: value for key, value in json.loads(metrics_file.read_text()).items()
+             if key.endswith(suffix) and not key.startswith("teacher-ddim/")}
+    if len(found) != 1:
+        raise ValueError(f"--katib-metric {metric}@{steps}: expected one distilled model with {metric} at {steps} "
+                         f"steps in {metrics_file}, found {sorted(found) or 'none'} (a trial evaluates one LoRA, "
+                         "at one guidance scale and gamma)")
+    return f"{metric}={next(iter(found.values()))}"
 
 
 def _sample(args) -> int:
@@ -185,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_params(stage, override)
         if command == "distill":
             _add_distill_options(stage)
+        if command == "evaluate":
+            stage.add_argument("--katib-metric", type=_katib_metric, metavar="METRIC@STEPS", help="print METRIC of "
+                               "the one evaluated LoRA at STEPS as the last line, METRIC=value, for Katib's StdOut "
+                               "metrics collector (e.g. fid_teacher@4)")
         stage.set_defaults(func=_stage(function))
     _add_sample(commands)
     convert = _command(commands, "convert-inception", "pytorch-fid's FID Inception .pth -> safetensors (for "

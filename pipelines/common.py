@@ -46,7 +46,8 @@ class Imports:
 def config_hash(params_text: str, method: str, num_phases: int) -> str:
     """16 hex digits of sha256 over what one distillation is: the params (parsed, so layout does not count) with its
     method and phase count."""
-    params = yaml.safe_load(params_text)
+    # as config_from_yaml reads it: JSON (what the pipeline passes) first, as PyYAML reads JSON's 2e-06 as a string
+    params = json.loads(params_text) if params_text.lstrip().startswith("{") else yaml.safe_load(params_text)
     values = [params, {"distill.method": method, "distill.num_phases": num_phases}]
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
