@@ -238,6 +238,9 @@ class Tracker:
         self.unlogged = UnloggedFile(self.out / UNLOGGED_FILE, lambda: {"tracking_uri": self.uri,
                                                                         "run_id": self.run_id, "stage": stage})
         self.outbox = Outbox(self._send_all, self.unlogged, self.t.retry_seconds, self.t.queue_size, self.uri)
+        db = sqlite_file(self.uri)
+        if db is not None and not db.exists():
+            self._create_store()
         self.outbox.put(("tags", lineage_tags(cfg, stage)))
         self.outbox.put(("params", flat_params(config_to_dict(cfg))))
 
@@ -299,14 +302,31 @@ class Tracker:
         """Records that found the delivery queue full (saved to mlflow_unlogged.json instead)."""
         return self.outbox.spilled
 
+    def _create_store(self) -> None:
+        """Makes a new SQLite store here, not on the delivery thread: its schema migrations take seconds (minutes on
+        a loaded machine), and a process that exits after tracking.close_timeout would leave a half-migrated store
+        that every later stage fails on. A local file cannot hang like a server; a failure here is the thread's to
+        retry and report, as any store failure."""
+        try:
+            self._client = None
+            self._connect_store().search_experiments(max_results=1)  # runs the migrations to the head revision
+        except Exception as err:  # tracking never fails the stage: delivery retries, then saves the records
+            log.warning("could not create the MLflow store at %s (%s: %s); delivery will retry", self.uri,
+                        type(err).__name__, err)
+            self._client = None
+
     # -- delivery (on the outbox's thread) --------------------------------------------------------------------------
-    def _connect(self):
+    def _connect_store(self):
         from mlflow import MlflowClient
 
         if self._client is None:
             if self.uri == default_store():  # the embedded store is made on first use; a user's URI is theirs
                 sqlite_file(self.uri).parent.mkdir(parents=True, exist_ok=True)
             self._client = MlflowClient(self.uri)
+        return self._client
+
+    def _connect(self):
+        self._connect_store()
         if self.run_id is None:
             experiment_id = experiment(self._client, self.t, self.uri)
             self.run_id = self._client.create_run(experiment_id, run_name=self.stage).info.run_id

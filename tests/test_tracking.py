@@ -326,3 +326,21 @@ def test_distill_logs_its_losses_by_step_and_a_resumed_run_continues_its_mlflow_
     assert {"lora", "metrics.jsonl"} <= artifacts
     run = client.get_run(info["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["pcm.data_hash"].startswith("index:")
+
+
+def test_a_new_sqlite_store_is_complete_before_the_stage_starts_whatever_close_timeout(tmp_path):
+    """The store's schema migrations run in the stage's own thread: a process that exits after close_timeout (here
+    0 s, delivery never started) cannot leave a half-migrated store behind for the next stage to fail on."""
+    import sqlite3
+
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    db = tmp_path / "fresh" / "mlflow.db"
+    db.parent.mkdir()
+    cfg = _cfg(tmp_path, uri=f"sqlite:///{db}", close_timeout=0.0)
+    tracker = Tracker(cfg, "unit", tmp_path / "out")
+    with sqlite3.connect(db) as con:
+        (revision,) = con.execute("select version_num from alembic_version").fetchone()
+    assert revision == _get_latest_schema_revision()
+    tracker.close()
+    assert MlflowClient(f"sqlite:///{db}").search_experiments()  # the next stage opens it without error
