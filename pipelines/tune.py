@@ -115,15 +115,19 @@ def trial_overrides() -> list[str]:
 
 
 def commands(args) -> tuple[list[str], list[str]]:
-    """(distill argv, evaluate argv) of a trial, with Katib's ${trialParameters.*} still in them."""
+    """(distill argv, evaluate argv) of a trial, with Katib's ${trialParameters.*} still in them. Each is an MLflow
+    run when --mlflow-uri (or the params' tracking.uri) names a store; otherwise tracking is off, as the embedded
+    store would sit beside the params file, in the read-only ConfigMap."""
     lora = f"{TRIAL_DIR}/run/lora"
+    tracking = [f"tracking.uri={args.mlflow_uri}"] if args.mlflow_uri else [] if args.tracked else \
+        ["tracking.enabled=false"]
     distill = ["pcm", "distill", "--params", PARAMS_PATH, "--overwrite",
                *(["--processes", str(args.gpus)] if args.gpus > 1 else []),
                "distill.method=pcm", *trial_overrides(), f"train.output_dir={TRIAL_DIR}/run",
-               *([f"train.max_steps={args.max_steps}"] if args.max_steps else []), *args.override]
+               *([f"train.max_steps={args.max_steps}"] if args.max_steps else []), *tracking, *args.override]
     evaluate = ["pcm", "evaluate", "--params", PARAMS_PATH, "--katib-metric", f"{METRIC}@{args.steps}",
                 f"eval.loras={json.dumps([lora])}", f"eval.steps=[{args.steps}]", f"eval.output_dir={TRIAL_DIR}/eval",
-                f"eval.cache_dir={WORK_DIR}/katib/{args.name}/eval-cache", *args.override]
+                f"eval.cache_dir={WORK_DIR}/katib/{args.name}/eval-cache", *tracking, *args.override]
     return distill, evaluate
 
 
@@ -302,11 +306,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-pvc", default="pcm-data", help="PVC with shards and weights at /mnt/data, read-only")
     p.add_argument("--work-pvc", default="pcm-work", help="PVC at /mnt/work: the evaluation cache shared by trials")
     p.add_argument("--secret", default="pcm-secrets", help="secret whose distill and evaluate keys become env vars")
+    p.add_argument("--mlflow-uri", default="", metavar="URI", help="MLflow tracking server of the trials' runs "
+                   "(default: the params' tracking.uri; with neither, the trials track nothing)")
     p.add_argument("--queue-name", default="", metavar="QUEUE", help="Kueue LocalQueue of the trial Jobs (label "
                    "kueue.x-k8s.io/queue-name; default: none)")
     p.add_argument("--trials", type=int, default=2, help="--dry-run: trials to run here (default 2)")
     p.add_argument("--work", default="tune-dry-run", help="--dry-run: folder of the trials' outputs")
     p.add_argument("--seed", type=int, default=0, help="--dry-run: seed of the trials' draws")
+    p.set_defaults(tracked=False)  # whether the params name a tracking store of their own (set from them in _run)
     return p
 
 
@@ -339,7 +346,9 @@ def _run(args) -> int:
     from pcm.config import config_from_yaml, read_params
 
     params_text = yaml.safe_dump(read_params(args.params), sort_keys=False)
-    space = default_space(config_from_yaml(params_text, args.override))
+    cfg = config_from_yaml(params_text, args.override)
+    args.tracked = cfg.tracking.enabled and bool(cfg.tracking.uri)  # a store of the params' own, not the embedded one
+    space = default_space(cfg)
     chosen = {"w_min": args.w_min, "w_max": args.w_max, "num_phases": args.phases,
               "learning_rate": args.learning_rate, "adversarial_weight": args.adversarial_weight}
     space = replace(space, **{k: v for k, v in chosen.items() if v is not None})

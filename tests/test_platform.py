@@ -248,6 +248,12 @@ def test_the_katib_experiment_is_well_formed(tmp_path):
         in distill
     assert evaluate[:2] == ["pcm", "evaluate"] and evaluate[evaluate.index("--katib-metric") + 1] == "fid_teacher@4"
     assert 'eval.loras=["/trial/run/lora"]' in evaluate and "eval.steps=[4]" in evaluate
+    # no tracking store in the params: the trials track nothing (the embedded one would be in the ConfigMap)
+    assert "tracking.enabled=false" in distill and "tracking.enabled=false" in evaluate
+    _, tracked = _tune(tmp_path, "--mlflow-uri", "http://mlflow:5000")
+    for c in (*tracked["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]["initContainers"],
+              *tracked["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]["containers"]):
+        assert "tracking.uri=http://mlflow:5000" in c["command"] and "tracking.enabled=false" not in c["command"]
     # the params file is the ConfigMap's, mounted where both commands read it
     assert yaml.safe_load(configmap["data"]["params.yaml"]) == yaml.safe_load(SDXL.read_text())
     volumes = {v["name"]: v for v in pod["volumes"]}
