@@ -4,6 +4,8 @@
 The graph: [demo-data ->] prepare [-> demo-teacher] -> distill per run (dsl.ParallelFor) -> evaluate (all LoRAs,
 dsl.Collected) -> register (the LoRA of `register_method` with `register_phases`). Every task is a component of
 components/ over pcm.stages; the params file travels as text, so a compiled package holds its own defaults.
+Compile options add importers (--teacher-uri, --fid-reference-uri: inputs the KFP UI shows, reused by URI), a Kueue
+queue for the distill pods (--queue-name) and turn caching off (--no-cache); CACHING says which tasks may reuse.
 """
 
 import argparse

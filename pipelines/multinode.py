@@ -13,6 +13,9 @@ Run identity: each generated manifest is one run, /mnt/work/runs/<run id>/<run n
 objects are named pcm-<run name>-<run id>. A restarted pod or job (the operator's retries) resumes there
 (`--resume latest`); a manifest generated anew gets a new run id and starts fresh; `--run-id ID` continues run ID.
 
+Queueing: --queue-name QUEUE labels the job kueue.x-k8s.io/queue-name=QUEUE; Kueue (with its Kubeflow Trainer or
+training-operator integration enabled) keeps it suspended until the queue has quota for all of its nodes.
+
 Preemption: the pods get terminationGracePeriodSeconds (pipeline.termination_grace_seconds, --grace-seconds);
 torchrun is exec'd, so it receives the kubelet's SIGTERM, forwards it to its workers (they save a checkpoint and
 exit 143) and waits for them up to --shutdown-timeout, 15 s less than the grace period, before its own SIGKILL.
