@@ -4,8 +4,7 @@ shards (moving-shapes clips for animatediff: pcm.demo.video_teacher).
 Phases, all seeded by cfg.seed:
   1. data     every prepared image and caption in memory; the last `holdout` samples are kept out of training
   2. vae      AutoencoderKL, MSE + 1e-6 KL; held-out PSNR; scaling_factor = 1 / std of the training latents
-  3. unet     UNet + text encoder(s) jointly, min-SNR-weighted eps-prediction loss on the scaled latents, caption
-              dropout, EMA
+  3. unet     UNet + text encoder(s) jointly, eps-prediction loss on the scaled latents, caption dropout, EMA
   4. save     the whole pipeline with save_pretrained (EMA weights), written to a temp dir and renamed at the end
   5. eval     the saved pipeline samples the held-out captions (DDIM + CFG); the oracle reads the main object back
 """
