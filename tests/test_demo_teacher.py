@@ -112,21 +112,3 @@ def test_attention_from_sets_the_unet_layout(prepared, tmp_path, attention_from,
     unet = _build(cfg, ["a red circle in the center on a gray background"])["unet"]
     assert tuple(unet.config.down_block_types) == down
     assert tuple(unet.config.up_block_types) == tuple(b.replace("Down", "Up") for b in reversed(down))
-
-
-def test_min_snr_weights_cap_the_clean_timesteps_at_gamma_over_snr(monkeypatch):
-    from diffusers import DDPMScheduler
-
-    from pcm.demo import teacher
-
-    abar = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod.double()
-    snr = abar / (1 - abar)
-    w = teacher.snr_weights(abar)
-    gamma = teacher.MIN_SNR_GAMMA
-    noisy = snr <= gamma
-    assert noisy.any() and (~noisy).any()  # both regimes occur on SD's schedule
-    assert torch.equal(w[noisy], torch.ones_like(w[noisy]))  # noisy timesteps keep the plain eps loss
-    torch.testing.assert_close(w[~noisy] * snr[~noisy], torch.full_like(w[~noisy], gamma))  # clean: gamma / SNR
-    assert (w[1:] >= w[:-1]).all()  # never more weight on a cleaner timestep
-    monkeypatch.setattr(teacher, "MIN_SNR_GAMMA", None)
-    assert torch.equal(teacher.snr_weights(abar), torch.ones_like(abar))

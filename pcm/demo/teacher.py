@@ -37,10 +37,6 @@ from pcm.models.tiny import (
 from pcm.train.ema import EMA
 
 KL_WEIGHT = 1e-6  # SD's VAE recipe: the KL term only keeps the posterior from collapsing; quality comes from MSE
-# Min-SNR-gamma loss weights (Hang et al. 2023, arXiv 2303.09556): eps-prediction weights every timestep equally
-# in eps, which spends most of a short budget on the near-clean timesteps whose noise is easy to read off; weighting by
-# min(SNR, gamma) / SNR moves it to the noisy ones where colour and kind are decided. None = the plain eps loss.
-MIN_SNR_GAMMA: float | None = 5.0
 WARMUP_STEPS = 20  # linear learning-rate warmup: Adam's first steps at full lr 2e-3 can blow up fresh GroupNorm nets
 FAMILIES = {"sd15": (tiny_sd15_components, StableDiffusionPipeline),
             "sdxl": (tiny_sdxl_components, StableDiffusionXLPipeline),
@@ -158,18 +154,6 @@ def encode_posteriors(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch
     return mean, std, 1.0 / sample.std().item()
 
 
-def snr_weights(abar_t: torch.Tensor) -> torch.Tensor:
-    """Min-SNR-gamma weights of an eps loss: min(SNR_t, gamma) / SNR_t, SNR_t = abar_t / (1 - abar_t); (B,) -> (B,)."""
-    if MIN_SNR_GAMMA is None:
-        return torch.ones_like(abar_t)
-    snr = abar_t / (1 - abar_t)
-    return snr.clamp(max=MIN_SNR_GAMMA) / snr
-
-
-def _per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a - b).pow(2).flatten(1).mean(1)
-
-
 def _conditions(family: str, encoders: list, ids: torch.Tensor, drop: torch.Tensor, empty_ids: torch.Tensor,
                 side: int) -> dict:
     """UNet keyword arguments for token ids (B, L); rows where drop is True get the family's uncond.
@@ -226,7 +210,7 @@ def train_unet(parts: dict, latents: tuple, ids: torch.Tensor, cfg: DemoTeacherC
         if x_0.ndim == 5:  # clips (B, C, F, h, w): the motion UNet reads one text state per frame
             cond["encoder_hidden_states"] = cond["encoder_hidden_states"].repeat_interleave(x_0.shape[2], dim=0)
         eps_hat = unet(scheduler.add_noise(x_0, eps, t), t, **cond).sample
-        loss = (snr_weights(scheduler.alphas_cumprod.to(device)[t]) * _per_sample_mse(eps_hat, eps)).mean()
+        loss = F.mse_loss(eps_hat, eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
