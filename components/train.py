@@ -30,11 +30,12 @@ def distill(params: str, overrides: list, mlflow_uri: str, teacher_model: str, r
     from components.workdir import run_folder
     from pcm import stages
     from pcm.config import config_from_yaml
+    from pcm.config.mlops import DistillRun
 
     work = f"{run_folder(work_root, pipeline_run, continue_run, lora.path + '-work')}/{run_name}"
     cfg = config_from_yaml(params, [*overrides, f"teacher.model={teacher.path if teacher else teacher_model}",
-                                    f"data.output_dir={prepared.path}", f"distill.method={method}",
-                                    f"distill.num_phases={num_phases}", f"train.output_dir={work}",
+                                    f"data.output_dir={prepared.path}", *DistillRun(method, num_phases).overrides(),
+                                    f"train.output_dir={work}",
                                     *([f"train.max_steps={max_steps}"] if max_steps > 0 else [])], mlflow_uri)
     result = stages.distill_job(cfg, num_gpus, lora.path)
     # method, phases and edges from the LoRA's card

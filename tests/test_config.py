@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -137,3 +138,15 @@ def test_a_number_field_still_refuses_what_is_not_a_number(override):
     with pytest.raises(ConfigError) as err:
         config_from_dict({}, [override])
     assert override.split("=")[0] in str(err.value) and "expected" in str(err.value)
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")) + [
+    Path(__file__).parent.parent / "params.yaml"], ids=lambda p: p.name)
+def test_every_run_of_every_shipped_params_file_is_a_valid_config(path):
+    """Each pipeline.distill_runs entry, as a pipeline task builds its config (DistillRun.overrides), loads: an SDXL
+    file with the adversarial loss on still runs its LCM baseline (which has none)."""
+    cfg = load_config(path)
+    for name, run in cfg.pipeline.distill_runs.items():
+        run_cfg = load_config(path, run.overrides())
+        assert run_cfg.distill.method == run.method and run_cfg.distill.num_phases == run.num_phases, name
+        assert run.method == "pcm" or run_cfg.adversarial.weight == 0

@@ -63,6 +63,13 @@ class DistillRun:
         require(self.num_phases >= 1, f"pipeline.distill_runs: num_phases={self.num_phases} must be >= 1")
         require(self.method != "lcm" or self.num_phases == 1, "pipeline.distill_runs: an lcm run has num_phases: 1")
 
+    def overrides(self) -> list[str]:
+        """The overrides that make this run from the params. An LCM run is the plain LCM baseline, without the
+        adversarial loss, so a params file that turns that loss on for its PCM runs (configs/sdxl-cc3m.yaml) still
+        runs its LCM baseline."""
+        return [f"distill.method={self.method}", f"distill.num_phases={self.num_phases}",
+                *(["adversarial.weight=0"] if self.method == "lcm" else [])]
+
 
 def _default_runs() -> dict:
     return {"pcm-m1": DistillRun("pcm", 1), "pcm-m2": DistillRun("pcm", 2), "pcm-m4": DistillRun("pcm", 4),
