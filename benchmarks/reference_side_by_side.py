@@ -105,11 +105,13 @@ def _hide_standin_from_libraries() -> None:
 def _child(side: str, stamps_file: str, threads: int, data_dir: str, argv: list[str]) -> None:
     if side == "ours":
         clock = _install_step_clock(Path(stamps_file), OURS_BAR, threads)
+        import atexit
+
         from pcm.cli import main
 
-        code = main(argv)
-        clock["returned"] = (time.monotonic(), _cpu())
-        sys.exit(code)
+        sys.argv = ["pcm", *argv]  # as the `pcm` console script calls it
+        atexit.register(lambda: clock.update(returned=clock["returned"] or (time.monotonic(), _cpu())))
+        sys.exit(main())
     script = Path(argv[0]).resolve()
     clock = _install_step_clock(Path(stamps_file), THEIR_BAR, threads)
     _hide_standin_from_libraries()

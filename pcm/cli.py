@@ -237,6 +237,34 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; argv None (the `pcm` program, python -m pcm.cli) ends the process when the command is
+    done, without the interpreter's teardown (_exit_when_done)."""
+    code = _main(argv)
+    if argv is None:
+        _exit_when_done(code)
+    return code
+
+
+def _exit_when_done(code: int) -> None:
+    """Ends the process as the interpreter would, less its teardown of every module and object: that teardown costs
+    1.5-2 s of CPU once torch, diffusers and MLflow are imported (measured: benchmarks/reference_side_by_side.py) and
+    writes nothing. Non-daemon threads are waited for and the atexit handlers run (logging, multiprocessing), as at
+    a normal exit; everything a command writes is closed (and fsynced where it matters) before it returns."""
+    import atexit
+    import os
+    import threading
+
+    getattr(threading, "_shutdown", lambda: None)()  # waits for non-daemon threads, as the interpreter's exit does
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
+            pass
+    os._exit(code)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
