@@ -160,7 +160,9 @@ def test_precomputed_clip_latents_are_the_teachers_and_train(world, tmp_path):
     assert latents["key"] == clips["key"] and latents["latent"].shape == (2, 4, FRAMES, 8, 8)
     teacher = load_teacher(cfg.teacher)
     expected = teacher.encode_images(clips["pixels"], mean=True).half()
-    np.testing.assert_array_equal(latents["latent"].numpy(), expected.numpy())
+    # equal up to one float16 step: precompute encodes in its own batches, and a float32 result that lies within
+    # rounding noise of a float16 boundary may round either way (seen with one torch thread per xdist worker)
+    np.testing.assert_allclose(latents["latent"].float().numpy(), expected.float().numpy(), rtol=2**-10, atol=2**-24)
     states = teacher.text_states(clips["caption"])[0].half()  # one text state per clip, repeated per frame at call
     np.testing.assert_array_equal(latents["text_hidden"].numpy(), states.numpy())
     out = tmp_path / "from-latents"
