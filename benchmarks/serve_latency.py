@@ -22,8 +22,6 @@ import base64
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -69,12 +67,6 @@ def build_stand_in(root: Path) -> tuple[str, str]:
     return f"models:/serve-latency/{version}", world["tracking"]["uri"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cpu_seconds(group: int) -> float:
     """CPU seconds (user + sys) of the live processes in a process group: the server is `mlflow models serve` and
     the uvicorn process it starts."""
@@ -95,34 +87,10 @@ def start_server(model: str, store: str, log: Path) -> tuple[subprocess.Popen, s
         ["--model-name", "x", "--model", model, "--name", "x", "--tracking-uri", store, "--gpus", "0", "-o", "-"]))
     container = manifest["spec"]["predictor"]["containers"][0]
     config = next(e["value"] for e in container["env"] if e["name"] == "MLFLOW_PYFUNC_INFERENCE_CONFIG")
-    port, command = _free_port(), list(container["command"])
-    command[command.index("--host") + 1], command[command.index("--port") + 1] = "127.0.0.1", str(port)
-    venv = Path(sys.executable).parent
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MLFLOW_PYFUNC_INFERENCE_CONFIG": config,
-           "PATH": f"{venv}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MLFLOW_PYFUNC_INFERENCE_CONFIG": config}
     start = time.perf_counter()
-    with open(log, "wb") as out:
-        process = subprocess.Popen([str(venv / command[0]), *command[1:]], env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    while time.perf_counter() - start < 600 and process.poll() is None:
-        try:
-            if urllib.request.urlopen(f"{url}/ping", timeout=2).status == 200:
-                return process, url, time.perf_counter() - start
-        except OSError:
-            time.sleep(0.2)
-    stop(process)
-    raise RuntimeError(f"the server did not answer /ping: {log.read_text()[-2000:]}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    process, url = serve.run_here(container["command"], env, log, 600)
+    return process, url, time.perf_counter() - start
 
 
 def request(url: str, steps: int, seed: int) -> bytes:
@@ -195,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             first = time.perf_counter() - first
             timed = measure(url, process.pid, local, args.requests)
         finally:
-            stop(process)
+            serve.stop_here(process)
     result = {"model": model if args.model else "stand-in (demo architecture, 2 training steps)",
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "prompt": PROMPT,
               "build_s": built, "start_to_ready_s": ready, "first_request_s": first, "steps": timed}

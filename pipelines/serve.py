@@ -21,7 +21,13 @@ Requests are serialized inside the model (one generation at a time), so each pod
 
 import argparse
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -152,6 +158,43 @@ def _problem(args) -> str:
     if args.gpus < 0 or args.timeout < 1 or args.load_seconds < 10:
         return "--gpus must be >= 0, --timeout >= 1 and --load-seconds >= 10"
     return ""
+
+
+def run_here(command: list[str], env: dict, log: Path, seconds: float) -> tuple[subprocess.Popen, str]:
+    """The service's command on this machine: on a free loopback port, in a process group of its own, with this
+    venv's executables first on the PATH (mlflow execs `uvicorn` by name); (process, base URL) once /ping answers,
+    which is once the model is loaded. Stopped, and RuntimeError with its log's end, when not up within seconds.
+    What the serving test and benchmarks/serve_latency.py run."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = list(command)
+    command[command.index("--host") + 1], command[command.index("--port") + 1] = "127.0.0.1", str(port)
+    venv = Path(sys.executable).parent
+    env = {**env, "PATH": f"{venv}{os.pathsep}{env.get('PATH', os.environ.get('PATH', ''))}"}
+    with open(log, "wb") as out:
+        process = subprocess.Popen([str(venv / command[0]), *command[1:]], env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if urllib.request.urlopen(f"{url}/ping", timeout=2).status == 200:
+                return process, url
+        except OSError:
+            time.sleep(0.3)
+    stop_here(process)
+    raise RuntimeError(f"{' '.join(command)} did not answer /ping in {seconds:g} s: {log.read_text()[-3000:]}")
+
+
+def stop_here(process: subprocess.Popen) -> None:
+    """Stops a run_here process group: SIGTERM, then SIGKILL after 20 s."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=20)
 
 
 def main(argv: list[str] | None = None) -> int:

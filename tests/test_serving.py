@@ -5,8 +5,6 @@ serialized; a bad request is a 400 with a message, checked before anything is ge
 import base64
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -141,44 +139,12 @@ def test_concurrent_predictions_are_serialized(champion, monkeypatch):
 
 # ---- mlflow models serve ------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(uri: str, store: str, config: str, log: Path) -> tuple[subprocess.Popen, str]:
-    """The InferenceService's command (pipelines/serve.py) on a free loopback port, in a process group of its own,
-    with the service's MLFLOW_PYFUNC_INFERENCE_CONFIG; (process, base URL) once /ping answers (the model is loaded by
-    then). Killed, and RuntimeError with its log, when not up in 240 s."""
-    port = _free_port()
-    command = serve.serve_command(uri, 60)
-    command[command.index("--host") + 1], command[command.index("--port") + 1] = "127.0.0.1", str(port)
-    venv = str(Path(sys.executable).parent)  # mlflow execs `uvicorn` by name: the venv's, as after `activate`
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MLFLOW_PYFUNC_INFERENCE_CONFIG": config,
-           "PATH": f"{venv}{os.pathsep}{os.environ.get('PATH', '')}"}
-    with open(log, "wb") as out:
-        process = subprocess.Popen([str(Path(venv) / command[0]), *command[1:]], env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 240
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if urllib.request.urlopen(f"{url}/ping", timeout=2).status == 200:
-                return process, url
-        except OSError:
-            time.sleep(0.5)
-    _stop(process)
-    raise RuntimeError(f"mlflow models serve did not answer /ping in 240 s: {log.read_text()[-3000:]}")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=20)
+    """The InferenceService's command (pipelines/serve.py) run here with the service's MLFLOW_PYFUNC_INFERENCE_CONFIG;
+    (process, base URL) once /ping answers (the model is loaded by then). Killed, and RuntimeError with its log,
+    when not up in 240 s."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MLFLOW_PYFUNC_INFERENCE_CONFIG": config}
+    return serve.run_here(serve.serve_command(uri, 60), env, log, 240)
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
@@ -230,7 +196,7 @@ def test_mlflow_models_serve_answers_with_the_bytes_of_pcm_sample(champion, tmp_
         assert status == 400 and "unknown column(s) 'step'" in answer["message"]
         assert _post(url, {"dataframe_records": [{"prompt": PROMPT, "seed": 3}]})[0] == 200  # still serving
     finally:
-        _stop(process)
+        serve.stop_here(process)
         if moved.exists():
             moved.rename(teacher)
 
