@@ -115,7 +115,7 @@ class Bench:
         if lora is None:
             return teacher_sampler(guidance_scale)
         card, adapter = read_lora_config(lora), f"claims{self.adapters}"
-        load_checked(self.teacher.unet, str(lora), adapter, str(lora), "the claims benchmark's own LoRA")
+        load_checked(self.teacher.backbone, str(lora), adapter, str(lora), "the claims benchmark's own LoRA")
         self.adapters += 1
         return Sampler(card.label, adapter, card, guidance_scale, k_above_m=rule or DEFAULT_K_ABOVE_M)
 

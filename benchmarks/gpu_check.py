@@ -105,7 +105,7 @@ def step_floor(run: Run, unet, pooled: int, batch: int) -> dict:
     cond, uncond = sdxl_gpu.conditions(batch, unet, pooled, run.device)
     side = unet.config.sample_size
     data = SimpleNamespace(x_0=torch.randn(batch, 4, side, side, device=run.device), cond=cond, uncond=uncond)
-    return train_step.floor(SimpleNamespace(eps_fn=eps_fn, unet=unet), data, {}, None, 2 if run.tiny else 3)
+    return train_step.floor(SimpleNamespace(eps_fn=eps_fn, backbone=unet), data, {}, None, 2 if run.tiny else 3)
 
 
 def part_unet(run: Run, out: dict) -> None:
@@ -156,7 +156,7 @@ def part_overhead(run: Run, out: dict) -> None:
             p.copy_(p0)
     # CPU rehearsal: the same torch.compile call, dynamo's eager backend (inductor's C++ build: minutes on 2 cores)
     backend = "eager" if run.tiny else "inductor"
-    teacher.unet.compile(backend=backend)
+    teacher.backbone.compile(backend=backend)
     step, _ = train_step.make_step(teacher, params, data, distill, None)
     compiled, compile_s, step_c = losses_and_time(step, repeats)
     gap = max(abs(a - b) for a, b in zip(eager, compiled, strict=True))

@@ -66,8 +66,9 @@ def build(folder: Path, batch: int, sizes: TinySizes = SIZES, with_vae: bool = T
     teacher = load_teacher(cfg.teacher, DEVICE, with_vae=with_vae)
     cond = teacher.encode_prompts([PROMPTS[i % 2] for i in range(batch)], target_size=32)
     torch.manual_seed(0)
-    params = attach_lora(teacher.unet, 16, 16, ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "ff.net.0.proj",
-                                                 "ff.net.2", "proj_in", "proj_out", "time_emb_proj"))
+    targets = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "ff.net.0.proj", "ff.net.2", "proj_in",
+               "proj_out", "time_emb_proj")
+    params = attach_lora(teacher.backbone, 16, 16, targets)
     x_0 = torch.randn(batch, 4, 16, 16, device=DEVICE)
     return teacher, params, Batch(x_0, cond, teacher.uncond(batch, like=cond), torch.arange(batch))
 
@@ -91,13 +92,13 @@ def timed(fn, repeats: int) -> float:
 
 def make_step(teacher, params, batch, distill: dict, schedule, separate=False, turn="joint", shared_fake=True):
     cfg = config_from_dict({"distill": {"num_solver_steps": 50, "num_phases": 4, **distill}})
-    grid = SolverGrid(len(teacher.abar), cfg.distill.num_solver_steps, cfg.distill.num_phases)
+    grid = SolverGrid(len(teacher.schedule), cfg.distill.num_solver_steps, cfg.distill.num_phases)
     opt = torch.optim.AdamW(params, lr=1e-6)
-    disc = Discriminator(teacher.unet, 1).to(DEVICE) if schedule else None
+    disc = Discriminator(teacher.backbone, 1).to(DEVICE) if schedule else None
     d_opt = torch.optim.AdamW(disc.parameters(), lr=1e-6) if disc else None
 
     def frozen(x, t, c):
-        with adapters_off(teacher.unet):
+        with adapters_off(teacher.backbone):
             if separate and len(x) == 2 * len(batch.x_0):
                 halves = [{k: v.chunk(2)[i] for k, v in c.items()} for i in (0, 1)]
                 return torch.cat([teacher.eps_fn(x.chunk(2)[i], t.chunk(2)[i], halves[i]) for i in (0, 1)])
@@ -119,7 +120,7 @@ def make_step(teacher, params, batch, distill: dict, schedule, separate=False, t
         return d_real, d_fake, disc(fake, r, c, train_heads=False)
 
     counter = {"k": 0}
-    loss = make_loss(cfg.distill, grid, teacher.abar, 0, adversarial_weight=0.1)
+    loss = make_loss(cfg.distill, grid, teacher.schedule, 0, adversarial_weight=0.1)
     nets = Nets(student, frozen, target, disc_fn if disc else None)
     turn = turn if disc else "g"
 
@@ -149,7 +150,7 @@ def floor(teacher, batch, distill: dict, disc, repeats: int) -> dict[str, float]
         teacher.eps_fn(x, t, cond).pow(2).mean().backward()
 
     def teacher_pass():
-        with torch.no_grad(), adapters_off(teacher.unet):
+        with torch.no_grad(), adapters_off(teacher.backbone):
             if two:
                 teacher.eps_fn(torch.cat([x, x]), torch.cat([t, t]), cat_cond(cond, batch.uncond))
             else:
@@ -171,7 +172,7 @@ def floor(teacher, batch, distill: dict, disc, repeats: int) -> dict[str, float]
             sum(h.mean() for h in disc(fake, t, cond, train_heads=False)).backward()
 
         passes |= {"D fwd+bwd": timed(d_pass, repeats), "G fwd+bwd": timed(g_pass, repeats)}
-    for p in teacher.unet.parameters():
+    for p in teacher.backbone.parameters():
         p.grad = None
     return passes
 
@@ -188,7 +189,7 @@ def peak_rss_child(two_unets: bool, batch: int, vae: bool = True) -> float:
 def child(two_unets: bool, batch: int, vae: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         teacher, params, b = build(Path(tmp) / "teacher", batch, MEMORY_SIZES, with_vae=vae)
-        keep = copy.deepcopy(teacher.unet) if two_unets else None  # what the reference code holds
+        keep = copy.deepcopy(teacher.backbone) if two_unets else None  # what the reference code holds
         step, _ = make_step(teacher, params, b, VARIANTS["pcm small-cfg"][0], None)
         for _ in range(3):
             step()

@@ -158,7 +158,7 @@ def _direct(cfg: Config, lora: str, rows: list[dict], teacher_from: str = "lora"
         raise LoRAError(f"--lora={lora}: its base model {teacher_cfg.model} (base_model in its {CONFIG_FILE}) does "
                         f"not load ({one_line(err)}); make it available there, or sample on teacher.model "
                         "with --teacher-from config") from err
-    load_checked(teacher.unet, lora, "pcm", "--lora", sides)
+    load_checked(teacher.backbone, lora, "pcm", "--lora", sides)
     return generate_pngs(teacher, card, "pcm", rows)
 
 

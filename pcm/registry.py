@@ -42,7 +42,7 @@ from pcm.models.card import CONFIG_FILE, LoraFileError, ModelCard, read_card
 from pcm.models.families import ModelLoadError
 from pcm.models.lora import DIFFUSERS_FILE
 from pcm.registry_store import RegistryError, connect, resolve, tracking_store
-from pcm.serving import request_rows
+from pcm.serving import model_failures, request_rows
 from pcm.tracking import RUN_FILE, experiment, lineage_tags, read_run_file, tracking_uri
 
 ADAPTER = "pcm"
@@ -73,7 +73,7 @@ class PCMPipelineModel(PythonModel):
                      f"'{self.card.family}', 'base_model': <a {self.card.family} base>}} or leave both as "
                      "registered")
         self.teacher = load_teacher(teacher, c.get("device", "cpu"))
-        load_checked(self.teacher.unet, lora, ADAPTER, "registered LoRA", f"the LoRA records a {self.card.family} "
+        load_checked(self.teacher.backbone, lora, ADAPTER, "registered LoRA", f"the LoRA records a {self.card.family} "
                      f"base {self.card.base_model}, model_config's base_model is {teacher.family} {teacher.model}")
         self.lock = threading.Lock()
         if c.get("warmup"):
@@ -83,7 +83,7 @@ class PCMPipelineModel(PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         rows = request_rows(model_input, self.card, self.defaults)  # MlflowException (HTTP 400) when bad
-        with self.lock:
+        with self.lock, model_failures():  # past the checks, a failure is the model's: HTTP 500
             return pd.DataFrame({"image": generate_pngs(self.teacher, self.card, ADAPTER, rows, self.defaults)})
 
 
@@ -129,7 +129,7 @@ def check_loads(cfg: Config, lora: Path, card: ModelCard) -> None:
     except (ModelLoadError, ValueError) as err:
         raise RegistryError(f"register.lora={lora}: its base model {base} (base_model in {CONFIG_FILE}) does not "
                             f"load ({one_line(err)}); make it available there and run `pcm register` again") from err
-    load_checked(teacher.unet, lora, ADAPTER, "register.lora")
+    load_checked(teacher.backbone, lora, ADAPTER, "register.lora")
 
 
 def eval_metrics(cfg: Config, sha: str) -> tuple[dict, str | None]:

@@ -11,13 +11,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AnimateDiffPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    AnimateDiffPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from PIL import Image
 
 from pcm.config import LORA_TARGETS
 from pcm.models.card import ModelCard
 from pcm.models.lora import attach_lora, export_lora
-from pcm.models.tiny import build_tokenizer, tiny_animatediff_components, tiny_sd15_components, tiny_sdxl_components
+from pcm.models.tiny import (
+    build_tokenizer,
+    tiny_animatediff_components,
+    tiny_sd3_components,
+    tiny_sd15_components,
+    tiny_sdxl_components,
+)
 
 # ---- tiny teachers -------------------------------------------------------------------------------------------------
 
@@ -28,7 +40,9 @@ VIDEO_CAPTIONS = ["a red circle moving left on a gray background", "a blue squar
 def save_tiny(path, family, prediction_type="epsilon"):
     torch.manual_seed(0)
     tokenizer = build_tokenizer(CAPTIONS)
-    if family == "sd15":
+    if family == "sd3":
+        pipe = StableDiffusion3Pipeline(**tiny_sd3_components(tokenizer))
+    elif family == "sd15":
         pipe = StableDiffusionPipeline(**tiny_sd15_components(tokenizer, prediction_type=prediction_type),
                                        requires_safety_checker=False)
     else:

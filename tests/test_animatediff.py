@@ -35,7 +35,7 @@ def test_both_layouts_load_to_the_same_motion_unet_with_per_frame_conditioning(t
     from_pipeline = load_teacher(TeacherConfig(family="animatediff", model=str(tiny["pipeline"])))
     from_parts = load_teacher(TeacherConfig(family="animatediff", model=str(tiny["sd15"]),
                                             motion_adapter=str(tiny["adapter"])))
-    assert isinstance(from_pipeline.unet, UNetMotionModel) and isinstance(from_parts.unet, UNetMotionModel)
+    assert isinstance(from_pipeline.backbone, UNetMotionModel) and isinstance(from_parts.backbone, UNetMotionModel)
     x, t, cond = _inputs(from_pipeline)
     assert cond["encoder_hidden_states"].shape == (2, 77, 32)  # SD1.5 conditioning, one state per clip
     eps = from_pipeline.eps_fn(x, t, cond)
@@ -71,8 +71,8 @@ def test_bad_animatediff_references_name_the_key(tiny, tmp_path):
 @pytest.mark.parametrize("layers", ["all", "spatial", "motion"])
 def test_lora_layers_select_spatial_or_motion_modules(tiny, layers):
     teacher = load_teacher(TeacherConfig(family="animatediff", model=str(tiny["pipeline"])))
-    attach_lora(teacher.unet, rank=2, alpha=2, target_modules=LORA_TARGETS, layers=layers)
-    adapted = {n.rsplit(".lora_", 1)[0] for n, _ in teacher.unet.named_parameters() if ".lora_" in n}
+    attach_lora(teacher.backbone, rank=2, alpha=2, target_modules=LORA_TARGETS, layers=layers)
+    adapted = {n.rsplit(".lora_", 1)[0] for n, _ in teacher.backbone.named_parameters() if ".lora_" in n}
     motion = {n for n in adapted if ".motion_modules." in n}
     assert motion if layers != "spatial" else not motion
     assert (adapted - motion) if layers != "motion" else adapted == motion
@@ -82,7 +82,7 @@ def test_lora_layers_select_spatial_or_motion_modules(tiny, layers):
 
 def test_exported_lora_loads_into_animatediff_pipeline_and_reproduces_the_student(tiny, tmp_path):
     teacher = load_teacher(TeacherConfig(family="animatediff", model=str(tiny["pipeline"])))
-    params = attach_lora(teacher.unet, rank=4, alpha=4, target_modules=LORA_TARGETS)
+    params = attach_lora(teacher.backbone, rank=4, alpha=4, target_modules=LORA_TARGETS)
     with torch.no_grad():
         for p in params:
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
@@ -90,13 +90,13 @@ def test_exported_lora_loads_into_animatediff_pipeline_and_reproduces_the_studen
     student = teacher.eps_fn(x, t, cond)
     timesteps = [999, 499, 0]
     x_0 = sample_pcm(teacher.eps_fn, x, cond, teacher.abar, timesteps)
-    export_lora(teacher.unet, tmp_path / "lora", card("animatediff", str(tiny["pipeline"])))
+    export_lora(teacher.backbone, tmp_path / "lora", card("animatediff", str(tiny["pipeline"])))
 
     # diffusers' own pipeline, built from the SD1.5 directory and the adapter, with the exported LoRA
     pipe = AnimateDiffPipeline.from_pretrained(tiny["sd15"], motion_adapter=_adapter(tiny))
     pipe.load_lora_weights(tmp_path / "lora")
     fresh = load_teacher(TeacherConfig(family="animatediff", model=str(tiny["pipeline"])))
-    fresh.unet = pipe.unet
+    fresh.backbone = pipe.unet
     torch.testing.assert_close(fresh.eps_fn(x, t, cond), student, rtol=0, atol=1e-5)
     # deterministic PCM through the pipeline: TCD with gamma 0 over the LoRA's sampling timesteps
     scheduler = TCDScheduler.from_config(pipe.scheduler.config)
@@ -110,7 +110,7 @@ def test_exported_lora_loads_into_animatediff_pipeline_and_reproduces_the_studen
     torch.testing.assert_close(video, x_0, rtol=0, atol=1e-4)
     # and our own loader path (the one evaluation uses) gives the same student
     other = load_teacher(TeacherConfig(family="animatediff", model=str(tiny["pipeline"])))
-    load_lora(other.unet, tmp_path / "lora", "pcm")
+    load_lora(other.backbone, tmp_path / "lora", "pcm")
     torch.testing.assert_close(other.eps_fn(x, t, cond), student, rtol=0, atol=1e-5)
 
 
@@ -163,7 +163,7 @@ def test_a_few_distillation_steps_on_clips_train_and_export(tiny, tmp_path):
     teacher = load_teacher(cfg.teacher)
     x, t, cond = _inputs(teacher)
     base = teacher.eps_fn(x, t, cond)
-    load_lora(teacher.unet, lora, "pcm")
-    assert all(".motion_modules." in n for n, _ in teacher.unet.named_parameters() if ".lora_" in n)
+    load_lora(teacher.backbone, lora, "pcm")
+    assert all(".motion_modules." in n for n, _ in teacher.backbone.named_parameters() if ".lora_" in n)
     assert (teacher.eps_fn(x, t, cond) - base).abs().max() > 1e-5
     assert (tmp_path / "run" / "samples" / "step-000003.png").is_file()  # validation strip of one clip

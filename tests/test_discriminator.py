@@ -221,7 +221,7 @@ def test_hinge_losses_take_a_single_tensor_as_one_head_and_refuse_no_heads():
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_encoder_features_are_the_down_and_mid_block_outputs_of_the_real_unet_forward(family, tmp_path):
     teacher = load_teacher(TeacherConfig(family=family, model=str(save_tiny(tmp_path / family, family))))
-    unet = teacher.unet
+    unet = teacher.backbone
     captured = {}
 
     def keep(name):

@@ -30,13 +30,13 @@ def test_family_loads_from_disk_and_calls_the_unet_with_the_right_conditioning(t
     family, path = tiny
     teacher = load_teacher(TeacherConfig(family=family, model=str(path)))
     seen = {}
-    original = teacher.unet.forward
+    original = teacher.backbone.forward
 
     def spy(sample, timestep, encoder_hidden_states, added_cond_kwargs=None, **kw):
         seen.update(ehs=encoder_hidden_states.shape, added={k: v.shape for k, v in (added_cond_kwargs or {}).items()})
         return original(sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, **kw)
 
-    teacher.unet.forward = spy
+    teacher.backbone.forward = spy
     x, t, cond = _inputs(teacher)
     eps = teacher.eps_fn(x, t, cond)
     assert eps.shape == x.shape and torch.isfinite(eps).all()
@@ -60,7 +60,7 @@ def test_v_prediction_teacher_is_converted_to_eps(tmp_path):
     teacher = load_teacher(TeacherConfig(family="sd15", model=str(path)))
     assert teacher.prediction_type == "v_prediction"
     x, t, cond = _inputs(teacher)
-    v = teacher.unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+    v = teacher.backbone(x, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
     abar_t = teacher.abar[t].reshape(-1, 1, 1, 1)
     torch.testing.assert_close(teacher.eps_fn(x, t, cond), eps_from_v(x, v, abar_t))
 
@@ -75,8 +75,8 @@ def test_lora_trains_only_adapters_toggles_exactly_and_round_trips_through_load_
     teacher = load_teacher(TeacherConfig(family=family, model=str(path)))
     x, t, cond = _inputs(teacher)
     base = teacher.eps_fn(x, t, cond)
-    params = attach_lora(teacher.unet, rank=4, alpha=8, target_modules=LORA_TARGETS)
-    trainable = [n for n, p in teacher.unet.named_parameters() if p.requires_grad]
+    params = attach_lora(teacher.backbone, rank=4, alpha=8, target_modules=LORA_TARGETS)
+    trainable = [n for n, p in teacher.backbone.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable) and len(trainable) == len(params)
     torch.testing.assert_close(teacher.eps_fn(x, t, cond), base)  # B = 0 at init: student == teacher
     with torch.no_grad():
@@ -84,17 +84,17 @@ def test_lora_trains_only_adapters_toggles_exactly_and_round_trips_through_load_
             p.add_(0.05 * torch.randn_like(p))
     student = teacher.eps_fn(x, t, cond)
     assert (student - base).abs().max() > 1e-3
-    with adapters_off(teacher.unet):
+    with adapters_off(teacher.backbone):
         assert torch.equal(teacher.eps_fn(x, t, cond), base)  # adapters off is exactly the base UNet
     student.sum().backward()
     assert all(p.grad is not None for p in params)
     written = dataclasses.replace(card(family, str(path)), num_phases=4, edges=(0, 239, 499, 739), num_solver_steps=50)
-    files = export_lora(teacher.unet, tmp_path / "lora", written)
+    files = export_lora(teacher.backbone, tmp_path / "lora", written)
     assert read_metadata(files["diffusers"]) == written and read_metadata(files["kohya"]) == written
     assert read_card(tmp_path / "lora") == written
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     pipe = cls.from_pretrained(path)
     pipe.load_lora_weights(tmp_path / "lora")
     fresh = load_teacher(TeacherConfig(family=family, model=str(path)))
-    fresh.unet = pipe.unet
+    fresh.backbone = pipe.unet
     torch.testing.assert_close(fresh.eps_fn(x, t, cond), student.detach(), rtol=0, atol=1e-5)

@@ -188,7 +188,7 @@ class ValidationConfig:
 class TeacherConfig:
     """The teacher to distill: a diffusers pipeline directory or hub id (docs/method.md §9: conditioning per family)."""
 
-    family: Literal["sd15", "sdxl", "animatediff"] = "sd15"  # how prompts are encoded and the UNet is called
+    family: Literal["sd15", "sdxl", "animatediff", "sd3"] = "sd15"  # how prompts are encoded and the backbone called
     model: str = "models/demo-teacher"  # local diffusers pipeline directory, or a hub id
     # animatediff: a MotionAdapter directory or hub id put into teacher.model's SD1.5 UNet; empty = teacher.model is
     # an AnimateDiff pipeline whose unet/ is already a UNetMotionModel
@@ -197,8 +197,12 @@ class TeacherConfig:
     variant: str = ""  # weight variant, e.g. fp16; empty = the default files
     vae: str = ""  # optional separate VAE directory or hub id (e.g. the fp16-fix SDXL VAE); empty = the pipeline's
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # dtype of the frozen weights
+    t5: bool = True  # sd3: load the T5 encoder when the pipeline has one (false: its states are zeros, as in diffusers)
+    max_sequence_length: int = 256  # sd3: T5 tokens per prompt (diffusers' default)
 
     def __post_init__(self):
+        require(self.max_sequence_length >= 1,
+                f"teacher.max_sequence_length={self.max_sequence_length} must be >= 1 (diffusers uses 256 for SD3)")
         require(not self.motion_adapter or self.family == "animatediff",
                 f"teacher.motion_adapter={self.motion_adapter} is only read by teacher.family=animatediff "
                 f"(family is {self.family}); remove it or set the family")
@@ -229,6 +233,9 @@ class Config:
         require(self.adversarial.weight == 0 or self.teacher.family != "animatediff",
                 f"adversarial.weight={self.adversarial.weight}: the discriminator reads 2-D UNet features, not "
                 "video; set adversarial.weight=0 for teacher.family=animatediff")
+        require(self.adversarial.weight == 0 or self.teacher.family != "sd3",
+                f"adversarial.weight={self.adversarial.weight}: the discriminator reads UNet encoder features and "
+                "sd3's backbone is a transformer; set adversarial.weight=0 for teacher.family=sd3")
         require(self.lora.layers == "all" or self.teacher.family == "animatediff",
                 f"lora.layers={self.lora.layers} needs teacher.family=animatediff (only its UNet has motion "
                 "modules); use lora.layers=all")

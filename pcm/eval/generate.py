@@ -53,7 +53,7 @@ def read_lora_config(folder: str | Path) -> ModelCard:
 
 def load_samplers(teacher: Teacher, folders: tuple[str, ...], guidance_scales: tuple[float, ...],
                   gammas: tuple[float, ...] = (0.0,)) -> list[Sampler]:
-    """Loads every LoRA folder onto teacher.unet as an adapter; one Sampler per (LoRA, guidance scale, gamma), LCM
+    """Loads every LoRA folder onto teacher.backbone as an adapter; one Sampler per (LoRA, guidance scale, gamma), LCM
     LoRAs at gamma 0 only.
 
     Labels: '<method>-M<phases>' ('lcm' for LCM), the folder's parent name appended when two LoRAs share one,
@@ -67,7 +67,7 @@ def load_samplers(teacher: Teacher, folders: tuple[str, ...], guidance_scales: t
         raise ValueError(f"eval.loras={list(folders)}: two entries give the same row label {names}; list each once")
     samplers = []
     for i, (folder, card, name) in enumerate(zip(folders, cards, names, strict=True)):
-        load_checked(teacher.unet, folder, f"eval{i}", f"eval.loras entry {folder}",
+        load_checked(teacher.backbone, folder, f"eval{i}", f"eval.loras entry {folder}",
                      f"the LoRA records a {card.family} base {card.base_model}, the teacher (teacher.model) is "
                      f"{teacher.family}")
         for g in guidance_scales:
@@ -86,18 +86,18 @@ def initial_noise(shape: tuple[int, ...], seed: int, index: int) -> torch.Tensor
 def use(teacher: Teacher, sampler: Sampler) -> None:
     """Sets the UNet's adapter state for this sampler."""
     if sampler.adapter is None:
-        if getattr(teacher.unet, "peft_config", None):
-            teacher.unet.disable_adapters()
+        if getattr(teacher.backbone, "peft_config", None):
+            teacher.backbone.disable_adapters()
     else:
-        teacher.unet.set_adapters([sampler.adapter])
-        teacher.unet.enable_adapters()
+        teacher.backbone.set_adapters([sampler.adapter])
+        teacher.backbone.enable_adapters()
 
 
 @torch.no_grad()
 def sample_latents(teacher: Teacher, sampler: Sampler, x_T: torch.Tensor, cond: dict, neg: dict, K: int,
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """x_0 (B, 4, h, w) after K steps of the sampler from x_T (adapter state set by `use`)."""
-    return sample(teacher.eps_fn, x_T, cond, neg, teacher.abar, sampler.sampling(K), generator)
+    return sample(teacher.eps_fn, x_T, cond, neg, teacher.schedule, sampler.sampling(K), generator)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

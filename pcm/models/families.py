@@ -1,4 +1,5 @@
-"""Teacher families: load a diffusers SD1.5 / SDXL pipeline's parts, encode prompts, wrap the UNet as eps_fn.
+"""Teacher families: load a diffusers pipeline's parts, encode prompts, wrap the backbone (a UNet, or SD3's
+transformer) as eps_fn.
 
 Conditioning (docs/method.md §9):
   sd15  encoder_hidden_states = CLIP last hidden state; uncond = the encoded empty prompt
@@ -7,6 +8,10 @@ Conditioning (docs/method.md §9):
   sdxl  encoder_hidden_states = both encoders' penultimate hidden states, concatenated; text_embeds = encoder 2's
         pooled (projected) output; time_ids = (orig h, orig w, crop top, crop left, target h, target w);
         uncond = zeros (force_zeros_for_empty_prompt)
+  sd3   a rectified flow: encoder_hidden_states = [both CLIP encoders' penultimate states concatenated and zero-padded
+        to T5's width; T5's last hidden state (zeros without T5)] along the sequence; pooled_projections = both CLIP
+        encoders' pooled (projected) outputs concatenated; uncond = the encoded empty prompt (as diffusers and the
+        reference encode it); the transformer reads timestep = T sigma_t and returns the flow velocity
 A condition is a dict of batch-first tensors, so the training step can batch [cond; uncond] in one forward.
 """
 
@@ -14,13 +19,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+import transformers
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    MotionAdapter,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+    UNetMotionModel,
+)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
-from pcm.math import abar_at, schedule_from_scheduler_config, to_eps
+from pcm.math import NoiseSchedule, abar_at, noise_schedule_from_scheduler_config, to_eps, vp_schedule
 
-FAMILIES = ("sd15", "sdxl", "animatediff")
+FAMILIES = ("sd15", "sdxl", "animatediff", "sd3")
 SD15_CONDITIONING = ("sd15", "animatediff")  # one CLIP encoder, last hidden state, uncond = encoded ""
+FLOW_FAMILIES = ("sd3",)  # rectified-flow teachers: a transformer backbone predicting the flow velocity
+ENCODED_EMPTY = ("sd15", "animatediff", "sd3")  # uncond = the encoded ""; sdxl's is zeros
+T5_MAX_LENGTH = 256  # diffusers' default max_sequence_length for SD3's T5 tokens
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -43,34 +60,54 @@ class Teacher:
     """The frozen parts of a teacher pipeline and the family's conditioning rules."""
 
     family: str
-    unet: UNet2DConditionModel | UNetMotionModel
+    backbone: UNet2DConditionModel | UNetMotionModel | SD3Transformer2DModel  # the denoising network
     scheduler_config: dict
     vae: AutoencoderKL | None = None
-    tokenizers: list[CLIPTokenizer] = field(default_factory=list)
+    tokenizers: list = field(default_factory=list)  # CLIP tokenizers, then T5's (sd3)
     text_encoders: list[torch.nn.Module] = field(default_factory=list)
-    _empty: dict | None = field(default=None, repr=False)  # sd15's encoded "": computed once, or stored
+    max_sequence_length: int = T5_MAX_LENGTH  # sd3: T5 tokens per prompt
+    _empty: dict | None = field(default=None, repr=False)  # the encoded "" (ENCODED_EMPTY): computed once, or stored
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"unknown teacher.family {self.family!r}; allowed: {', '.join(FAMILIES)}")
-        self.abar, self.prediction_type = schedule_from_scheduler_config(dict(self.scheduler_config))
+        schedule = noise_schedule_from_scheduler_config(dict(self.scheduler_config))
+        if (schedule.kind == "flow") != self.is_flow:
+            raise ValueError(f"teacher.family={self.family} with a {schedule.kind} scheduler "
+                             f"({self.scheduler_config.get('_class_name', 'unnamed')}): "
+                             f"{', '.join(FLOW_FAMILIES)} are rectified flows, the others DDPM-family schedules")
+        self.prediction_type = schedule.prediction
+        # what eps_fn returns: eps for a VP teacher (v-prediction converted), the flow velocity for a flow teacher
+        self.schedule: NoiseSchedule = vp_schedule(schedule.table) if schedule.kind == "vp" else schedule
+        self.abar = schedule.table if schedule.kind == "vp" else None
+
+    @property
+    def is_flow(self) -> bool:
+        return self.family in FLOW_FAMILIES
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return self.backbone.device
 
     def eps_fn(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict,
-               unet: torch.nn.Module | None = None) -> torch.Tensor:
-        """eps_hat of the UNet in its current adapter state (v-prediction converted), in x_t's dtype.
+               backbone: torch.nn.Module | None = None) -> torch.Tensor:
+        """The backbone's prediction in its current adapter state, in x_t's dtype and in the parametrization of
+        self.schedule: eps_hat for a VP teacher (v-prediction converted), the flow velocity u = eps - x_0 for a flow
+        teacher (sd3).
 
-        unet: the module to call instead of self.unet (the DDP-wrapped student, same weights)."""
+        backbone: the module to call instead of self.backbone (the DDP-wrapped student, same weights)."""
+        net, dtype = backbone or self.backbone, self.backbone.dtype
+        if self.is_flow:
+            sigma = self.schedule.table.to(x_t.device)[t.to(x_t.device)]
+            return net(hidden_states=x_t.to(dtype), timestep=(sigma * len(self.schedule)).to(dtype),
+                       encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+                       pooled_projections=cond["pooled_projections"].to(dtype)).sample.to(x_t.dtype)
         added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
-        dtype = self.unet.dtype
         states = cond["encoder_hidden_states"]
         if x_t.ndim == 5:  # video: the motion UNet folds frames into the batch, one text state per frame
             states = states.repeat_interleave(x_t.shape[2], dim=0)
-        out = (unet or self.unet)(x_t.to(dtype), t, encoder_hidden_states=states.to(dtype),
-                        added_cond_kwargs={k: v.to(dtype) for k, v in added.items()} or None).sample
+        out = net(x_t.to(dtype), t, encoder_hidden_states=states.to(dtype),
+                  added_cond_kwargs={k: v.to(dtype) for k, v in added.items()} or None).sample
         return to_eps(out.to(x_t.dtype), x_t, abar_at(self.abar, t, x_t), self.prediction_type)
 
     @torch.no_grad()
@@ -83,14 +120,22 @@ class Teacher:
     def text_states(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What the text encoders give for a batch of prompts, float32: (hidden states (B, L, D), pooled (B, P) or
         None); sd15: the last hidden state; sdxl: both encoders' penultimate states concatenated and encoder 2's
-        pooled (projected) output. `pcm precompute` stores exactly these."""
+        pooled (projected) output; sd3: the CLIP states zero-padded to T5's width, then T5's states along the
+        sequence, and both CLIP pooled outputs concatenated. `pcm precompute` stores exactly these."""
         if not self.text_encoders:
             raise RuntimeError("this teacher was loaded without text encoders (the batches carry precomputed text "
                                "embeddings); load it with with_text=True to encode prompts")
         if self.family in SD15_CONDITIONING:
             return self._hidden(0, prompts, penultimate=False)[0], None
         states, pooled = zip(*(self._hidden(i, prompts, penultimate=True) for i in range(2)), strict=True)
-        return torch.cat(states, dim=-1), pooled[1]
+        if self.family == "sdxl":
+            return torch.cat(states, dim=-1), pooled[1]
+        clip, width = torch.cat(states, dim=-1), self.backbone.config.joint_attention_dim
+        if len(self.text_encoders) > 2:
+            t5 = self._hidden(2, prompts, penultimate=False, max_length=self.max_sequence_length)[0]
+        else:  # no T5 (dropped to save memory, as diffusers allows): its states are zeros
+            t5 = clip.new_zeros(len(prompts), self.max_sequence_length, width)
+        return torch.cat([torch.nn.functional.pad(clip, (0, width - clip.shape[-1])), t5], dim=1), torch.cat(pooled, -1)
 
     def condition(self, states: torch.Tensor, pooled: torch.Tensor | None = None,
                   original_size: torch.Tensor | None = None, crop_top_left: torch.Tensor | None = None,
@@ -100,35 +145,40 @@ class Teacher:
         states = states.to(self.device, torch.float32)
         if self.family in SD15_CONDITIONING:
             return {"encoder_hidden_states": states}
+        if self.is_flow:
+            return {"encoder_hidden_states": states, "pooled_projections": pooled.to(self.device, torch.float32)}
         batch = len(states)
-        side = target_size or self.unet.config.sample_size * self.vae_factor
+        side = target_size or self.backbone.config.sample_size * self.vae_factor
         size = original_size if original_size is not None else torch.full((batch, 2), side)
         crop = crop_top_left if crop_top_left is not None else torch.zeros(batch, 2, dtype=torch.int64)
         time_ids = torch.cat([size, crop, torch.full((batch, 2), side)], dim=1).to(self.device, torch.float32)
         return {"encoder_hidden_states": states, "text_embeds": pooled.to(self.device, torch.float32),
                 "time_ids": time_ids}
 
-    def _hidden(self, i: int, prompts: list[str], penultimate: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _hidden(self, i: int, prompts: list[str], penultimate: bool,
+                max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         tokenizer, encoder = self.tokenizers[i], self.text_encoders[i]
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(self.device)
+        ids = tokenizer(prompts, padding="max_length", max_length=max_length or tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids.to(self.device)
         out = encoder(ids, output_hidden_states=True)
         hidden = out.hidden_states[-2] if penultimate else out.last_hidden_state
         pooled = out.text_embeds if isinstance(encoder, CLIPTextModelWithProjection) else None
         return hidden.float(), (pooled.float() if pooled is not None else None)
 
-    def set_empty_prompt(self, states: torch.Tensor) -> None:
-        """sd15 / animatediff: uncond's encoded "" from stored states (1, L, D), for a teacher without text encoders
-        (`pcm precompute` stores it once per folder); sdxl's uncond is zeros and needs none."""
-        if self.family not in SD15_CONDITIONING:
+    def set_empty_prompt(self, states: torch.Tensor, pooled: torch.Tensor | None = None) -> None:
+        """sd15 / animatediff / sd3: uncond's encoded "" from stored states (1, L, D) (sd3: and pooled (1, P)), for a
+        teacher without text encoders (`pcm precompute` stores it once per folder); sdxl's uncond is zeros."""
+        if self.family not in ENCODED_EMPTY:
             raise ValueError(f"teacher.family={self.family!r} has an all-zeros empty condition; only "
-                             f"{', '.join(SD15_CONDITIONING)} store the encoded empty prompt")
-        self._empty = self.condition(states)
+                             f"{', '.join(ENCODED_EMPTY)} store the encoded empty prompt")
+        if self.is_flow and pooled is None:
+            raise ValueError(f"teacher.family={self.family}: the stored empty prompt needs its pooled projection too")
+        self._empty = self.condition(states, pooled)
 
     def uncond(self, batch_size: int, like: dict | None = None) -> dict:
-        """The empty condition: sd15 encodes "" (or takes the stored one, set_empty_prompt), sdxl uses zeros (time
-        ids kept from `like` when given)."""
-        if self.family in SD15_CONDITIONING:
+        """The empty condition: sd15 and sd3 encode "" (or take the stored one, set_empty_prompt), sdxl uses zeros
+        (time ids kept from `like` when given)."""
+        if self.family in ENCODED_EMPTY:
             if self._empty is None:
                 self._empty = self.encode_prompts([""])
             return {k: v.expand(batch_size, *v.shape[1:]) for k, v in self._empty.items()}
@@ -155,12 +205,18 @@ class Teacher:
             flat = self.encode_images(pixels.flatten(0, 1), generator, mean)
             return flat.unflatten(0, (batch, frames)).transpose(1, 2)
         dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
-        return (dist.mean if mean else dist.sample(generator)).float() * self.vae.config.scaling_factor
+        z = (dist.mean if mean else dist.sample(generator)).float()
+        return (z - self._vae_shift) * self.vae.config.scaling_factor
+
+    @property
+    def _vae_shift(self) -> float:
+        """SD3's VAE shift factor (latents = (z - shift) x scaling); 0 for the SD1.5 / SDXL VAEs, which have none."""
+        return self.vae.config.get("shift_factor") or 0.0
 
     def latent_shape(self, resolution: int, frames: int = 1) -> tuple[int, ...]:
         """Shape of one sample's latent: (C, h, w), or (C, F, h, w) for a video family."""
         side = resolution // self.vae_factor
-        channels = self.unet.config.in_channels
+        channels = self.backbone.config.in_channels
         return (channels, frames, side, side) if self.is_video else (channels, side, side)
 
     @torch.no_grad()
@@ -169,7 +225,8 @@ class Teacher:
         if latents.ndim == 5:
             batch, frames = latents.shape[0], latents.shape[2]
             return self.decode_latents(latents.transpose(1, 2).flatten(0, 1)).unflatten(0, (batch, frames))
-        images = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
+        z = latents / self.vae.config.scaling_factor + self._vae_shift
+        images = self.vae.decode(z.to(self.vae.dtype)).sample
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -182,9 +239,12 @@ def _kwargs(cfg, dtype: torch.dtype) -> dict:
     return kwargs
 
 
-def _load_unet(cfg, kwargs: dict) -> UNet2DConditionModel | UNetMotionModel:
-    """The family's UNet. animatediff: teacher.model's UNetMotionModel (an AnimateDiff pipeline), or its SD1.5 UNet
-    turned into one (AnimateDiffPipeline's rule); teacher.motion_adapter, when set, supplies the motion modules."""
+def _load_backbone(cfg, kwargs: dict) -> UNet2DConditionModel | UNetMotionModel | SD3Transformer2DModel:
+    """The family's backbone: sd3's transformer, else the UNet. animatediff: teacher.model's UNetMotionModel (an
+    AnimateDiff pipeline), or its SD1.5 UNet turned into one (AnimateDiffPipeline's rule); teacher.motion_adapter,
+    when set, supplies the motion modules."""
+    if cfg.family == "sd3":
+        return SD3Transformer2DModel.from_pretrained(cfg.model, subfolder="transformer", **kwargs)
     if cfg.family != "animatediff":
         return UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", **kwargs)
     unet_class = UNet2DConditionModel.load_config(cfg.model, subfolder="unet").get("_class_name")
@@ -204,6 +264,24 @@ def _load_unet(cfg, kwargs: dict) -> UNet2DConditionModel | UNetMotionModel:
     return UNetMotionModel.from_unet2d(unet, adapter)
 
 
+def _text_parts(cfg) -> list[tuple[str, type, str, type]]:
+    """(tokenizer folder, tokenizer class, encoder folder, encoder class) of the family's text encoders, in
+    Teacher.text_states' order; sd3's T5 when the pipeline has one and teacher.t5 keeps it (its tokenizer of the
+    class the pipeline's model_index.json names, as diffusers loads it)."""
+    if cfg.family in SD15_CONDITIONING:
+        return [("tokenizer", CLIPTokenizer, "text_encoder", CLIPTextModel)]
+    if cfg.family == "sdxl":
+        return [("tokenizer", CLIPTokenizer, "text_encoder", CLIPTextModel),
+                ("tokenizer_2", CLIPTokenizer, "text_encoder_2", CLIPTextModelWithProjection)]
+    parts = [("tokenizer", CLIPTokenizer, "text_encoder", CLIPTextModelWithProjection),
+             ("tokenizer_2", CLIPTokenizer, "text_encoder_2", CLIPTextModelWithProjection)]
+    index = DiffusionPipeline.load_config(cfg.model, **({"revision": cfg.revision} if cfg.revision else {}))
+    library, tokenizer_class = index.get("tokenizer_3") or [None, None]
+    if cfg.t5 and tokenizer_class is not None:
+        parts.append(("tokenizer_3", getattr(transformers, tokenizer_class), "text_encoder_3", T5EncoderModel))
+    return parts
+
+
 def load_teacher(cfg, device: str | torch.device = "cpu", with_vae: bool = True, with_text: bool = True) -> Teacher:
     """A Teacher from cfg (pcm.config.TeacherConfig): a local diffusers directory or a hub id, with the real
     from_pretrained code (revision, variant, dtype, an optional separate VAE)."""
@@ -211,7 +289,7 @@ def load_teacher(cfg, device: str | torch.device = "cpu", with_vae: bool = True,
     dtype = DTYPES[cfg.dtype]
     kwargs = _kwargs(cfg, dtype)
     try:
-        unet = _load_unet(cfg, kwargs)
+        backbone = _load_backbone(cfg, kwargs)
         scheduler_config = dict(DDIMScheduler.load_config(cfg.model, subfolder="scheduler",
                                                           **{k: v for k, v in kwargs.items() if k == "revision"}))
         vae = None
@@ -220,19 +298,16 @@ def load_teacher(cfg, device: str | torch.device = "cpu", with_vae: bool = True,
                    else AutoencoderKL.from_pretrained(cfg.model, subfolder="vae", **kwargs))
         tokenizers, encoders = [], []
         if with_text:
-            names = [("tokenizer", "text_encoder", CLIPTextModel)]
-            if cfg.family == "sdxl":
-                names.append(("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection))
-            for tok_dir, enc_dir, cls in names:
-                tokenizers.append(CLIPTokenizer.from_pretrained(cfg.model, subfolder=tok_dir,
-                                                                **{k: v for k, v in kwargs.items() if k == "revision"}))
-                encoders.append(cls.from_pretrained(cfg.model, subfolder=enc_dir, **kwargs))
+            for tok_dir, tok_cls, enc_dir, enc_cls in _text_parts(cfg):
+                tokenizers.append(tok_cls.from_pretrained(cfg.model, subfolder=tok_dir,
+                                                          **{k: v for k, v in kwargs.items() if k == "revision"}))
+                encoders.append(enc_cls.from_pretrained(cfg.model, subfolder=enc_dir, **kwargs))
     except ModelLoadError:
         raise
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"teacher.model={cfg.model}: cannot load a {cfg.family} pipeline from it ({err})") from err
-    teacher = Teacher(cfg.family, unet, scheduler_config, vae, tokenizers, encoders)
-    for module in [unet, vae, *encoders]:
+    teacher = Teacher(cfg.family, backbone, scheduler_config, vae, tokenizers, encoders, cfg.max_sequence_length)
+    for module in [backbone, vae, *encoders]:
         if module is not None:
             module.requires_grad_(False).eval().to(device)
     return teacher

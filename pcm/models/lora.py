@@ -1,6 +1,7 @@
-"""LoRA on the teacher's UNet (peft through diffusers): attach, toggle, export with metadata, load back.
+"""LoRA on the teacher's backbone, a UNet or SD3's transformer (peft through diffusers): attach, toggle, export with
+metadata, load back.
 
-One UNet serves as student (adapters on) and as teacher / discriminator backbone (adapters off), so no second
+One backbone serves as student (adapters on) and as teacher / discriminator backbone (adapters off), so no second
 copy of the weights is held. Only the LoRA parameters require gradients.
 """
 
@@ -11,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 from peft import LoraConfig, get_peft_model_state_dict
 from peft.utils import set_peft_model_state_dict
@@ -23,6 +24,20 @@ from pcm.models.card import CONFIG_FILE, REEXPORT, LoraFileError, ModelCard, car
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pcm_lora_kohya.safetensors"
+
+
+# the pipeline whose save_lora_weights / lora_state_dict / load_lora_weights read the family's LoRA, and the key
+# prefix of the backbone there; sd3 has no kohya export (its LoRAs circulate in the diffusers format)
+PIPELINES = {"sd15": StableDiffusionPipeline, "animatediff": StableDiffusionPipeline,
+             "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline}
+PREFIX = {"sd3": "transformer"}  # else "unet"
+KOHYA_FAMILIES = ("sd15", "animatediff", "sdxl")
+
+
+def _pipeline(family: str):
+    if family not in PIPELINES:
+        raise ValueError(f"no LoRA export for family {family!r}; supported: {', '.join(PIPELINES)}")
+    return PIPELINES[family]
 
 
 MOTION = "motion_modules"  # AnimateDiff's temporal layers live under <block>.motion_modules.<i>
@@ -84,7 +99,8 @@ def load_lora_state_dict(unet: torch.nn.Module, state: dict[str, torch.Tensor]) 
 
 
 def export_lora(unet: torch.nn.Module, out_dir: str | Path, card: ModelCard) -> dict[str, Path]:
-    """Writes pytorch_lora_weights.safetensors (diffusers, adapter metadata), a kohya file and pcm_config.json.
+    """Writes pytorch_lora_weights.safetensors (diffusers, adapter metadata), a kohya file (UNet families) and
+    pcm_config.json.
 
     The card (phase edges, N, M, guidance variant, recommended sampling) is stored in both safetensors headers as a
     JSON string under 'pcm' and, readable, in pcm_config.json. The three are written into a temp folder that then
@@ -93,23 +109,27 @@ def export_lora(unet: torch.nn.Module, out_dir: str | Path, card: ModelCard) -> 
     out = Path(out_dir)
     with staged_dir(out) as tmp:
         _write_export(unet, tmp, card)
-    return {"diffusers": out / DIFFUSERS_FILE, "kohya": out / KOHYA_FILE, "config": out / CONFIG_FILE}
+    files = {"diffusers": out / DIFFUSERS_FILE, "kohya": out / KOHYA_FILE, "config": out / CONFIG_FILE}
+    return {k: v for k, v in files.items() if k != "kohya" or card.family in KOHYA_FAMILIES}
 
 
 def _write_export(unet: torch.nn.Module, out: Path, card: ModelCard) -> None:
     peft_state = get_peft_model_state_dict(unet)
     adapter_config = unet.peft_config["default"].to_dict()
-    pipeline_cls = StableDiffusionXLPipeline if card.family == "sdxl" else StableDiffusionPipeline
-    pipeline_cls.save_lora_weights(out, unet_lora_layers=peft_state,
-                                   unet_lora_adapter_metadata=adapter_config, safe_serialization=True)
+    prefix = PREFIX.get(card.family, "unet")
+    _pipeline(card.family).save_lora_weights(out, **{f"{prefix}_lora_layers": peft_state,
+                                                     f"{prefix}_lora_adapter_metadata": adapter_config},
+                                             safe_serialization=True)
     header = json.dumps(card.to_json(), sort_keys=True)
     _add_metadata(out / DIFFUSERS_FILE, {"pcm": header})
+    write_card(card, out)
+    if card.family not in KOHYA_FAMILIES:
+        return
     kohya = {k: v.detach().float().cpu().contiguous() for k, v in convert_state_dict_to_kohya(
         convert_state_dict_to_diffusers(peft_state)).items()}
     save_file(kohya, out / KOHYA_FILE, metadata={"pcm": header, "ss_network_module": "networks.lora",
                                                  "ss_network_dim": str(adapter_config["r"]),
                                                  "ss_network_alpha": str(adapter_config["lora_alpha"])})
-    write_card(card, out)
 
 
 def _add_metadata(path: Path, extra: dict[str, str]) -> None:
@@ -138,16 +158,18 @@ def read_metadata(path: str | Path) -> ModelCard:
     return card_from_json(data, str(path))
 
 
-def load_lora(unet: torch.nn.Module, folder: str | Path, adapter_name: str) -> None:
-    """Loads an exported LoRA folder onto unet as adapter `adapter_name`, at the alpha stored in its metadata (the
-    same path as `pipe.load_lora_weights`); the adapter becomes active."""
+def load_lora(backbone: torch.nn.Module, folder: str | Path, adapter_name: str) -> None:
+    """Loads an exported LoRA folder onto the backbone as adapter `adapter_name`, at the alpha stored in its metadata
+    (the same path as `pipe.load_lora_weights`); the adapter becomes active."""
     path = Path(folder) / DIFFUSERS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a LoRA folder exported by `pcm distill`")
+    family = read_metadata(path).family
     try:
-        state, alphas, adapter_metadata = StableDiffusionPipeline.lora_state_dict(Path(folder),
-                                                                                  return_lora_metadata=True)
+        loaded = _pipeline(family).lora_state_dict(Path(folder), return_lora_metadata=True)
     except Exception as err:  # safetensors' own error for a truncated file, OSError, a broken metadata JSON
         raise LoraFileError(f"{path} is unreadable, truncated or damaged ({_first_line(err)}); {REEXPORT}") from err
-    unet.load_lora_adapter(state, prefix="unet", network_alphas=alphas, adapter_name=adapter_name,
-                           metadata=adapter_metadata)
+    state, adapter_metadata = loaded[0], loaded[-1]
+    alphas = loaded[1] if len(loaded) == 3 else None  # SD3's reader returns no separate network alphas
+    backbone.load_lora_adapter(state, prefix=PREFIX.get(family, "unet"), network_alphas=alphas,
+                               adapter_name=adapter_name, metadata=adapter_metadata)

@@ -1,8 +1,9 @@
-"""Tiny SD1.5-, SDXL- and AnimateDiff-shaped pipelines built from configs (no downloads), for tests and the demo.
+"""Tiny SD1.5-, SDXL-, AnimateDiff- and SD3-shaped pipelines built from configs (no downloads), for tests and the demo.
 
 They use the real block types (cross-attention down/up blocks, SDXL's text_time added conditioning, two CLIP
-encoders with a projection) at toy widths, and an offline CLIP tokenizer built from a caption corpus, so
-`save_pretrained` followed by our loaders exercises exactly the code that loads SD1.5 / SDXL.
+encoders with a projection, SD3's joint-attention transformer with a T5 encoder and a 16-channel VAE) at toy widths,
+and an offline CLIP tokenizer built from a caption corpus, so `save_pretrained` followed by our loaders exercises
+exactly the code that loads SD1.5 / SDXL / SD3.
 """
 
 import re
@@ -12,8 +13,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    MotionAdapter,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+)
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # CLIP's pre-tokenizer splits letters, single digits and punctuation runs; we mirror it for ASCII text.
@@ -69,12 +84,14 @@ def _text_config(tokenizer: CLIPTokenizer, sizes: TinySizes, hidden: int) -> CLI
     )
 
 
-def tiny_vae(sizes: TinySizes) -> AutoencoderKL:
+def tiny_vae(sizes: TinySizes, latent_channels: int = 4, **scaling) -> AutoencoderKL:
+    """A VAE of the sizes; SD3's has 16 latent channels and a shift_factor beside its scaling_factor."""
     n = len(sizes.vae_channels)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=sizes.vae_channels,
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=sizes.vae_channels,
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
         layers_per_block=1, norm_num_groups=sizes.norm_groups, sample_size=sizes.sample_size * 2 ** (n - 1),
+        **scaling,
     )
 
 
@@ -149,6 +166,36 @@ def tiny_animatediff_components(tokenizer: CLIPTokenizer, sizes: TinySizes = Tin
     sd15 = tiny_sd15_components(tokenizer, sizes, prediction_type)
     keep = ("unet", "vae", "tokenizer", "text_encoder", "scheduler", "feature_extractor", "image_encoder")
     return {**{k: sd15[k] for k in keep}, "motion_adapter": tiny_motion_adapter(sizes)}
+
+
+def tiny_sd3_components(tokenizer: CLIPTokenizer, sizes: TinySizes = TinySizes(), with_t5: bool = True,
+                        shift: float = 3.0) -> dict:
+    """Components of a StableDiffusion3Pipeline: a joint-attention transformer over 2x2 patches of a 16-channel latent,
+    CLIP-L- and CLIP-G-shaped encoders (both with projections; their pooled outputs concatenated are the pooled
+    projection), a T5 encoder (optional, as in diffusers; it reads the same offline tokenizer) and SD3's shifted
+    flow-matching scheduler. The VAE's shift and scaling factors are SD3's own."""
+    hidden_1, hidden_2 = sizes.text_hidden, sizes.text_hidden * 2
+    joint = 2 * (hidden_1 + hidden_2)  # T5's width; the CLIP states (hidden_1 + hidden_2) are zero-padded to it
+    heads = 2
+    transformer = SD3Transformer2DModel(
+        sample_size=sizes.sample_size, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+        attention_head_dim=sizes.attention_head_dim, num_attention_heads=heads, joint_attention_dim=joint,
+        caption_projection_dim=heads * sizes.attention_head_dim, pooled_projection_dim=hidden_1 + hidden_2,
+        pos_embed_max_size=max(16, sizes.sample_size),
+    )
+    t5 = None
+    if with_t5:
+        t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=joint, d_kv=8, d_ff=2 * joint, num_layers=2,
+                                     num_heads=2, pad_token_id=tokenizer.pad_token_id,
+                                     eos_token_id=tokenizer.eos_token_id))
+    return {
+        "transformer": transformer, "vae": tiny_vae(sizes, 16, scaling_factor=1.5305, shift_factor=0.0609),
+        "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift),
+        "text_encoder": CLIPTextModelWithProjection(_text_config(tokenizer, sizes, hidden_1)), "tokenizer": tokenizer,
+        "text_encoder_2": CLIPTextModelWithProjection(_text_config(tokenizer, sizes, hidden_2)),
+        "tokenizer_2": tokenizer, "text_encoder_3": t5, "tokenizer_3": tokenizer if with_t5 else None,
+        "image_encoder": None, "feature_extractor": None,
+    }
 
 
 def sd_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:

@@ -62,7 +62,7 @@ class Run:
 
     accelerator: Accelerator
     teacher: Teacher
-    student_unet: torch.nn.Module  # the UNet as prepared by accelerate (DDP-wrapped when distributed)
+    student_backbone: torch.nn.Module  # the UNet as prepared by accelerate (DDP-wrapped when distributed)
     opt: Optimization
     loss: SolverLoss  # bound to the run's solver grid, schedule, distill config and seed
     card: ModelCard  # what the exported LoRA is: the same grid's edges
@@ -78,7 +78,7 @@ def _discriminator(cfg: Config, teacher: Teacher) -> tuple[Discriminator | None,
     a = cfg.adversarial
     if a.weight == 0:
         return None, None
-    disc = Discriminator(teacher.unet, a.head_kernel).to(teacher.device)  # heads in fp32, like the LoRA
+    disc = Discriminator(teacher.backbone, a.head_kernel).to(teacher.device)  # heads in fp32, like the LoRA
     return disc, torch.optim.AdamW(disc.parameters(), lr=a.learning_rate, betas=(a.beta1, a.beta2),
                                    weight_decay=a.weight_decay)
 
@@ -102,7 +102,7 @@ def _load(checkpoint: Path, cfg: Config, teacher: Teacher, opt: Optimization, di
     heads = {k.removeprefix(DISC_PREFIX): lora.pop(k) for k in list(lora) if k.startswith(DISC_PREFIX)}
     if disc is not None:
         disc.load_state_dict(heads)  # the reference loses the heads on resume; we keep them
-    load_lora_state_dict(teacher.unet, lora)
+    load_lora_state_dict(teacher.backbone, lora)
     opt.scheduler.load_state_dict(state["scheduler"])
     if opt.ema is not None:
         opt.ema.load_state_dict({"decay": cfg.distill.ema_decay, "shadow": shadow})
@@ -136,14 +136,14 @@ def setup(cfg: Config, make_data: DataFactory, resume: str | None, precomputed: 
                            with_text=not stored.text or t.validate_every > 0)
     if stored.empty_prompt is not None:  # caption dropout's uncond, as stored beside the text (encoders or not)
         teacher.set_empty_prompt(stored.empty_prompt)
-    if len(teacher.abar) % cfg.distill.num_solver_steps:
+    if len(teacher.schedule) % cfg.distill.num_solver_steps:
         raise ConfigError(f"distill.num_solver_steps={cfg.distill.num_solver_steps} must divide the teacher's "
-                          f"{len(teacher.abar)} training timesteps")
-    grid = SolverGrid(len(teacher.abar), cfg.distill.num_solver_steps, cfg.distill.num_phases)  # once per run
+                          f"{len(teacher.schedule)} training timesteps")
+    grid = SolverGrid(len(teacher.schedule), cfg.distill.num_solver_steps, cfg.distill.num_phases)  # once per run
     torch.manual_seed(cfg.seed)  # the LoRA A init: the same on every rank and every run
-    params = attach_lora(teacher.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.layers)
+    params = attach_lora(teacher.backbone, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.layers)
     if t.gradient_checkpointing:
-        teacher.unet.enable_gradient_checkpointing()
+        teacher.backbone.enable_gradient_checkpointing()
     disc, disc_optimizer = _discriminator(cfg, teacher)
     opt = optimization(cfg, params, disc_optimizer)
     out = Path(t.output_dir)
@@ -152,15 +152,15 @@ def setup(cfg: Config, make_data: DataFactory, resume: str | None, precomputed: 
     if checkpoint is not None:
         step, position, nonfinite = _load(checkpoint, cfg, teacher, opt, disc)
         accelerator.print(f"resumed from {checkpoint} at step {step}")
-    student_unet, opt.optimizer = accelerator.prepare(teacher.unet, opt.optimizer)
+    student_backbone, opt.optimizer = accelerator.prepare(teacher.backbone, opt.optimizer)
     if disc is not None:
         disc, opt.disc_optimizer = accelerator.prepare(disc, opt.disc_optimizer)
     accelerator.wait_for_everyone()  # every rank has read its checkpoint: the main process may now tidy the folder
     if accelerator.is_main_process:
         repair_checkpoints(out / "checkpoints")  # e.g. resumed from a finished temp folder a kill left unrenamed
     micro = per_process // accelerator.num_processes
-    return Run(accelerator=accelerator, teacher=teacher, student_unet=student_unet, opt=opt,
-               loss=make_loss(cfg.distill, grid, teacher.abar, cfg.seed, cfg.adversarial.weight),
+    return Run(accelerator=accelerator, teacher=teacher, student_backbone=student_backbone, opt=opt,
+               loss=make_loss(cfg.distill, grid, teacher.schedule, cfg.seed, cfg.adversarial.weight),
                card=card_of_run(cfg, grid, teacher.is_video),
                data=make_data(micro, accelerator.process_index, accelerator.num_processes, position),
                micro_batch=micro, disc=disc, step=step, position=position, nonfinite_total=nonfinite)
@@ -169,10 +169,10 @@ def setup(cfg: Config, make_data: DataFactory, resume: str | None, precomputed: 
 def _checkpoint(run: Run, cfg: Config) -> Path | None:
     if not run.accelerator.is_main_process:
         return None
-    lora = lora_state_dict(run.teacher.unet)
+    lora = lora_state_dict(run.teacher.backbone)
     ema_keys = []
     if run.opt.ema is not None:
-        names = [n for n, p in run.teacher.unet.named_parameters() if "lora_" in n]
+        names = [n for n, p in run.teacher.backbone.named_parameters() if "lora_" in n]
         ema_keys = [f"ema.{n}" for n in names]
         lora.update({k: v.detach().cpu().contiguous() for k, v in zip(ema_keys, run.opt.ema.shadow, strict=True)})
     others = {}
@@ -218,10 +218,10 @@ def _nets(run: Run, turn: str) -> Nets:
 
     def student(x_t, t, c):
         with torch.no_grad() if turn == "d" else contextlib.nullcontext():
-            return teacher.eps_fn(x_t, t, c, unet=run.student_unet)
+            return teacher.eps_fn(x_t, t, c, backbone=run.student_backbone)
 
     def frozen_teacher(x_t, t, c):
-        with adapters_off(teacher.unet):
+        with adapters_off(teacher.backbone):
             return teacher.eps_fn(x_t, t, c)
 
     def disc(x_r, r, c, train_heads, fake=None):
@@ -303,7 +303,7 @@ def _train(run: Run, cfg: Config, flag: dict, sink: Sink | None, progress: bool)
         return _micro_losses(run, cfg, batch, k)
 
     while run.step < t.max_steps:
-        result = train_step(run.opt, micro_losses, t, _turn(run, cfg), acc, run.student_unet, flag["stop"])
+        result = train_step(run.opt, micro_losses, t, _turn(run, cfg), acc, run.student_backbone, flag["stop"])
         run.step += 1
         bar.update()
         in_a_row = 0 if result.finite else in_a_row + 1
@@ -334,7 +334,7 @@ def _finish(run: Run, cfg: Config) -> dict:
     acc, t, out = run.accelerator, cfg.train, Path(cfg.train.output_dir)
     summary = {"steps": run.step, "nonfinite_steps": run.nonfinite_total, "output_dir": str(out)}
     if acc.is_main_process:
-        files = export_lora(run.teacher.unet, out / "lora", run.card)
+        files = export_lora(run.teacher.backbone, out / "lora", run.card)
         if t.validate_every:
             grid = out / "samples" / f"step-{run.step:06d}.png"
             if not grid.exists():

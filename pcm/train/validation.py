@@ -24,7 +24,7 @@ def sample_student(teacher: Teacher, card: ModelCard, prompts: list[str], seeds:
     cond = teacher.encode_prompts(repeated, target_size=card.resolution)
     neg = teacher.uncond(len(repeated), like=cond)
     how = Sampling(card, card.recommended_steps, guidance_scale, card.recommended_gamma)
-    x_0 = sample(teacher.eps_fn, x_T, cond, neg, teacher.abar, how, torch.Generator().manual_seed(0))
+    x_0 = sample(teacher.eps_fn, x_T, cond, neg, teacher.schedule, how, torch.Generator().manual_seed(0))
     return teacher.decode_latents(x_0)
 
 
