@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from pcm.config import Config, ConfigError, TrainConfig
-from pcm.math import SolverGrid
+from pcm.math import NoiseSchedule, SolverGrid
 from pcm.models.denoiser import EpsFn
 from pcm.train.ema import EMA
 from pcm.train.step import Batch, Nets, make_loss
@@ -134,13 +134,15 @@ def train_step(opt: Optimization, micro_losses: Callable[[int], dict], cfg: Trai
 
 
 def train(
-    student: torch.nn.Module, teacher: EpsFn, next_batch: Callable[[int], Batch], abar: torch.Tensor,
-    cfg: Config, progress: bool = True,
+    student: torch.nn.Module, teacher: EpsFn, next_batch: Callable[[int], Batch],
+    schedule: NoiseSchedule | torch.Tensor, cfg: Config, progress: bool = True,
 ) -> list[float]:
     """Distill an analytic teacher into student for cfg.train.max_steps steps (one process, one micro-batch per
-    step: next_batch(step)); returns the loss of every step."""
+    step: next_batch(step)) on the teacher's noise schedule (VP or flow; a bare abar tensor: VP, eps-prediction);
+    returns the loss of every step."""
     d = cfg.distill
-    loss = make_loss(d, SolverGrid(cfg.schedule.num_train_timesteps, d.num_solver_steps, d.num_phases), abar, cfg.seed)
+    grid = SolverGrid(cfg.schedule.num_train_timesteps, d.num_solver_steps, d.num_phases)
+    loss = make_loss(d, grid, schedule, cfg.seed)
     opt = optimization(cfg, [p for p in student.parameters() if p.requires_grad])
     nets = Nets(student, teacher, target_net_for(student, opt.ema))
     losses = []
