@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint demo demo-video bench bench-step bench-reference bench-gpu bench-checkpoint bench-claims bench-loader gpu-check lock clean
+.PHONY: setup test test-fast lint demo demo-video screenshots bench bench-step bench-reference bench-gpu bench-checkpoint bench-claims bench-loader gpu-check lock clean
 
 setup: $(STAMP)
 
@@ -84,6 +84,12 @@ demo-video: setup
 	$(VENV)/bin/pcm evaluate --params $(VIDEO)
 	@echo; cat reports/video-eval/steps.md; echo
 	@echo "report with GIF grids:  reports/video-eval/report.html"
+
+# What a person sees, as PNGs in docs/ (not part of make test or CI; needs chromium: apt-get install -y chromium): the
+# report of `make demo` (QUICK=1: of .demo-quick; PROJECT=folder: another), once every image and animation in it
+# loads, and its registered model in the MLflow UI (a loopback server, stopped when done).
+screenshots: setup
+	$(PY) benchmarks/screenshots.py $(or $(PROJECT),$(DEMO_DIR))
 
 bench: setup
 	$(PY) benchmarks/toy_gmm.py

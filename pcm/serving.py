@@ -12,14 +12,24 @@ Why the registered version has no input schema in its signature: MLflow enforces
 drops columns it does not know with a warning, so a typo (`step` for `steps`) would silently sample with the default;
 here it is a 400 naming the allowed columns. The columns are documented in the version's description and its input
 example instead.
+
+A valid request the model then fails on (out of memory, a base model that broke) is ModelFailure: HTTP 500 with one
+line, the error's type and first line, while its traceback goes to the server's log (model_failures). Left alone,
+MLflow's scoring server answers any other exception with a 400 ("Verify that the serialized input Dataframe is
+compatible") and the traceback in the body: the client's fault, which it was not, and the server's internals, which
+the client does not need. Both answers carry their own message only: the scoring server would prefix it with the
+whole request ("Failed to predict data '<the frame>'.").
 """
 
+import json
+import logging
 import math
 import numbers
+from contextlib import contextmanager
 
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from pcm.config import SampleConfig
 from pcm.eval.generate import row_settings
@@ -28,14 +38,47 @@ from pcm.sampling import Sampling
 
 COLUMNS = {"prompt": str, "negative_prompt": str, "steps": int, "guidance_scale": float, "gamma": float, "seed": int}
 MAX_SEED = 2**63 - 1
+MAX_MESSAGE = 300  # characters of a failure's first line in a 500's message
+log = logging.getLogger(__name__)
 
 
-class BadRequest(MlflowException, ValueError):
+class ServingError(MlflowException):
+    """An answer of the scoring server: the HTTP status of its error code, and a body of its own one-line message
+    (serialize_as_json is what the server sends; it keeps the message this was raised with, not the one the server
+    rewrites to include the whole request)."""
+
+    def serialize_as_json(self) -> str:
+        return json.dumps({**json.loads(super().serialize_as_json()), "message": self.args[0]})
+
+
+class BadRequest(ServingError, ValueError):
     """A request the model refuses. MLflow's scoring server answers an MlflowException of INVALID_PARAMETER_VALUE
     with HTTP 400 and its message; in Python it is also a ValueError, as the model's refusals were before."""
 
     def __init__(self, message: str):
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+class ModelFailure(ServingError, RuntimeError):
+    """A valid request the model failed on: HTTP 500 (INTERNAL_ERROR) and one line; in Python also a RuntimeError."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INTERNAL_ERROR)
+
+
+@contextmanager
+def model_failures():
+    """Around the model's work on checked rows: an exception other than a ServingError is logged with its traceback
+    (the server's log) and raised again as ModelFailure, whose message names its type and first line."""
+    try:
+        yield
+    except ServingError:
+        raise
+    except Exception as err:
+        log.exception("pcm: the model failed on a valid request")
+        first = (str(err).strip().splitlines() or [""])[0][:MAX_MESSAGE]
+        raise ModelFailure(f"the model failed while generating ({type(err).__name__}: {first}); the request was "
+                           "valid, the server's log has the traceback") from err
 
 
 def bad_request(message: str) -> BadRequest:

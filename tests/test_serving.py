@@ -305,3 +305,74 @@ def test_options_that_make_no_valid_service_are_one_line_and_exit_2(tmp_path, ca
     assert serve.main(["--model-name", "sdxl-pcm", "--tracking-uri", "http://m", "-o", str(out), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith(f"python pipelines/serve.py: error: {expected}") and not out.exists()
+
+
+# ---- the scoring server's answers, in this process ----------------------------------------------------------------
+
+def _invoke(app, body: dict) -> tuple[int, bytes]:
+    """POST /invocations to MLflow's scoring app (an ASGI app) in this process: (status, body). A hand-made ASGI call,
+    so that a test can replace the model's generation (monkeypatch) and see the answer the server would send."""
+    import asyncio
+
+    data = json.dumps(body).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/invocations", "raw_path": b"/invocations", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    sent, requests = [], [{"type": "http.request", "body": data, "more_body": False}]
+
+    async def receive():
+        if requests:
+            return requests.pop()
+        await asyncio.Event().wait()  # the client stays connected until the answer is sent
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+def test_a_model_failure_is_a_500_in_one_line_with_the_traceback_in_the_log(champion, monkeypatch, caplog):
+    from mlflow.pyfunc import scoring_server
+
+    cfg, teacher = champion
+    app = scoring_server.init(load_registered(cfg, MODEL))
+
+    def out_of_memory(*args):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB\nmore detail on a second line")
+
+    monkeypatch.setattr(pcm.registry, "generate_pngs", out_of_memory)
+    with caplog.at_level("ERROR", logger="pcm.serving"):
+        status, body = _invoke(app, {"dataframe_records": [{"prompt": PROMPT, "steps": 2}]})
+    answer = json.loads(body)
+    assert status == 500 and answer["error_code"] == "INTERNAL_ERROR", (status, body)
+    assert answer["message"] == ("the model failed while generating (RuntimeError: CUDA out of memory. Tried to "
+                                 "allocate 20.00 MiB); the request was valid, the server's log has the traceback")
+    assert "stack_trace" not in answer and b"\\n" not in body and PROMPT not in body.decode()  # nor the request
+    failure = next(r for r in caplog.records if r.name == "pcm.serving")
+    assert failure.exc_info[0] is RuntimeError and "out_of_memory" in caplog.text  # the traceback, in the log
+
+    status, body = _invoke(app, {"dataframe_records": [{"prompt": PROMPT, "steps": 0}]})  # still the client's fault
+    answer = json.loads(body)
+    assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert answer["message"].startswith("row 0: number of sampling steps K=0 must be >= 1") and b"\\n" not in body
+    monkeypatch.setattr(pcm.registry, "generate_pngs", lambda *args: [b"png"])
+    status, body = _invoke(app, {"dataframe_records": [{"prompt": PROMPT}]})
+    assert status == 200 and base64.b64decode(json.loads(body)["predictions"][0]["image"]) == b"png"
+
+
+def test_a_model_failure_in_python_is_a_runtime_error_and_a_refusal_stays_a_value_error(champion, monkeypatch):
+    from pcm.serving import ModelFailure
+
+    cfg, teacher = champion
+    model = load_registered(cfg, MODEL)
+    monkeypatch.setattr(pcm.registry, "generate_pngs", lambda *args: 1 / 0)
+    with pytest.raises(RuntimeError) as failed:  # what a Python caller of a failing model caught before
+        model.predict(pd.DataFrame({"prompt": [PROMPT]}))
+    assert isinstance(failed.value, ModelFailure) and failed.value.get_http_status_code() == 500
+    assert "ZeroDivisionError: division by zero" in failed.value.message
+    assert isinstance(failed.value.__cause__, ZeroDivisionError)
+    with pytest.raises(ValueError, match="row 0: steps=21"):
+        model.predict(pd.DataFrame({"prompt": [PROMPT], "steps": [21]}))

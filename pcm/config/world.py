@@ -163,6 +163,8 @@ class EvalConfig:
     oracle: bool = True  # the shapes oracle's per-attribute adherence (demo prompts only)
     batch_size: int = 50  # samples generated and scored per batch
     grid_prompts: int = 6  # prompts (rows) in each model's sample grid (columns: step counts), the first seed
+    plot_x: Literal["steps", "nfe"] = "steps"  # x axis of the metric plots: sampling steps, or NFE (network
+    #   evaluations per sample: steps x 2 for a row with CFG > 1)
     shapes_net_steps: int = 600  # optimizer steps of the shapes feature CNN (trained once per prepared dataset)
     output_dir: str = "reports/eval"  # the report
     cache_dir: str = "models/eval-cache"  # teacher reference samples, reference statistics, the shapes CNN

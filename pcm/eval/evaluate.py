@@ -306,4 +306,4 @@ def evaluate(cfg: Config, progress: bool = True, world: KnownWorld | None = None
             **({"frames": cfg.data.frames, "motion_adapter": cfg.teacher.motion_adapter} if teacher.is_video else {}),
             "seconds": round(time.perf_counter() - start, 1)}
     grid_prompts = [prompts[i // len(e.seeds)] for i in grid_rows]
-    return write_report(Path(e.output_dir), results, info, tiles, grid_prompts)
+    return write_report(Path(e.output_dir), results, info, tiles, grid_prompts, e.plot_x)

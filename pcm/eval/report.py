@@ -1,6 +1,7 @@
 """The evaluation's outputs: metrics.json (flat, for `dvc metrics`), steps.csv (for `dvc plots`), steps.md, PNG plots
-(each metric against steps, one line per model), sample grids (prompts x step counts; animated GIFs for video) and
-one self-contained report.html (images embedded) that a Kubeflow HTML artifact can show.
+(each metric against steps or NFE, one line per model; a log y axis when the values span more than a decade), sample
+grids (prompts x step counts, labelled in the pixels: steps and NFE over each column, the prompt left of each row;
+animated GIFs for video) and one self-contained report.html (images embedded) that a Kubeflow HTML artifact can show.
 A metric m with a 95 % interval (pcm.eval.intervals) has m/ci_low and m/ci_high beside it in every output: flat keys in
 metrics.json, columns in steps.csv, "value [low, high]" in the tables, error bars in the plots. report.html also has
 the anchors panel: the PCM paper's own FID-SD, beside ours only where the two are comparable."""
@@ -12,15 +13,11 @@ import json
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure  # a Figure of its own, not pyplot's: no display, no global state to close
+from PIL import Image, ImageDraw, ImageFont
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from pcm.eval.video import write_gif  # noqa: E402
-from pcm.train.validation import save_grid  # noqa: E402
+from pcm.eval.video import write_gif
 
 LOWER_IS_BETTER = ("fid", "fid_teacher", "trajectory_error")
 METRICS = ("fid", "fid_teacher", "trajectory_error", "step_consistency", "clip_score", "oracle_colour", "oracle_kind",
@@ -90,43 +87,149 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def plot_metric(rows: list[dict], metric: str, path: Path) -> Path:
-    """metric against steps (log2 axis), one line per model; the better direction is in the title."""
-    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=100)
+X_AXES = {"steps": "sampling steps", "nfe": "NFE (network evaluations per sample)"}  # eval.plot_x
+
+
+def y_scale(values: np.ndarray) -> str:
+    """'log' when the finite values are all > 0 and span more than a decade (max / min > 10: FID runs from ~1 to
+    1000+), 'linear' otherwise."""
+    finite = values[np.isfinite(values)]
+    spans = finite.size > 0 and bool((finite > 0).all()) and finite.max() / finite.min() > 10
+    return "log" if spans else "linear"
+
+
+def metric_figure(rows: list[dict], metric: str, x: str = "steps") -> Figure:
+    """metric against x (a row's 'steps' or 'nfe'; log2 axis), one line per model, vertical bars over the 95 %
+    intervals; the better direction is in the title. On a log y axis a bar's lower end is clipped at a tenth of the
+    smallest value (an interval may reach 0 or below, which a log axis cannot draw)."""
+    if x not in X_AXES:
+        raise ValueError(f"plot x={x!r}: allowed values: {', '.join(X_AXES)} (eval.plot_x)")
     low, high = f"{metric}/ci_low", f"{metric}/ci_high"
+    series = {}
     for model in dict.fromkeys(r["model"] for r in rows):
-        points = sorted((r["steps"], r[metric], r.get(low, math.nan), r.get(high, math.nan)) for r in rows
+        points = sorted((r[x], r[metric], r.get(low, math.nan), r.get(high, math.nan)) for r in rows
                         if r["model"] == model and metric in r)
-        if not points:
-            continue
-        steps, values, lows, highs = (np.array(x, dtype=np.float64) for x in zip(*points, strict=True))
-        line, = ax.plot(steps, values, marker="o", label=model)
-        # vertical bars from low to high, not errorbar's +-yerr: FID's interval need not be symmetric
-        ax.vlines(steps, lows, highs, color=line.get_color(), alpha=0.6, linewidth=2)
+        if points:
+            series[model] = [np.array(v, dtype=np.float64) for v in zip(*points, strict=True)]
+    plotted = np.concatenate([values for _, values, _, _ in series.values()] or [np.zeros(0)])
+    scale = y_scale(plotted)
+    floor = np.nanmin(plotted) / 10 if scale == "log" else -math.inf
+    fig = Figure(figsize=(5, 3.4), dpi=100)
+    ax = fig.add_subplot()
+    for model, (xs, values, lows, highs) in series.items():
+        line, = ax.plot(xs, values, marker="o", label=model)
+        # vertical bars from low to high, not errorbar's +-yerr: FID's interval need not be symmetric (NaN: no bar)
+        ax.vlines(xs, np.maximum(lows, floor), highs, color=line.get_color(), alpha=0.6, linewidth=2)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("sampling steps")
+    ax.set_yscale(scale)
+    ax.set_xlabel(X_AXES[x])
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} ({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
+
+
+def plot_metric(rows: list[dict], metric: str, path: Path, x: str = "steps") -> Path:
+    """metric_figure as a PNG."""
+    metric_figure(rows, metric, x).savefig(path)
     return path
 
 
-def write_grids(tiles: dict, out: Path) -> dict[str, Path]:
-    """One grid per model: a row per grid prompt, a column per step count (ascending)."""
+MIN_TILE = 128  # smaller tiles (the 32 px demo) are enlarged by a whole factor, pixel for pixel, to at least this side
+GAP = 4  # pixels between tiles
+
+
+def steps_label(steps: int, nfe: int) -> str:
+    return f"{steps} step{'' if steps == 1 else 's'} · NFE {nfe}"
+
+
+def _fit(text: str, font, width: float) -> str:
+    """text, cut to width with an ellipsis where it is wider."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "…") > width:
+        text = text[:-1]
+    return text.rstrip() + "…"
+
+
+def _wrap(text: str, font, width: float, max_lines: int) -> list[str]:
+    """text in lines of at most width, at most max_lines of them (the last one ends in an ellipsis if cut)."""
+    lines = [""]
+    for word in text.split():
+        joined = f"{lines[-1]} {word}".strip()
+        if font.getlength(joined) <= width or not lines[-1]:
+            lines[-1] = joined
+        else:
+            lines.append(word)
+    cut = len(lines) > max_lines
+    lines = lines[:max(1, max_lines)]
+    if cut:
+        lines[-1] += "…"
+    return [_fit(line, font, width) for line in lines]
+
+
+def labelled_canvas(tile: tuple[int, int], row_labels: list[str],
+                    column_labels: list[str]) -> tuple[Image.Image, int, int]:
+    """A white grid canvas for tiles of tile = (height, width) pixels with the labels drawn in: each column's above
+    it, each row's at its left (wrapped, then cut to the tile's height). Returns (canvas, top, left): where the first
+    tile goes. The one label drawing of the PNG and the GIF grids (a GIF's frames all start from this canvas)."""
+    h, w = tile
+    font = ImageFont.load_default(size=max(12, round(max(h, w) / 10)))
+    ascent, descent = font.getmetrics()
+    line, pad = ascent + descent, max(2, font.size // 3)
+    label_w = max(round(1.25 * w), 10 * font.size)
+    top, left = line + 2 * pad, label_w + 2 * pad
+    canvas = Image.new("RGB", (left + len(column_labels) * (w + GAP), top + len(row_labels) * (h + GAP)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, text in enumerate(column_labels):
+        text = _fit(text, font, w)
+        draw.text((left + c * (w + GAP) + (w - font.getlength(text)) / 2, pad), text, fill="#222", font=font)
+    for r, text in enumerate(row_labels):
+        lines = _wrap(text, font, label_w, h // line)
+        y = top + r * (h + GAP) + (h - len(lines) * line) / 2
+        for i, part in enumerate(lines):
+            draw.text((pad, y + i * line), part, fill="#222", font=font)
+    return canvas, top, left
+
+
+def grid_frames(tiles: np.ndarray, row_labels: list[str], column_labels: list[str]) -> np.ndarray:
+    """tiles (R * C, F, h, w, 3) uint8, row-major (F = 1 for images) -> the (F, H, W, 3) frames of one labelled grid;
+    tiles smaller than MIN_TILE are enlarged by a whole factor with nearest-neighbour sampling."""
+    n, _, h, w, _ = tiles.shape
+    if n != len(row_labels) * len(column_labels):
+        raise ValueError(f"{n} tiles for {len(row_labels)} row labels x {len(column_labels)} column labels")
+    scale = max(1, -(-MIN_TILE // max(h, w)))
+    tiles = tiles.repeat(scale, axis=2).repeat(scale, axis=3)
+    h, w = h * scale, w * scale
+    canvas, top, left = labelled_canvas((h, w), row_labels, column_labels)
+    frames = np.repeat(np.asarray(canvas)[None], tiles.shape[1], axis=0)
+    for i in range(n):
+        r, c = divmod(i, len(column_labels))
+        y, x = top + r * (h + GAP), left + c * (w + GAP)
+        frames[:, y:y + h, x:x + w] = tiles[i]
+    return frames
+
+
+def write_grids(tiles: dict, out: Path, rows: list[dict], grid_prompts: list[str]) -> dict[str, Path]:
+    """One grid per model: a row per grid prompt (its text at the left), a column per step count, ascending (the
+    steps and the NFE of that model's step-table row above it)."""
+    nfe = {(r["model"], r["steps"]): r["nfe"] for r in rows}
     grids = {}
+    out.mkdir(parents=True, exist_ok=True)
     for model in dict.fromkeys(k[0] for k in tiles):
         samples = sorted({i for m, i, _ in tiles if m == model})
         steps = sorted({K for m, _, K in tiles if m == model})
         images = np.stack([tiles[(model, i, K)] for i in samples for K in steps])
-        if images.ndim == 5:  # clips (F, H, W, 3) per tile: an animated GIF grid
-            grids[model] = write_gif(images, len(samples), out / f"{model}.gif")
-            continue
-        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-        grids[model] = save_grid(pixels, len(samples), out / f"{model}.png")
+        clips = images.ndim == 5  # clips (F, H, W, 3) per tile: an animated GIF grid
+        frames = grid_frames(images if clips else images[:, None], list(grid_prompts),
+                             [steps_label(K, nfe[(model, K)]) for K in steps])
+        if clips:
+            grids[model] = write_gif(frames, out / f"{model}.gif")
+        else:
+            grids[model] = out / f"{model}.png"
+            Image.fromarray(frames[0]).save(grids[model])
     return grids
 
 
@@ -136,7 +239,8 @@ def _img(path: Path) -> str:
     return f'<img src="data:{mime};base64,{data}" alt="{html.escape(path.stem)}">'
 
 
-def write_html(path: Path, rows: list[dict], info: dict, plots: dict, grids: dict, grid_prompts: list[str]) -> None:
+def write_html(path: Path, rows: list[dict], info: dict, plots: dict, grids: dict, grid_prompts: list[str],
+               plot_x: str = "steps") -> None:
     columns = [*COLUMNS, *_present(rows)]
     table = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r, c))}</td>" for c in columns) + "</tr>"
                     for r in rows)
@@ -149,13 +253,16 @@ def write_html(path: Path, rows: list[dict], info: dict, plots: dict, grids: dic
         "step_consistency: cosine similarity of a model's results at different step counts (higher is more "
         "consistent). Video: fid over all frames, clip_score per frame averaged over the clip, frame_consistency: "
         "CLIP similarity of consecutive frames, oracle_motion: the captioned direction of motion read back.</p>",
-        f"<h2>Step table</h2><p>{html.escape(table_header(info))}</p>",
+        f"<h2 id='steps'>Step table</h2><p>{html.escape(table_header(info))}</p>",
         f"<table><tr>{''.join(f'<th>{c}</th>' for c in columns)}</tr>{table}</table>",
-        "<h2>Metrics against steps</h2><p>Bars: the 95 % intervals.</p>", *(_img(p) for p in plots.values()),
+        f"<h2 id='plots'>Metrics against {X_AXES[plot_x]}</h2><p>Bars: the 95 % intervals.</p>",
+        *(_img(p) for p in plots.values()),
         anchors_panel(rows, info),
-        f"<h2>Samples</h2><p>Rows, top to bottom:</p><ol>{prompt_list}</ol><p>Columns: step counts, ascending.</p>",
+        "<h2 id='samples'>Samples</h2><p>Each grid is labelled: the prompt left of each row, the step count and the "
+        "NFE (network evaluations per sample; CFG &gt; 1 doubles them) over each column. Rows, top to bottom:</p>"
+        f"<ol>{prompt_list}</ol><p>Columns: step counts, ascending.</p>",
         *(f"<h3>{html.escape(m)}</h3>{_img(p)}" for m, p in grids.items()),
-        f"<h2>Run</h2><table>{facts}</table>",
+        f"<h2 id='run'>Run</h2><table>{facts}</table>",
     ]
     style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{margin:4px;max-width:100%}")
@@ -196,8 +303,10 @@ def anchors_panel(rows: list[dict], info: dict) -> str:
             f"<th>paper FID-SD ({dataset})</th>{head}</tr>{body}</table>")
 
 
-def write_report(out: Path, rows: list[dict], info: dict, tiles: dict, grid_prompts: list[str]) -> dict:
-    """Writes every output under out; returns the summary (paths and the markdown table)."""
+def write_report(out: Path, rows: list[dict], info: dict, tiles: dict, grid_prompts: list[str],
+                 plot_x: str = "steps") -> dict:
+    """Writes every output under out, the plots against plot_x (eval.plot_x); returns the summary (paths and the
+    markdown table)."""
     (out / "plots").mkdir(parents=True, exist_ok=True)
     metrics = flat_metrics(rows)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -205,8 +314,8 @@ def write_report(out: Path, rows: list[dict], info: dict, tiles: dict, grid_prom
     table = markdown_table(rows, table_header(info))
     (out / "steps.md").write_text(table)
     (out / "info.json").write_text(json.dumps(info, indent=2) + "\n")
-    plots = {m: plot_metric(rows, m, out / "plots" / f"{m}.png") for m in _present(rows)}
-    grids = write_grids(tiles, out / "grids")
-    write_html(out / "report.html", rows, info, plots, grids, grid_prompts)
+    plots = {m: plot_metric(rows, m, out / "plots" / f"{m}.png", plot_x) for m in _present(rows)}
+    grids = write_grids(tiles, out / "grids", rows, grid_prompts)
+    write_html(out / "report.html", rows, info, plots, grids, grid_prompts, plot_x)
     return {"output_dir": str(out), "report": str(out / "report.html"), "metrics": str(out / "metrics.json"),
             "rows": len(rows), "table": table, **{k: info[k] for k in ("samples", "seconds")}}

@@ -1,5 +1,5 @@
 """Video scores and grids: CLIP score per frame averaged over a clip, frame consistency, the demo's motion oracle,
-and animated GIF grids.
+and the animated GIFs of the grids (laid out and labelled by pcm.eval.report, as the PNG grids).
 
 Clips are uint8 arrays (B, F, H, W, 3). FID of a video row is taken over all its frames (frame FID); the
 teacher-relative latent metrics need nothing video-specific.
@@ -39,22 +39,16 @@ def motion_oracle(score_clip, clips: np.ndarray, prompts: list[str]) -> dict[str
     return {k: [s[k] for s in scores] for k in MOTION_ORACLE}
 
 
-MIN_TILE = 128  # the GIF's tiles are enlarged, pixel for pixel, to at least this side (as the PNG grids are)
-GAP = 2
+PALETTE_FRAMES = 4  # frames, evenly spread, that the GIF's one palette is chosen from
 
 
-def write_gif(tiles: np.ndarray, rows: int, path: Path, fps: float = 8.0) -> Path:
-    """tiles (R * C, F, H, W, 3) uint8 -> an animated GIF of R rows and C columns of clips, playing in a loop."""
-    n, frames, h, w, _ = tiles.shape
-    cols = n // rows
-    canvas = np.full((frames, rows * (h + GAP), cols * (w + GAP), 3), 255, dtype=np.uint8)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        canvas[:, r * (h + GAP):r * (h + GAP) + h, c * (w + GAP):c * (w + GAP) + w] = tiles[i]
-    scale = max(1, -(-MIN_TILE // max(h, w)))
-    images = [Image.fromarray(frame) for frame in canvas]
-    if scale > 1:
-        images = [im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST) for im in images]
+def write_gif(frames: np.ndarray, path: Path, fps: float = 8.0) -> Path:
+    """frames (F, H, W, 3) uint8 (a labelled grid of clips: pcm.eval.report.grid_frames) -> an animated GIF playing in
+    a loop. One palette for every frame, without dithering: a pixel that does not change (a label) keeps its colour
+    from frame to frame instead of shimmering as per-frame palettes and dithering would make it."""
+    sample = frames[np.linspace(0, len(frames) - 1, min(len(frames), PALETTE_FRAMES)).round().astype(int)]
+    palette = Image.fromarray(np.concatenate(list(sample), axis=0)).quantize(256)
+    images = [Image.fromarray(frame).quantize(palette=palette, dither=Image.Dither.NONE) for frame in frames]
     path.parent.mkdir(parents=True, exist_ok=True)
     images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0,
                    optimize=False)
