@@ -101,7 +101,7 @@ class Bench:
         from pcm.models.families import load_teacher
 
         self.cfg, self.prompts = cfg, prompts
-        self.teacher = load_teacher(cfg.teacher, torch.device("cpu"))
+        self.teacher = load_teacher(cfg.teacher, torch.device("cpu"), resolution=cfg.data.resolution)
         self.batches = Batches(self.teacher, prompts, (0,), cfg.eval.batch_size, cfg.data.resolution)
         use(self.teacher, teacher_sampler(cfg.eval.teacher_guidance_scale))
         self.reference, _ = teacher_reference(self.teacher, cfg, self.batches, progress)

@@ -63,7 +63,7 @@ def build(folder: Path, batch: int, sizes: TinySizes = SIZES, with_vae: bool = T
 
     StableDiffusionXLPipeline(**parts).save_pretrained(folder)
     cfg = config_from_dict({"teacher": {"family": "sdxl", "model": str(folder)}, "data": {"resolution": 32}})
-    teacher = load_teacher(cfg.teacher, DEVICE, with_vae=with_vae)
+    teacher = load_teacher(cfg.teacher, DEVICE, with_vae=with_vae, resolution=cfg.data.resolution)
     cond = teacher.encode_prompts([PROMPTS[i % 2] for i in range(batch)], target_size=32)
     torch.manual_seed(0)
     targets = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "ff.net.0.proj", "ff.net.2", "proj_in",

@@ -151,7 +151,8 @@ def _direct(cfg: Config, lora: str, rows: list[dict], teacher_from: str = "lora"
     sides = (f"the LoRA records a {card.family} base {card.base_model}, the teacher is {teacher_cfg.family} "
              f"{teacher_cfg.model}")
     try:
-        teacher = load_teacher(teacher_cfg, cfg.register.device if cfg.register.device != "auto" else "cpu")
+        teacher = load_teacher(teacher_cfg, cfg.register.device if cfg.register.device != "auto" else "cpu",
+                               resolution=card.resolution)
     except (OSError, ValueError) as err:
         if teacher_from != "lora":
             raise

@@ -72,7 +72,7 @@ class PCMPipelineModel(PythonModel):
         check_family(self.card, teacher, "the registered LoRA", "load it with model_config={'family': "
                      f"'{self.card.family}', 'base_model': <a {self.card.family} base>}} or leave both as "
                      "registered")
-        self.teacher = load_teacher(teacher, c.get("device", "cpu"))
+        self.teacher = load_teacher(teacher, c.get("device", "cpu"), resolution=self.card.resolution)
         load_checked(self.teacher.backbone, lora, ADAPTER, "registered LoRA", f"the LoRA records a {self.card.family} "
                      f"base {self.card.base_model}, model_config's base_model is {teacher.family} {teacher.model}")
         self.lock = threading.Lock()
@@ -125,7 +125,8 @@ def check_loads(cfg: Config, lora: Path, card: ModelCard) -> None:
     motion = _base_model(card.motion_adapter) if card.motion_adapter else ""
     try:
         teacher = load_teacher(TeacherConfig(family=card.family, model=base, dtype=cfg.teacher.dtype,
-                                             motion_adapter=motion), "cpu", with_vae=False, with_text=False)
+                                             motion_adapter=motion), "cpu", with_vae=False, with_text=False,
+                               resolution=card.resolution)
     except (ModelLoadError, ValueError) as err:
         raise RegistryError(f"register.lora={lora}: its base model {base} (base_model in {CONFIG_FILE}) does not "
                             f"load ({one_line(err)}); make it available there and run `pcm register` again") from err

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from diffusers import (
     AnimateDiffPipeline,
+    FluxPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -26,6 +27,7 @@ from pcm.models.lora import attach_lora, export_lora
 from pcm.models.tiny import (
     build_tokenizer,
     tiny_animatediff_components,
+    tiny_flux_components,
     tiny_sd3_components,
     tiny_sd15_components,
     tiny_sdxl_components,
@@ -42,6 +44,8 @@ def save_tiny(path, family, prediction_type="epsilon"):
     tokenizer = build_tokenizer(CAPTIONS)
     if family == "sd3":
         pipe = StableDiffusion3Pipeline(**tiny_sd3_components(tokenizer))
+    elif family == "flux":  # FLUX.1-dev's layout: guidance embedding, dynamic-shift scheduler
+        pipe = FluxPipeline(**tiny_flux_components(tokenizer))
     elif family == "sd15":
         pipe = StableDiffusionPipeline(**tiny_sd15_components(tokenizer, prediction_type=prediction_type),
                                        requires_safety_checker=False)

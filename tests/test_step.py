@@ -7,12 +7,12 @@ import torch
 
 from pcm.config import config_from_dict
 from pcm.eval.toy_gmm import batch_source, make_world
-from pcm.math import SolverGrid
+from pcm.math import SolverGrid, as_schedule, solver_step
 from pcm.models.toy import ResidualMLPStudent
-from pcm.rng import keyed_draws
+from pcm.rng import U_W, keyed_draws
 from pcm.train.ema import EMA
 from pcm.train.loop import target_net_for
-from pcm.train.step import Batch, LCMLoss, Nets, PCMLoss, make_loss
+from pcm.train.step import TEACHER_GUIDANCE, Batch, LCMLoss, Nets, PCMLoss, make_loss
 
 
 def _setup(**distill):
@@ -96,6 +96,55 @@ def test_teacher_runs_one_batched_pass_and_none_for_uncond_in_normal_cfg(guidanc
     teacher = CountingTeacher(world.teacher)
     loss_fn(Nets(student, teacher, student), batch, 0)
     assert teacher.batch_sizes == expected
+
+
+class EmbeddedGuidance:
+    """A denoiser behind a FLUX.1-dev-like condition {'label', 'guidance'}: records each call's batch size and
+    embedded guidance, and scales its output by the guidance so that how the solver uses it shows in x_{t'}."""
+
+    def __init__(self, net):
+        self.net, self.calls = net, []
+
+    def __call__(self, x_t, t, cond):
+        self.calls.append((len(x_t), cond["guidance"].clone()))
+        return self.net(x_t, t, cond["label"]) * cond["guidance"][:, None].to(x_t.dtype)
+
+
+def test_an_embedded_guidance_teacher_is_called_once_per_solver_step_with_the_drawn_guidance():
+    cfg, world, student, cfg_loss, batch = _setup()
+    fixed = torch.full((16,), 3.5)  # what the student is trained and sampled at (FluxPipeline's default)
+    flux = Batch(batch.x_0, {"label": batch.cond, "guidance": fixed}, {"label": batch.uncond, "guidance": fixed},
+                 batch.ids)
+    loss_fn = make_loss(cfg.distill, cfg_loss.grid, world.abar, cfg.seed, teacher_guidance="embedded")
+    teacher, learner = EmbeddedGuidance(world.teacher), EmbeddedGuidance(student)
+    o, _ = loss_fn.solve(teacher, flux, 3)
+    u = keyed_draws(cfg.seed, 3, batch.ids, tuple(batch.x_0.shape[1:])).u[:, U_W]
+    drawn = 1 + cfg.distill.w_min + (cfg.distill.w_max - cfg.distill.w_min) * u  # guidance scale 1 + w, w ~ U[1, 2]
+    assert [size for size, _ in teacher.calls] == [16]  # one pass: no uncond half
+    torch.testing.assert_close(teacher.calls[0][1], drawn.float())
+    assert not torch.equal(teacher.calls[0][1], fixed)
+    # x_{t'} is the teacher's own step at the drawn guidance, not a CFG mix with an unconditional prediction
+    out = world.teacher(o.x_t, o.t, batch.cond) * drawn[:, None].float().to(o.x_t.dtype)
+    torch.testing.assert_close(o.x_prev, solver_step(o.x_t, out, None, 0.0, as_schedule(world.abar), o.t, o.t_prev))
+    # a whole step: still one teacher pass; student and target net read the fixed guidance the condition carries
+    teacher.calls.clear()
+    loss_fn(Nets(learner, teacher, learner), flux, 3)
+    assert len(teacher.calls) == 1 and len(learner.calls) == 2
+    assert all(torch.equal(guidance, fixed) for _, guidance in learner.calls)
+
+
+def test_teacher_guidance_modes_refuse_what_they_cannot_run():
+    cfg, world, _, loss_fn, batch = _setup()
+    with pytest.raises(ValueError, match=", ".join(TEACHER_GUIDANCE)):
+        make_loss(cfg.distill, loss_fn.grid, world.abar, 0, teacher_guidance="twice")
+    with pytest.raises(ValueError, match="'guidance'"):  # a condition without its embedded guidance
+        make_loss(cfg.distill, loss_fn.grid, world.abar, 0, teacher_guidance="embedded").solve(world.teacher, batch, 0)
+    with pytest.raises(ValueError, match="distill.w_max=0"):  # a guidance-free teacher and a w range to draw from
+        make_loss(cfg.distill, loss_fn.grid, world.abar, 0, teacher_guidance="none")
+    counting = CountingTeacher(world.teacher)
+    plain = dataclasses.replace(cfg.distill, w_min=0.0, w_max=0.0)
+    make_loss(plain, loss_fn.grid, world.abar, 0, teacher_guidance="none").solve(counting, batch, 0)
+    assert counting.batch_sizes == [16]
 
 
 def test_only_student_parameters_receive_gradients():

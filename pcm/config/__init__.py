@@ -155,6 +155,10 @@ class SampleConfig:
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                 "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+# flux's when lora.target_modules is left at LORA_TARGETS: diffusers' train_dreambooth_lora_flux.py default targets
+FLUX_LORA_TARGETS = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+                     "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                     "ff_context.net.2")
 
 
 @dataclass(frozen=True)
@@ -163,7 +167,7 @@ class LoraConfig:
 
     rank: int = 64  # LoRA rank r
     alpha: float = 64.0  # lora_alpha: the update is scaled by alpha / r (explicit; PEFT's default is 8)
-    target_modules: tuple[str, ...] = LORA_TARGETS  # module name suffixes that get adapters
+    target_modules: tuple[str, ...] = LORA_TARGETS  # module name suffixes that get adapters (flux: FLUX_LORA_TARGETS)
     # where: all = every matching module; spatial = the image layers only; motion = the AnimateDiff motion modules only
     layers: Literal["all", "spatial", "motion"] = "all"
 
@@ -188,7 +192,7 @@ class ValidationConfig:
 class TeacherConfig:
     """The teacher to distill: a diffusers pipeline directory or hub id (docs/method.md §9: conditioning per family)."""
 
-    family: Literal["sd15", "sdxl", "animatediff", "sd3"] = "sd15"  # how prompts are encoded and the backbone called
+    family: Literal["sd15", "sdxl", "animatediff", "sd3", "flux"] = "sd15"  # how prompts are encoded, backbone called
     model: str = "models/demo-teacher"  # local diffusers pipeline directory, or a hub id
     # animatediff: a MotionAdapter directory or hub id put into teacher.model's SD1.5 UNet; empty = teacher.model is
     # an AnimateDiff pipeline whose unet/ is already a UNetMotionModel
@@ -198,11 +202,13 @@ class TeacherConfig:
     vae: str = ""  # optional separate VAE directory or hub id (e.g. the fp16-fix SDXL VAE); empty = the pipeline's
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # dtype of the frozen weights
     t5: bool = True  # sd3: load the T5 encoder when the pipeline has one (false: its states are zeros, as in diffusers)
-    max_sequence_length: int = 256  # sd3: T5 tokens per prompt (diffusers' default)
+    max_sequence_length: int = 256  # sd3, flux: T5 tokens per prompt (diffusers' defaults: 256 for SD3, 512 for FLUX)
 
     def __post_init__(self):
         require(self.max_sequence_length >= 1,
                 f"teacher.max_sequence_length={self.max_sequence_length} must be >= 1 (diffusers uses 256 for SD3)")
+        require(self.t5 or self.family != "flux", "teacher.t5=false with teacher.family=flux: FLUX reads the prompt's "
+                "tokens only through T5 (CLIP gives its pooled vector); set teacher.t5=true")
         require(not self.motion_adapter or self.family == "animatediff",
                 f"teacher.motion_adapter={self.motion_adapter} is only read by teacher.family=animatediff "
                 f"(family is {self.family}); remove it or set the family")
@@ -230,12 +236,15 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def __post_init__(self):
-        require(self.adversarial.weight == 0 or self.teacher.family != "animatediff",
-                f"adversarial.weight={self.adversarial.weight}: the discriminator reads 2-D UNet features, not "
-                "video; set adversarial.weight=0 for teacher.family=animatediff")
-        require(self.adversarial.weight == 0 or self.teacher.family != "sd3",
-                f"adversarial.weight={self.adversarial.weight}: the discriminator reads UNet encoder features and "
-                "sd3's backbone is a transformer; set adversarial.weight=0 for teacher.family=sd3")
+        family, transformer = self.teacher.family, "UNet encoder features, not a transformer's"
+        unreadable = {"animatediff": "2-D UNet features, not video", "sd3": transformer, "flux": transformer}
+        require(self.adversarial.weight == 0 or family not in unreadable,
+                f"adversarial.weight={self.adversarial.weight}: the discriminator reads {unreadable.get(family)}; "
+                f"set adversarial.weight=0 for teacher.family={family}")
+        require(family != "flux" or self.data.resolution % 16 == 0, f"data.resolution={self.data.resolution}: "
+                "teacher.family=flux packs 2x2 patches of 8x VAE latents; use a multiple of 16")
+        if family == "flux" and self.lora.target_modules == LORA_TARGETS:  # the UNet list = not set
+            object.__setattr__(self, "lora", dataclasses.replace(self.lora, target_modules=FLUX_LORA_TARGETS))
         require(self.lora.layers == "all" or self.teacher.family == "animatediff",
                 f"lora.layers={self.lora.layers} needs teacher.family=animatediff (only its UNet has motion "
                 "modules); use lora.layers=all")
@@ -387,7 +396,7 @@ def _deep_copy(data):
 
 
 __all__ = ["AdversarialConfig", "Config", "ConfigError", "DataConfig", "DemoConfig", "DemoTeacherConfig",
-           "DistillConfig", "DistillRun", "EvalConfig", "LORA_TARGETS", "LoraConfig", "PipelineConfig",
-           "RegisterConfig", "SampleConfig", "ScheduleConfig", "TeacherConfig", "TrackingConfig", "TrainConfig",
-           "ValidationConfig", "config_from_dict", "config_from_yaml", "config_to_dict", "config_to_yaml",
-           "load_config", "parse_yaml", "read_params"]
+           "DistillConfig", "DistillRun", "EvalConfig", "FLUX_LORA_TARGETS", "LORA_TARGETS", "LoraConfig",
+           "PipelineConfig", "RegisterConfig", "SampleConfig", "ScheduleConfig", "TeacherConfig", "TrackingConfig",
+           "TrainConfig", "ValidationConfig", "config_from_dict", "config_from_yaml", "config_to_dict",
+           "config_to_yaml", "load_config", "parse_yaml", "read_params"]

@@ -151,7 +151,7 @@ def precompute(cfg: Config, progress: bool = True, chunk: int = 64) -> dict:
         raise FileNotFoundError(f"{index_path} not found: run `pcm prepare` for data.output_dir={source} first")
     index = json.loads(index_path.read_text())
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    teacher = load_teacher(cfg.teacher, device, with_vae=True, with_text=True)
+    teacher = load_teacher(cfg.teacher, device, with_vae=True, with_text=True, resolution=cfg.data.resolution)
     image_key, txt_key, data_digest = teacher_key(cfg), text_key(cfg), prepared_digest(source)
     key = digest([image_key, txt_key, data_digest])  # latents_key, each part hashed once
     out = precomputed_dir(cfg, key)

@@ -275,7 +275,7 @@ def evaluate(cfg: Config, progress: bool = True, world: KnownWorld | None = None
     prompts, skipped = load_prompts(e.prompts, cfg.data.output_dir, e.num_prompts)
     if len(prompts) * len(e.seeds) < 2:
         raise ValueError(f"{len(prompts)} prompt(s) x {len(e.seeds)} seed(s): FID needs at least 2 samples")
-    teacher = load_teacher(cfg.teacher, device)
+    teacher = load_teacher(cfg.teacher, device, resolution=cfg.data.resolution)
     samplers = [teacher_sampler(e.teacher_guidance_scale), *load_samplers(teacher, e.loras, e.guidance_scales,
                                                                              e.gammas)]
     lora_files = _lora_files(samplers, e.loras)  # hashed as loaded, not after a long run

@@ -1,4 +1,4 @@
-"""Teacher families: load a diffusers pipeline's parts, encode prompts, wrap the backbone (a UNet, or SD3's
+"""Teacher families: load a diffusers pipeline's parts, encode prompts, wrap the backbone (a UNet, or SD3's or FLUX's
 transformer) as eps_fn.
 
 Conditioning (docs/method.md §9):
@@ -12,6 +12,10 @@ Conditioning (docs/method.md §9):
         to T5's width; T5's last hidden state (zeros without T5)] along the sequence; pooled_projections = both CLIP
         encoders' pooled (projected) outputs concatenated; uncond = the encoded empty prompt (as diffusers and the
         reference encode it); the transformer reads timestep = T sigma_t and returns the flow velocity
+  flux  a rectified flow shifted by the resolution: encoder_hidden_states = T5's last hidden state; pooled_projections
+        = CLIP-L's pooler output; guidance = the embedded guidance scale (B,) of FLUX.1-dev (schnell has none);
+        latents stay (B, 16, h, w), packed into 2x2 patches around the call as FluxPipeline packs them; the
+        transformer reads timestep = sigma_t; uncond = the encoded empty prompt
 A condition is a dict of batch-first tensors, so the training step can batch [cond; uncond] in one forward.
 """
 
@@ -24,6 +28,7 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     DiffusionPipeline,
+    FluxTransformer2DModel,
     MotionAdapter,
     SD3Transformer2DModel,
     UNet2DConditionModel,
@@ -33,17 +38,18 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from pcm.math import NoiseSchedule, abar_at, noise_schedule_from_scheduler_config, to_eps, vp_schedule
 
-FAMILIES = ("sd15", "sdxl", "animatediff", "sd3")
+FAMILIES = ("sd15", "sdxl", "animatediff", "sd3", "flux")
 SD15_CONDITIONING = ("sd15", "animatediff")  # one CLIP encoder, last hidden state, uncond = encoded ""
-FLOW_FAMILIES = ("sd3",)  # rectified-flow teachers: a transformer backbone predicting the flow velocity
-ENCODED_EMPTY = ("sd15", "animatediff", "sd3")  # uncond = the encoded ""; sdxl's is zeros
+FLOW_FAMILIES = ("sd3", "flux")  # rectified-flow teachers: a transformer backbone predicting the flow velocity
+ENCODED_EMPTY = ("sd15", "animatediff", "sd3", "flux")  # uncond = the encoded ""; sdxl's is zeros
 T5_MAX_LENGTH = 256  # diffusers' default max_sequence_length for SD3's T5 tokens
+FLUX_GUIDANCE_SCALE = 3.5  # FLUX.1-dev conditions' embedded guidance: FluxPipeline's default (docs/flow-matching.md)
+FLUX_PATCH = 2  # FLUX packs 2x2 latent patches into one token (FluxPipeline._pack_latents)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class ModelLoadError(OSError):
     """A teacher that cannot be loaded; the message names the config key."""
-
 
 
 def check_model_reference(model: str, key: str = "teacher.model") -> None:
@@ -60,18 +66,19 @@ class Teacher:
     """The frozen parts of a teacher pipeline and the family's conditioning rules."""
 
     family: str
-    backbone: UNet2DConditionModel | UNetMotionModel | SD3Transformer2DModel  # the denoising network
+    backbone: UNet2DConditionModel | UNetMotionModel | SD3Transformer2DModel | FluxTransformer2DModel
     scheduler_config: dict
     vae: AutoencoderKL | None = None
-    tokenizers: list = field(default_factory=list)  # CLIP tokenizers, then T5's (sd3)
+    tokenizers: list = field(default_factory=list)  # CLIP tokenizers, then T5's (sd3, flux)
     text_encoders: list[torch.nn.Module] = field(default_factory=list)
-    max_sequence_length: int = T5_MAX_LENGTH  # sd3: T5 tokens per prompt
+    max_sequence_length: int = T5_MAX_LENGTH  # sd3, flux: T5 tokens per prompt
+    image_seq_len: int | None = None  # latent tokens at the training resolution: a dynamic-shift schedule's input
     _empty: dict | None = field(default=None, repr=False)  # the encoded "" (ENCODED_EMPTY): computed once, or stored
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"unknown teacher.family {self.family!r}; allowed: {', '.join(FAMILIES)}")
-        schedule = noise_schedule_from_scheduler_config(dict(self.scheduler_config))
+        schedule = noise_schedule_from_scheduler_config(dict(self.scheduler_config), self.image_seq_len)
         if (schedule.kind == "flow") != self.is_flow:
             raise ValueError(f"teacher.family={self.family} with a {schedule.kind} scheduler "
                              f"({self.scheduler_config.get('_class_name', 'unnamed')}): "
@@ -86,6 +93,14 @@ class Teacher:
         return self.family in FLOW_FAMILIES
 
     @property
+    def guidance_mode(self) -> str:
+        """How the solver guides this teacher (pcm.train.step.TEACHER_GUIDANCE): 'cfg' (cond and uncond mixed by w),
+        'embedded' (one call, guidance 1 + w in the condition: FLUX.1-dev) or 'none' (one plain call: schnell)."""
+        if self.family != "flux":
+            return "cfg"
+        return "embedded" if self.backbone.config.guidance_embeds else "none"
+
+    @property
     def device(self) -> torch.device:
         return self.backbone.device
 
@@ -93,12 +108,14 @@ class Teacher:
                backbone: torch.nn.Module | None = None) -> torch.Tensor:
         """The backbone's prediction in its current adapter state, in x_t's dtype and in the parametrization of
         self.schedule: eps_hat for a VP teacher (v-prediction converted), the flow velocity u = eps - x_0 for a flow
-        teacher (sd3).
+        teacher (sd3, flux).
 
         backbone: the module to call instead of self.backbone (the DDP-wrapped student, same weights)."""
         net, dtype = backbone or self.backbone, self.backbone.dtype
         if self.is_flow:
             sigma = self.schedule.table.to(x_t.device)[t.to(x_t.device)]
+            if self.family == "flux":
+                return flux_velocity(net, x_t.to(dtype), sigma.to(dtype), cond).to(x_t.dtype)
             return net(hidden_states=x_t.to(dtype), timestep=(sigma * len(self.schedule)).to(dtype),
                        encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
                        pooled_projections=cond["pooled_projections"].to(dtype)).sample.to(x_t.dtype)
@@ -121,12 +138,16 @@ class Teacher:
         """What the text encoders give for a batch of prompts, float32: (hidden states (B, L, D), pooled (B, P) or
         None); sd15: the last hidden state; sdxl: both encoders' penultimate states concatenated and encoder 2's
         pooled (projected) output; sd3: the CLIP states zero-padded to T5's width, then T5's states along the
-        sequence, and both CLIP pooled outputs concatenated. `pcm precompute` stores exactly these."""
+        sequence, and both CLIP pooled outputs concatenated; flux: T5's states and CLIP-L's pooler output.
+        `pcm precompute` stores exactly these."""
         if not self.text_encoders:
             raise RuntimeError("this teacher was loaded without text encoders (the batches carry precomputed text "
                                "embeddings); load it with with_text=True to encode prompts")
         if self.family in SD15_CONDITIONING:
             return self._hidden(0, prompts, penultimate=False)[0], None
+        if self.family == "flux":
+            pooled = self._hidden(0, prompts, penultimate=False)[1]
+            return self._hidden(1, prompts, penultimate=False, max_length=self.max_sequence_length)[0], pooled
         states, pooled = zip(*(self._hidden(i, prompts, penultimate=True) for i in range(2)), strict=True)
         if self.family == "sdxl":
             return torch.cat(states, dim=-1), pooled[1]
@@ -141,12 +162,15 @@ class Teacher:
                   original_size: torch.Tensor | None = None, crop_top_left: torch.Tensor | None = None,
                   target_size: int | None = None) -> dict:
         """The family's condition from text states (text_states' output, encoded now or precomputed): sdxl adds
-        time_ids = (original size, crop top-left, target size), each (B, 2), defaults: the target size, no crop."""
+        time_ids = (original size, crop top-left, target size), each (B, 2), defaults: the target size, no crop;
+        FLUX.1-dev adds its embedded guidance (B,) at FLUX_GUIDANCE_SCALE."""
         states = states.to(self.device, torch.float32)
         if self.family in SD15_CONDITIONING:
             return {"encoder_hidden_states": states}
         if self.is_flow:
-            return {"encoder_hidden_states": states, "pooled_projections": pooled.to(self.device, torch.float32)}
+            embedded = {"guidance": torch.full((len(states),), FLUX_GUIDANCE_SCALE, device=self.device)}
+            return {"encoder_hidden_states": states, "pooled_projections": pooled.to(self.device, torch.float32),
+                    **(embedded if self.guidance_mode == "embedded" else {})}
         batch = len(states)
         side = target_size or self.backbone.config.sample_size * self.vae_factor
         size = original_size if original_size is not None else torch.full((batch, 2), side)
@@ -162,12 +186,13 @@ class Teacher:
                         truncation=True, return_tensors="pt").input_ids.to(self.device)
         out = encoder(ids, output_hidden_states=True)
         hidden = out.hidden_states[-2] if penultimate else out.last_hidden_state
-        pooled = out.text_embeds if isinstance(encoder, CLIPTextModelWithProjection) else None
+        # CLIP-G/L with a projection: the projected text_embeds; FLUX's plain CLIP-L: its pooler output; T5: none
+        pooled = out.text_embeds if isinstance(encoder, CLIPTextModelWithProjection) else out.get("pooler_output")
         return hidden.float(), (pooled.float() if pooled is not None else None)
 
     def set_empty_prompt(self, states: torch.Tensor, pooled: torch.Tensor | None = None) -> None:
-        """sd15 / animatediff / sd3: uncond's encoded "" from stored states (1, L, D) (sd3: and pooled (1, P)), for a
-        teacher without text encoders (`pcm precompute` stores it once per folder); sdxl's uncond is zeros."""
+        """sd15 / animatediff / sd3 / flux: uncond's encoded "" from stored states (1, L, D) (flows: and pooled
+        (1, P)), for a teacher without text encoders (`pcm precompute` stores it once per folder); sdxl's is zeros."""
         if self.family not in ENCODED_EMPTY:
             raise ValueError(f"teacher.family={self.family!r} has an all-zeros empty condition; only "
                              f"{', '.join(ENCODED_EMPTY)} store the encoded empty prompt")
@@ -176,7 +201,7 @@ class Teacher:
         self._empty = self.condition(states, pooled)
 
     def uncond(self, batch_size: int, like: dict | None = None) -> dict:
-        """The empty condition: sd15 and sd3 encode "" (or take the stored one, set_empty_prompt), sdxl uses zeros
+        """The empty condition: sd15, sd3 and flux encode "" (or take the stored one, set_empty_prompt), sdxl uses zeros
         (time ids kept from `like` when given)."""
         if self.family in ENCODED_EMPTY:
             if self._empty is None:
@@ -210,13 +235,13 @@ class Teacher:
 
     @property
     def _vae_shift(self) -> float:
-        """SD3's VAE shift factor (latents = (z - shift) x scaling); 0 for the SD1.5 / SDXL VAEs, which have none."""
+        """SD3's and FLUX's VAE shift factor (latents = (z - shift) x scaling); 0 for the SD1.5 / SDXL VAEs."""
         return self.vae.config.get("shift_factor") or 0.0
 
     def latent_shape(self, resolution: int, frames: int = 1) -> tuple[int, ...]:
         """Shape of one sample's latent: (C, h, w), or (C, F, h, w) for a video family."""
         side = resolution // self.vae_factor
-        channels = self.backbone.config.in_channels
+        channels = self.backbone.config.in_channels // (FLUX_PATCH ** 2 if self.family == "flux" else 1)
         return (channels, frames, side, side) if self.is_video else (channels, side, side)
 
     @torch.no_grad()
@@ -230,6 +255,46 @@ class Teacher:
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C): FLUX's tokens, 2x2 patches row-major (FluxPipeline._pack_latents)."""
+    batch, channels, h, w = x.shape
+    if h % FLUX_PATCH or w % FLUX_PATCH:
+        raise ValueError(f"FLUX latents of side {h} x {w}: both must be even (data.resolution a multiple of 16 for "
+                         "FLUX's 8x VAE) to pack 2x2 patches")
+    x = x.view(batch, channels, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(batch, (h // 2) * (w // 2), channels * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, h/2 * w/2, 4C) -> (B, C, h, w): pack_latents inverted (FluxPipeline._unpack_latents at latent size h x w)."""
+    batch, _, width = tokens.shape
+    x = tokens.view(batch, h // 2, w // 2, width // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(batch, width // 4, h, w)
+
+
+def latent_image_ids(rows: int, cols: int) -> torch.Tensor:
+    """(rows * cols, 3) rotary position ids of the packed tokens: (0, row, col) (FluxPipeline's latent_image_ids)."""
+    row, col = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    return torch.stack([torch.zeros_like(row), row, col], dim=-1).reshape(rows * cols, 3).float()
+
+
+def flux_velocity(net: torch.nn.Module, x_t: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+    """FLUX's velocity on unpacked latents x_t (B, 16, h, w) at sigma (B,), as FluxPipeline calls the transformer:
+    packed tokens, timestep = sigma (the transformer scales by 1000 itself), text ids zeros, image ids (0, row,
+    col), and cond's embedded guidance (B,) when it carries one (FLUX.1-dev); all in x_t's dtype."""
+    (h, w), dtype, guidance = x_t.shape[-2:], x_t.dtype, cond.get("guidance")
+    states = cond["encoder_hidden_states"].to(dtype)
+    out = net(hidden_states=pack_latents(x_t), timestep=sigma, encoder_hidden_states=states,
+              pooled_projections=cond["pooled_projections"].to(dtype), txt_ids=states.new_zeros(states.shape[1], 3),
+              img_ids=latent_image_ids(h // FLUX_PATCH, w // FLUX_PATCH).to(x_t.device, dtype),
+              guidance=None if guidance is None else guidance.to(dtype)).sample
+    return unpack_latents(out, h, w)
+
+
+def _revision(cfg) -> dict:
+    return {"revision": cfg.revision} if cfg.revision else {}
+
+
 def _kwargs(cfg, dtype: torch.dtype) -> dict:
     kwargs = {"torch_dtype": dtype}
     if cfg.revision:
@@ -239,12 +304,13 @@ def _kwargs(cfg, dtype: torch.dtype) -> dict:
     return kwargs
 
 
-def _load_backbone(cfg, kwargs: dict) -> UNet2DConditionModel | UNetMotionModel | SD3Transformer2DModel:
-    """The family's backbone: sd3's transformer, else the UNet. animatediff: teacher.model's UNetMotionModel (an
-    AnimateDiff pipeline), or its SD1.5 UNet turned into one (AnimateDiffPipeline's rule); teacher.motion_adapter,
+def _load_backbone(cfg, kwargs: dict) -> torch.nn.Module:
+    """The family's backbone: sd3's or flux's transformer, else the UNet. animatediff: teacher.model's UNetMotionModel
+    (an AnimateDiff pipeline), or its SD1.5 UNet turned into one (AnimateDiffPipeline's rule); teacher.motion_adapter,
     when set, supplies the motion modules."""
-    if cfg.family == "sd3":
-        return SD3Transformer2DModel.from_pretrained(cfg.model, subfolder="transformer", **kwargs)
+    if cfg.family in FLOW_FAMILIES:
+        transformer = FluxTransformer2DModel if cfg.family == "flux" else SD3Transformer2DModel
+        return transformer.from_pretrained(cfg.model, subfolder="transformer", **kwargs)
     if cfg.family != "animatediff":
         return UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", **kwargs)
     unet_class = UNet2DConditionModel.load_config(cfg.model, subfolder="unet").get("_class_name")
@@ -266,32 +332,52 @@ def _load_backbone(cfg, kwargs: dict) -> UNet2DConditionModel | UNetMotionModel 
 
 def _text_parts(cfg) -> list[tuple[str, type, str, type]]:
     """(tokenizer folder, tokenizer class, encoder folder, encoder class) of the family's text encoders, in
-    Teacher.text_states' order; sd3's T5 when the pipeline has one and teacher.t5 keeps it (its tokenizer of the
-    class the pipeline's model_index.json names, as diffusers loads it)."""
+    Teacher.text_states' order; T5 with its tokenizer of the class the pipeline's model_index.json names, as
+    diffusers loads it: sd3's third encoder when the pipeline has one and teacher.t5 keeps it, flux's second."""
     if cfg.family in SD15_CONDITIONING:
         return [("tokenizer", CLIPTokenizer, "text_encoder", CLIPTextModel)]
     if cfg.family == "sdxl":
         return [("tokenizer", CLIPTokenizer, "text_encoder", CLIPTextModel),
                 ("tokenizer_2", CLIPTokenizer, "text_encoder_2", CLIPTextModelWithProjection)]
-    parts = [("tokenizer", CLIPTokenizer, "text_encoder", CLIPTextModelWithProjection),
-             ("tokenizer_2", CLIPTokenizer, "text_encoder_2", CLIPTextModelWithProjection)]
-    index = DiffusionPipeline.load_config(cfg.model, **({"revision": cfg.revision} if cfg.revision else {}))
-    library, tokenizer_class = index.get("tokenizer_3") or [None, None]
+    parts = [("tokenizer", CLIPTokenizer, "text_encoder", CLIPTextModel)]  # FLUX: CLIP-L's pooler output
+    if cfg.family == "sd3":
+        parts = [("tokenizer", CLIPTokenizer, "text_encoder", CLIPTextModelWithProjection),
+                 ("tokenizer_2", CLIPTokenizer, "text_encoder_2", CLIPTextModelWithProjection)]
+    n = len(parts) + 1  # T5 comes next (teacher.t5 is always true for flux)
+    index = DiffusionPipeline.load_config(cfg.model, **_revision(cfg))
+    library, tokenizer_class = index.get(f"tokenizer_{n}") or [None, None]
     if cfg.t5 and tokenizer_class is not None:
-        parts.append(("tokenizer_3", getattr(transformers, tokenizer_class), "text_encoder_3", T5EncoderModel))
+        parts.append((f"tokenizer_{n}", getattr(transformers, tokenizer_class), f"text_encoder_{n}", T5EncoderModel))
     return parts
 
 
-def load_teacher(cfg, device: str | torch.device = "cpu", with_vae: bool = True, with_text: bool = True) -> Teacher:
+def _image_seq_len(cfg, scheduler_config: dict, backbone: torch.nn.Module, vae: AutoencoderKL | None,
+                   resolution: int | None) -> int | None:
+    """Latent tokens per image at `resolution` when the scheduler shifts with it (use_dynamic_shifting: FLUX.1-dev),
+    else None: (resolution / (VAE factor x patch side))^2, as FluxPipeline counts them (its packed 2x2 patches)."""
+    if not scheduler_config.get("use_dynamic_shifting"):
+        return None
+    if resolution is None:
+        raise ModelLoadError(f"teacher.model={cfg.model}: its scheduler shifts the noise levels with the image size "
+                             "(use_dynamic_shifting, as FLUX.1-dev's); call load_teacher with resolution= the side "
+                             "it is distilled or sampled at (data.resolution, or the LoRA card's resolution)")
+    vae_config = vae.config if vae is not None else AutoencoderKL.load_config(  # the VAE not loaded: its config
+        cfg.vae or cfg.model, subfolder=None if cfg.vae else "vae", **({} if cfg.vae else _revision(cfg)))
+    patch = FLUX_PATCH if cfg.family == "flux" else backbone.config.get("patch_size", 1)
+    return (resolution // (2 ** (len(vae_config["block_out_channels"]) - 1) * patch)) ** 2
+
+
+def load_teacher(cfg, device: str | torch.device = "cpu", with_vae: bool = True, with_text: bool = True,
+                 resolution: int | None = None) -> Teacher:
     """A Teacher from cfg (pcm.config.TeacherConfig): a local diffusers directory or a hub id, with the real
-    from_pretrained code (revision, variant, dtype, an optional separate VAE)."""
+    from_pretrained code (revision, variant, dtype, an optional separate VAE). resolution: the image side it is
+    distilled or sampled at (data.resolution, a LoRA's card.resolution), which FLUX.1-dev's dynamic shift needs."""
     check_model_reference(cfg.model)
     dtype = DTYPES[cfg.dtype]
     kwargs = _kwargs(cfg, dtype)
     try:
         backbone = _load_backbone(cfg, kwargs)
-        scheduler_config = dict(DDIMScheduler.load_config(cfg.model, subfolder="scheduler",
-                                                          **{k: v for k, v in kwargs.items() if k == "revision"}))
+        scheduler_config = dict(DDIMScheduler.load_config(cfg.model, subfolder="scheduler", **_revision(cfg)))
         vae = None
         if with_vae:
             vae = (AutoencoderKL.from_pretrained(cfg.vae, torch_dtype=dtype) if cfg.vae
@@ -299,14 +385,15 @@ def load_teacher(cfg, device: str | torch.device = "cpu", with_vae: bool = True,
         tokenizers, encoders = [], []
         if with_text:
             for tok_dir, tok_cls, enc_dir, enc_cls in _text_parts(cfg):
-                tokenizers.append(tok_cls.from_pretrained(cfg.model, subfolder=tok_dir,
-                                                          **{k: v for k, v in kwargs.items() if k == "revision"}))
+                tokenizers.append(tok_cls.from_pretrained(cfg.model, subfolder=tok_dir, **_revision(cfg)))
                 encoders.append(enc_cls.from_pretrained(cfg.model, subfolder=enc_dir, **kwargs))
+        image_seq_len = _image_seq_len(cfg, scheduler_config, backbone, vae, resolution)
     except ModelLoadError:
         raise
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"teacher.model={cfg.model}: cannot load a {cfg.family} pipeline from it ({err})") from err
-    teacher = Teacher(cfg.family, backbone, scheduler_config, vae, tokenizers, encoders, cfg.max_sequence_length)
+    teacher = Teacher(cfg.family, backbone, scheduler_config, vae, tokenizers, encoders, cfg.max_sequence_length,
+                      image_seq_len)
     for module in [backbone, vae, *encoders]:
         if module is not None:
             module.requires_grad_(False).eval().to(device)

@@ -1,5 +1,5 @@
-"""LoRA on the teacher's backbone, a UNet or SD3's transformer (peft through diffusers): attach, toggle, export with
-metadata, load back.
+"""LoRA on the teacher's backbone, a UNet or SD3's / FLUX's transformer (peft through diffusers): attach, toggle, export
+with metadata, load back.
 
 One backbone serves as student (adapters on) and as teacher / discriminator backbone (adapters off), so no second
 copy of the weights is held. Only the LoRA parameters require gradients.
@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 from peft import LoraConfig, get_peft_model_state_dict
 from peft.utils import set_peft_model_state_dict
@@ -27,10 +27,10 @@ KOHYA_FILE = "pcm_lora_kohya.safetensors"
 
 
 # the pipeline whose save_lora_weights / lora_state_dict / load_lora_weights read the family's LoRA, and the key
-# prefix of the backbone there; sd3 has no kohya export (its LoRAs circulate in the diffusers format)
+# prefix of the backbone there; sd3 and flux have no kohya export (their LoRAs circulate in the diffusers format)
 PIPELINES = {"sd15": StableDiffusionPipeline, "animatediff": StableDiffusionPipeline,
-             "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline}
-PREFIX = {"sd3": "transformer"}  # else "unet"
+             "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
+PREFIX = {"sd3": "transformer", "flux": "transformer"}  # else "unet"
 KOHYA_FAMILIES = ("sd15", "animatediff", "sdxl")
 
 
@@ -69,7 +69,7 @@ def attach_lora(unet: torch.nn.Module, rank: int, alpha: float, target_modules: 
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
     if not params:
         raise ValueError(f"lora.target_modules={list(target_modules)} with lora.layers={layers} matched no module "
-                         "of the UNet")
+                         f"of the {type(unet).__name__}")
     for p in params:
         p.data = p.data.float()  # LoRA weights stay fp32 under mixed precision
         p.requires_grad_(True)
@@ -170,6 +170,6 @@ def load_lora(backbone: torch.nn.Module, folder: str | Path, adapter_name: str) 
     except Exception as err:  # safetensors' own error for a truncated file, OSError, a broken metadata JSON
         raise LoraFileError(f"{path} is unreadable, truncated or damaged ({_first_line(err)}); {REEXPORT}") from err
     state, adapter_metadata = loaded[0], loaded[-1]
-    alphas = loaded[1] if len(loaded) == 3 else None  # SD3's reader returns no separate network alphas
+    alphas = loaded[1] if len(loaded) == 3 else None  # SD3's and FLUX's readers return no separate network alphas
     backbone.load_lora_adapter(state, prefix=PREFIX.get(family, "unet"), network_alphas=alphas,
                                adapter_name=adapter_name, metadata=adapter_metadata)

@@ -1,9 +1,11 @@
-"""Tiny SD1.5-, SDXL-, AnimateDiff- and SD3-shaped pipelines built from configs (no downloads), for tests and the demo.
+"""Tiny SD1.5-, SDXL-, AnimateDiff-, SD3- and FLUX-shaped pipelines built from configs (no downloads), for tests and
+the demo.
 
 They use the real block types (cross-attention down/up blocks, SDXL's text_time added conditioning, two CLIP
-encoders with a projection, SD3's joint-attention transformer with a T5 encoder and a 16-channel VAE) at toy widths,
-and an offline CLIP tokenizer built from a caption corpus, so `save_pretrained` followed by our loaders exercises
-exactly the code that loads SD1.5 / SDXL / SD3.
+encoders with a projection, SD3's joint-attention transformer with a T5 encoder and a 16-channel VAE, FLUX's double-
+and single-stream transformer with its guidance embedding and dynamic-shift scheduler) at toy widths, and an offline
+CLIP tokenizer built from a caption corpus, so `save_pretrained` followed by our loaders exercises exactly the code
+that loads SD1.5 / SDXL / SD3 / FLUX.
 """
 
 import re
@@ -17,6 +19,7 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
     MotionAdapter,
     SD3Transformer2DModel,
     UNet2DConditionModel,
@@ -183,11 +186,7 @@ def tiny_sd3_components(tokenizer: CLIPTokenizer, sizes: TinySizes = TinySizes()
         caption_projection_dim=heads * sizes.attention_head_dim, pooled_projection_dim=hidden_1 + hidden_2,
         pos_embed_max_size=max(16, sizes.sample_size),
     )
-    t5 = None
-    if with_t5:
-        t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=joint, d_kv=8, d_ff=2 * joint, num_layers=2,
-                                     num_heads=2, pad_token_id=tokenizer.pad_token_id,
-                                     eos_token_id=tokenizer.eos_token_id))
+    t5 = _tiny_t5(tokenizer, joint) if with_t5 else None
     return {
         "transformer": transformer, "vae": tiny_vae(sizes, 16, scaling_factor=1.5305, shift_factor=0.0609),
         "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift),
@@ -195,6 +194,43 @@ def tiny_sd3_components(tokenizer: CLIPTokenizer, sizes: TinySizes = TinySizes()
         "text_encoder_2": CLIPTextModelWithProjection(_text_config(tokenizer, sizes, hidden_2)),
         "tokenizer_2": tokenizer, "text_encoder_3": t5, "tokenizer_3": tokenizer if with_t5 else None,
         "image_encoder": None, "feature_extractor": None,
+    }
+
+
+def _tiny_t5(tokenizer: CLIPTokenizer, width: int) -> T5EncoderModel:
+    """A two-layer T5 encoder of the given width reading the offline tokenizer's ids."""
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=2 * width, num_layers=2,
+                                   num_heads=2, pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id))
+
+
+def flux_scheduler(guidance_embeds: bool = True) -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1-dev's scheduler config (shift by resolution: mu from 0.5 at 256 latent tokens to 1.15 at 4096), or
+    schnell's (no shift) for a transformer without the guidance embedding."""
+    if not guidance_embeds:
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                           base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                           max_image_seq_len=4096)
+
+
+def tiny_flux_components(tokenizer: CLIPTokenizer, sizes: TinySizes = TinySizes(),
+                         guidance_embeds: bool = True) -> dict:
+    """Components of a FluxPipeline: one double- and one single-stream block over packed 2x2 patches of a 16-channel
+    latent (in_channels 64), CLIP-L-shaped CLIPTextModel (its pooler output is the pooled projection), a T5 encoder
+    reading the same offline tokenizer, the VAE's FLUX shift and scaling factors, and FLUX.1-dev's guidance
+    embedding and dynamic-shift scheduler (guidance_embeds=False: schnell's layout and unshifted scheduler)."""
+    hidden, heads, head_dim = sizes.text_hidden, 2, 16
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=hidden, pooled_projection_dim=hidden,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6),  # rotary dims per id axis sum to head_dim
+    )
+    return {
+        "transformer": transformer, "vae": tiny_vae(sizes, 16, scaling_factor=0.3611, shift_factor=0.1159),
+        "scheduler": flux_scheduler(guidance_embeds), "tokenizer": tokenizer, "tokenizer_2": tokenizer,
+        "text_encoder": CLIPTextModel(_text_config(tokenizer, sizes, hidden)),
+        "text_encoder_2": _tiny_t5(tokenizer, hidden), "image_encoder": None, "feature_extractor": None,
     }
 
 

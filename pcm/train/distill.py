@@ -133,7 +133,7 @@ def setup(cfg: Config, make_data: DataFactory, resume: str | None, precomputed: 
                           f"{accelerator.num_processes} processes; use a multiple of {accelerator.num_processes}")
     stored = precomputed or Precomputed(latents=False)
     teacher = load_teacher(cfg.teacher, accelerator.device, with_vae=not stored.latents or t.validate_every > 0,
-                           with_text=not stored.text or t.validate_every > 0)
+                           with_text=not stored.text or t.validate_every > 0, resolution=cfg.data.resolution)
     if stored.empty_prompt is not None:  # caption dropout's uncond, as stored beside the text (encoders or not)
         teacher.set_empty_prompt(stored.empty_prompt)
     if len(teacher.schedule) % cfg.distill.num_solver_steps:
@@ -160,7 +160,8 @@ def setup(cfg: Config, make_data: DataFactory, resume: str | None, precomputed: 
         repair_checkpoints(out / "checkpoints")  # e.g. resumed from a finished temp folder a kill left unrenamed
     micro = per_process // accelerator.num_processes
     return Run(accelerator=accelerator, teacher=teacher, student_backbone=student_backbone, opt=opt,
-               loss=make_loss(cfg.distill, grid, teacher.schedule, cfg.seed, cfg.adversarial.weight),
+               loss=make_loss(cfg.distill, grid, teacher.schedule, cfg.seed, cfg.adversarial.weight,
+                              teacher.guidance_mode),
                card=card_of_run(cfg, grid, teacher.is_video),
                data=make_data(micro, accelerator.process_index, accelerator.num_processes, position),
                micro_batch=micro, disc=disc, step=step, position=position, nonfinite_total=nonfinite)

@@ -5,6 +5,7 @@ called per step with the step's networks, batch and step index, so an SD UNet wi
 teacher with an MLP student are driven by the same code. Numbered comments follow docs/method.md §5.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -59,6 +60,9 @@ class Nets:
 
 
 TURNS = ("joint", "g", "d")  # what a step updates: student and heads, the student (generator) or the heads
+# how the solver step guides the teacher (pcm.models.families.Teacher.guidance_mode): classic CFG over cond and uncond,
+# the guidance scale embedded in a guidance-distilled teacher's condition (FLUX.1-dev), or none (FLUX.1-schnell)
+TEACHER_GUIDANCE = ("cfg", "embedded", "none")
 
 
 @dataclass(frozen=True)
@@ -82,9 +86,17 @@ class SolverLoss:
     cfg: DistillConfig
     seed: int
     adversarial_weight: float = 0.0  # lambda of the generator's hinge loss in 'total'
+    teacher_guidance: str = "cfg"  # TEACHER_GUIDANCE: how step 4 guides the teacher with w
 
     def __post_init__(self):
         object.__setattr__(self, "schedule", as_schedule(self.schedule))
+        if self.teacher_guidance not in TEACHER_GUIDANCE:
+            raise ValueError(f"unknown teacher guidance {self.teacher_guidance!r}; allowed: "
+                             f"{', '.join(TEACHER_GUIDANCE)}")
+        if self.teacher_guidance == "none" and self.cfg.guidance == "small_cfg" and self.cfg.w_max > 0:
+            raise ValueError(f"distill.w_min={self.cfg.w_min}, distill.w_max={self.cfg.w_max}: this teacher takes no "
+                             "guidance (FLUX.1-schnell: no guidance embedding, sampled without CFG), so its solver "
+                             "step is one plain call; set distill.w_min=0 and distill.w_max=0")
 
     def solve(self, teacher: EpsFn, batch: Batch, step: int, with_z: bool = False) -> tuple[SolverOutcome, Draws]:
         """Steps 1, 2 and 4 (plus caption dropout), with keyed randomness (z: re-noising noise)."""
@@ -99,16 +111,27 @@ class SolverLoss:
         # 2. x_t = alpha_t x_0 + sigma_t eps
         eps = draws.eps.to(device=x_0.device, dtype=x_0.dtype)
         x_t = add_noise(x_0, eps, sched, t)
-        # 4. teacher ODE step t -> t', cond and uncond in one batched forward (no uncond pass for normal CFG)
+        # 4. teacher ODE step t -> t', cond and uncond in one batched forward (no uncond pass for normal CFG); a
+        #    guidance-distilled teacher reads guidance 1 + w in its condition: one pass, no uncond
+        w = (cfg.w_min + (cfg.w_max - cfg.w_min) * u[:, U_W]).to(x_0.dtype)
         with torch.no_grad():
-            if cfg.guidance == "small_cfg":
-                w = append_dims((cfg.w_min + (cfg.w_max - cfg.w_min) * u[:, U_W]).to(x_0.dtype), x_0.ndim)
+            if cfg.guidance == "normal_cfg" or self.teacher_guidance == "none":
+                x_prev = solver_step(x_t, teacher(x_t, t, cond), None, 0.0, sched, t, t_prev)
+            elif self.teacher_guidance == "embedded":
+                x_prev = solver_step(x_t, teacher(x_t, t, embedded_guidance(cond, 1 + w)), None, 0.0, sched, t, t_prev)
+            else:
                 eps_c, eps_u = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]),
                                        cat_cond(cond, batch.uncond)).chunk(2)
-                x_prev = solver_step(x_t, eps_c, eps_u, w, sched, t, t_prev)
-            else:
-                x_prev = solver_step(x_t, teacher(x_t, t, cond), None, 0.0, sched, t, t_prev)
+                x_prev = solver_step(x_t, eps_c, eps_u, append_dims(w, x_0.ndim), sched, t, t_prev)
         return SolverOutcome(t, t_prev, n, cond, x_t, x_prev), draws
+
+
+def embedded_guidance(cond: Cond, guidance_scale: torch.Tensor) -> Cond:
+    """cond with its embedded guidance (B,) replaced: what a guidance-distilled teacher (FLUX.1-dev) reads."""
+    if not isinstance(cond, Mapping) or "guidance" not in cond:
+        raise ValueError("an embedded-guidance teacher (FLUX.1-dev) needs a condition dict carrying 'guidance' (B,), "
+                         "as Teacher.condition builds it for a transformer with guidance_embeds")
+    return {**cond, "guidance": guidance_scale.to(cond["guidance"])}
 
 
 @dataclass(frozen=True)
@@ -189,8 +212,9 @@ LOSSES = {"pcm": PCMLoss, "lcm": LCMLoss}
 
 
 def make_loss(cfg: DistillConfig, grid: SolverGrid, schedule: NoiseSchedule | torch.Tensor, seed: int,
-              adversarial_weight: float = 0.0) -> SolverLoss:
-    """The loss object of cfg.method ('pcm' or 'lcm') over the run's grid and schedule (an abar tensor: VP, eps)."""
+              adversarial_weight: float = 0.0, teacher_guidance: str = "cfg") -> SolverLoss:
+    """The loss object of cfg.method ('pcm' or 'lcm') over the run's grid and schedule (an abar tensor: VP, eps);
+    teacher_guidance: how the solver guides the teacher (TEACHER_GUIDANCE; Teacher.guidance_mode)."""
     if cfg.method not in LOSSES:
         raise ValueError(f"unknown distill.method {cfg.method!r}; allowed: {', '.join(LOSSES)}")
-    return LOSSES[cfg.method](grid, schedule, cfg, seed, adversarial_weight)
+    return LOSSES[cfg.method](grid, schedule, cfg, seed, adversarial_weight, teacher_guidance)
