@@ -1,10 +1,13 @@
-"""`make bench-gpu`: PCM training steps on an SDXL-architecture UNet at full size, on a GPU.
+"""`make bench-gpu`: PCM training steps on an SDXL-architecture UNet and an SD3-architecture transformer at full
+size, on a GPU.
 
 The UNet is built from SDXL's own configuration with random weights (nothing is downloaded): 1024×1024 images
 (128×128 latents), LoRA rank 64 on the reference target modules, bf16 autocast with fp32 LoRA weights, gradient
 checkpointing, SDPA attention, batch 10. Reported: steps/s and peak GPU memory of PCM (small CFG, batched
 cond + uncond teacher pass) with and without the adversarial loss (joint schedule). Text conditions are random
-tensors of SDXL's shapes (precomputed embeddings would look the same to the UNet).
+tensors of SDXL's shapes (precomputed embeddings would look the same to the UNet). The SD3 row is the same PCM step
+on SD3-medium's transformer (random weights from its config, 1024 px: 128×128×16 latents, 77 CLIP + 256 T5 text
+tokens) over SD3's shifted rectified flow; no adversarial variant (its discriminator reads UNet features).
 
 Without CUDA it says so and exits 0. `--tiny` runs the same code on a small UNet (CPU allowed): the smoke test.
 
@@ -17,10 +20,10 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
 from pcm.config import LORA_TARGETS, config_from_dict
-from pcm.math import SolverGrid
+from pcm.math import SolverGrid, flow_schedule
 from pcm.models.discriminator import Discriminator
 from pcm.models.lora import adapters_off, attach_lora
 from pcm.models.tiny import sd_scheduler
@@ -48,6 +51,18 @@ TINY_SD15_UNET = {**SD15_UNET, "sample_size": 16, "layers_per_block": 1, "block_
                   "attention_head_dim": 2, "cross_attention_dim": 64, "norm_num_groups": 8}
 
 
+SD3_TRANSFORMER = {  # stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json
+    "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+    "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048, "pos_embed_max_size": 192,
+}
+TINY_SD3 = {**SD3_TRANSFORMER, "sample_size": 16, "num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2,
+            "joint_attention_dim": 32, "caption_projection_dim": 16, "pooled_projection_dim": 32,
+            "pos_embed_max_size": 16}
+SD3_TEXT_TOKENS = 77 + 256  # both CLIP encoders' states, then T5's (diffusers' max_sequence_length)
+SD3_SHIFT = 3.0  # the scheduler's shift in SD3-medium's scheduler_config.json
+
+
 def build(tiny: bool, device: str, rank: int, config: dict | None = None):
     """(UNet with LoRA, LoRA params, pooled text width: 0 for a UNet without SDXL's added conditions)."""
     config = config or (TINY_UNET if tiny else SDXL_UNET)
@@ -62,6 +77,38 @@ def build(tiny: bool, device: str, rank: int, config: dict | None = None):
     unet.enable_gradient_checkpointing()
     unet.train()
     return unet, params, pooled
+
+
+def build_sd3(tiny: bool, device: str, rank: int):
+    """(SD3 transformer with LoRA on the reference's SD3 modules, LoRA params)."""
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = SD3Transformer2DModel(**(TINY_SD3 if tiny else SD3_TRANSFORMER)).to(device, dtype)
+    params = attach_lora(model, rank, rank, LORA_TARGETS)
+    model.enable_gradient_checkpointing()
+    model.train()
+    return model, params
+
+
+def sd3_conditions(batch: int, model, device: str) -> tuple[dict, dict]:
+    """Random text states and pooled projections of SD3's shapes; uncond the encoded "" (one condition, expanded)."""
+    c = model.config
+    cond = {"encoder_hidden_states": torch.randn(batch, SD3_TEXT_TOKENS, c.joint_attention_dim, device=device),
+            "pooled_projections": torch.randn(batch, c.pooled_projection_dim, device=device)}
+    return cond, {k: v[:1].expand_as(v).clone() for k, v in cond.items()}
+
+
+def sd3_eps_of(model, schedule):
+    """The transformer as the flow-velocity denoiser of pcm's sd3 family: timestep = T sigma_t, output fp32."""
+    sigmas = schedule.table
+
+    def velocity(x, t, c):
+        return model(hidden_states=x, timestep=sigmas.to(x.device)[t] * len(sigmas),
+                     encoder_hidden_states=c["encoder_hidden_states"],
+                     pooled_projections=c["pooled_projections"]).sample.float()
+
+    return velocity
 
 
 def conditions(batch: int, unet, pooled: int, device: str) -> tuple[dict, dict]:
@@ -87,23 +134,29 @@ def eps_of(unet):
 def measure(unet, params, pooled: int, batch: int, steps: int, adversarial: bool, device: str,
             distill: dict | None = None, two_unets: bool = False) -> dict:
     """Steps/s and peak memory of the distillation step; distill overrides the PCM small-CFG section (e.g. LCM);
-    two_unets: the reference's layout, a second full UNet (no LoRA) as the teacher."""
-    abar = sd_scheduler().alphas_cumprod.to(device)
+    two_unets: the reference's layout, a second full copy (no LoRA) as the teacher. An SD3 transformer (for `unet`,
+    pooled unused) runs on SD3's flow schedule with SD3's conditions."""
+    sd3 = isinstance(unet, SD3Transformer2DModel)
+    schedule = flow_schedule(1000, SD3_SHIFT) if sd3 else sd_scheduler().alphas_cumprod.to(device)
     section = {"num_solver_steps": 40, "num_phases": 4, "w_min": 6.0, "w_max": 7.0, **(distill or {})}
     cfg = config_from_dict({"distill": section})
-    grid = SolverGrid(len(abar), 40, cfg.distill.num_phases)
-    cond, uncond = conditions(batch, unet, pooled, device)
-    latents = torch.randn(batch, 4, unet.config.sample_size, unet.config.sample_size, device=device)
+    grid = SolverGrid(len(schedule), 40, cfg.distill.num_phases)
+    cond, uncond = sd3_conditions(batch, unet, device) if sd3 else conditions(batch, unet, pooled, device)
+    side = unet.config.sample_size
+    latents = torch.randn(batch, unet.config.in_channels, side, side, device=device)
     data = Batch(latents, cond, uncond, torch.arange(batch))
     opt = torch.optim.AdamW(params, lr=1e-6)
     disc = Discriminator(unet, 1).to(device) if adversarial else None
     d_opt = torch.optim.AdamW(disc.parameters(), lr=1e-5, betas=(0.0, 0.999), weight_decay=1e-3) if disc else None
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
 
-    eps = eps_of(unet)
+    def denoiser(model):
+        return sd3_eps_of(model, schedule) if sd3 else eps_of(model)
+
+    eps = denoiser(unet)
     # the copy is made from the config, in the frozen weights' dtype, before any step: what the reference holds
     with torch.device(device):
-        copy_eps = eps_of(type(unet).from_config(unet.config).to(device, unet.dtype)) if two_unets else None
+        copy_eps = denoiser(type(unet).from_config(unet.config).to(device, unet.dtype)) if two_unets else None
 
     def teacher(x, t, c):
         if copy_eps is not None:
@@ -114,7 +167,7 @@ def measure(unet, params, pooled: int, batch: int, steps: int, adversarial: bool
     def disc_fn(x, r, c, train_heads, fake=None):
         return disc(x, r, c, train_heads=train_heads, fake=fake)
 
-    loss = make_loss(cfg.distill, grid, abar, 0, adversarial_weight=0.1)
+    loss = make_loss(cfg.distill, grid, schedule, 0, adversarial_weight=0.1)
     nets = Nets(eps, teacher, eps, disc_fn if disc else None)
 
     def step(k: int) -> float:
@@ -165,6 +218,10 @@ def main() -> None:
         r = measure(unet, params, pooled, args.batch, args.steps, adversarial, device)
         results["runs"][name] = r
         print(f"{name:18s} {r['steps_per_s']:8.3f} {r['samples_per_s']:10.2f} {r['peak_gib']:9.2f}")
+    del unet, params
+    sd3, params = build_sd3(args.tiny, device, args.rank)
+    r = results["runs"]["sd3 pcm"] = measure(sd3, params, 0, args.batch, args.steps, False, device)
+    print(f"{'sd3 pcm':18s} {r['steps_per_s']:8.3f} {r['samples_per_s']:10.2f} {r['peak_gib']:9.2f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out} ({results['device']})")

@@ -12,13 +12,13 @@ SCRIPT = Path(__file__).parent.parent / "benchmarks" / "sdxl_gpu.py"
 
 
 @pytest.mark.slow
-def test_sdxl_gpu_benchmark_runs_tiny_with_and_without_the_adversarial_loss(tmp_path):
+def test_gpu_benchmark_runs_tiny_sdxl_with_and_without_the_adversarial_loss_and_sd3(tmp_path):
     out = tmp_path / "sdxl_gpu.json"
     done = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--batch", "2", "--steps", "2", "--rank", "4",
                            "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())
-    assert set(results["runs"]) == {"pcm", "pcm + adv joint"}
+    assert set(results["runs"]) == {"pcm", "pcm + adv joint", "sd3 pcm"}
     for run in results["runs"].values():
         assert run["steps_per_s"] > 0 and run["last_loss"] == run["last_loss"]  # finite, not NaN
 
