@@ -88,8 +88,8 @@ STAGES = {  # command -> (stages function, help)
                                  "distill loads no VAE and no text encoder (teacher.*, data.*)"),
     "distill": ("distill", "distill the teacher into a PCM/LCM LoRA (teacher.*, lora.*, distill.*, train.*); "
                            "uses precomputed latents and text when present"),
-    "evaluate": ("evaluate", "score the teacher's DDIM and every LoRA at several step counts; writes metrics.json, "
-                             "steps.csv, plots and report.html (eval.*)"),
+    "evaluate": ("evaluate", "score the teacher's DDIM (a flow teacher's Euler) and every LoRA at several step "
+                             "counts; writes metrics.json, steps.csv, plots and report.html (eval.*)"),
     "register": ("register", "register the LoRA in the MLflow model registry: candidate alias, champion when the gate "
                              "passes (register.*, tracking.*)"),
 }
@@ -107,7 +107,7 @@ def _katib_line(metrics_file: Path, metric: str, steps: int) -> str:
     Katib's StdOut metrics collector reads. A trial evaluates one LoRA: more, or none, is an error naming them."""
     suffix = f"/k{steps}/{metric}"
     found = {key[:-len(suffix)]: value for key, value in json.loads(metrics_file.read_text()).items()
-             if key.endswith(suffix) and not key.startswith("teacher-ddim/")}
+             if key.endswith(suffix) and not key.startswith(("teacher-ddim/", "teacher-euler/"))}
     if len(found) != 1:
         raise ValueError(f"--katib-metric {metric}@{steps}: expected one distilled model with {metric} at {steps} "
                          f"steps in {metrics_file}, found {sorted(found) or 'none'} (a trial evaluates one LoRA, "

@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 
 from pcm.config import Config, TeacherConfig
 from pcm.models.card import CONFIG_FILE, ModelCard, read_card
-from pcm.models.lora import DIFFUSERS_FILE, load_lora
+from pcm.models.lora import DIFFUSERS_FILE, PREFIX, load_lora
 
 log = logging.getLogger(__name__)
+BACKBONE_KEYS = tuple(f"{name}." for name in ("unet", *PREFIX.values()))  # a diffusers LoRA file's key prefixes
 
 
 class LoRAError(ValueError):
@@ -62,8 +63,8 @@ def _quiet(*names: str):
 
 
 def load_checked(unet, folder: str | Path, adapter: str, key: str, sides: str = "") -> None:
-    """Loads a LoRA folder onto unet (as pcm.models.lora.load_lora) and checks that every tensor of the file sits,
-    unchanged, on a LoRA layer of this UNet and that no layer was made without one: diffusers only warns when keys
+    """Loads a LoRA folder onto unet, the backbone (as pcm.models.lora.load_lora), and checks that every tensor of the
+    file sits, unchanged, on a LoRA layer of it and that no layer was made without one: diffusers only warns when keys
     do not match, which would leave a LoRA for another base half-loaded. LoRAError (one line, naming key and the
     file, and sides: the LoRA's recorded base against the model it meets) otherwise."""
     path = Path(folder) / DIFFUSERS_FILE
@@ -81,15 +82,20 @@ def load_checked(unet, folder: str | Path, adapter: str, key: str, sides: str = 
         raise LoRAError(f"{key}={path} does not load onto its base model ({one_line(err)}): a truncated or "
                         f"damaged file, or a LoRA of another base; {advice}") from err
     loaded = {name: p for name, p in unet.named_parameters() if f".{adapter}." in name}
-    # file keys: unet.<module>.lora_A.weight; the layer's parameter: <module>.lora_A.<adapter>.weight
-    expected = {".".join([*k.removeprefix("unet.").split(".")[:-1], adapter, k.split(".")[-1]]): v
-                for k, v in state.items()}
+    # file keys: unet.<module>.lora_A.weight (sd3: transformer.<module>...); the layer's parameter:
+    # <module>.lora_A.<adapter>.weight
+    expected = {".".join([*_module_key(k).split(".")[:-1], adapter, k.split(".")[-1]]): v for k, v in state.items()}
     wrong = sorted(set(expected) ^ set(loaded)) + sorted(
         n for n in expected.keys() & loaded.keys()
         if not torch.allclose(loaded[n].detach().float().cpu(), expected[n].float(), rtol=1e-2, atol=1e-6))
     if wrong:
         raise LoRAError(f"{key}={path}: {len(wrong)} of its {len(expected)} tensors do not fit the base model's "
                         f"layers (e.g. {wrong[0]}): a LoRA of another base; {advice}")
+
+
+def _module_key(key: str) -> str:
+    """A LoRA file's key without its backbone prefix (unet., transformer.)."""
+    return key.partition(".")[2] if key.startswith(BACKBONE_KEYS) else key
 
 
 TEACHER_FROM = ("lora", "config")  # the base model a --lora samples on: its card's base_model, or teacher.*

@@ -39,7 +39,7 @@ from pcm.eval.generate import generate_pngs
 from pcm.inference import check_family, load_checked, lora_sha256, one_line
 from pcm.lineage import evaluation_files, with_evaluation
 from pcm.models.card import CONFIG_FILE, LoraFileError, ModelCard, read_card
-from pcm.models.families import ModelLoadError
+from pcm.models.families import FLOW_FAMILIES, ModelLoadError
 from pcm.models.lora import DIFFUSERS_FILE
 from pcm.registry_store import RegistryError, connect, resolve, tracking_store
 from pcm.serving import model_failures, request_rows
@@ -52,8 +52,9 @@ log = logging.getLogger(__name__)
 
 class PCMPipelineModel(PythonModel):
     """The registered pyfunc: base model + LoRA + pcm's sampler. model_config: base_model, family, resolution,
-    dtype, device (override base_model at load time when the base moved), warmup (generate one image while loading,
-    so that a server's first request does not pay the lazy first-call costs; set with MLFLOW_PYFUNC_INFERENCE_CONFIG).
+    dtype, t5 and max_sequence_length (sd3, flux: the T5 states the LoRA was distilled with), device (override
+    base_model at load time when the base moved), warmup (generate one image while loading, so that a server's first
+    request does not pay the lazy first-call costs; set with MLFLOW_PYFUNC_INFERENCE_CONFIG).
 
     Everything loads in load_context: `mlflow models serve` answers /ping only once it returned. Requests are
     serialized: one generation at a time holds a lock (the UNet, its adapter state and the memory of one forward are
@@ -67,7 +68,8 @@ class PCMPipelineModel(PythonModel):
         self.card = lora_config(lora, "registered LoRA")
         self.defaults = SampleConfig(**c.get("sample") or {})  # versions registered before it: the LoRA's own
         teacher = TeacherConfig(family=c["family"], model=c["base_model"], dtype=c.get("dtype", "float32"),
-                                motion_adapter=c.get("motion_adapter", ""))
+                                motion_adapter=c.get("motion_adapter", ""),
+                                **{k: c[k] for k in ("t5", "max_sequence_length") if k in c})
         # model_config may be overridden at load time (a moved base): the LoRA still has to meet its own family
         check_family(self.card, teacher, "the registered LoRA", "load it with model_config={'family': "
                      f"'{self.card.family}', 'base_model': <a {self.card.family} base>}} or leave both as "
@@ -117,7 +119,7 @@ def check_recorded_sha(folder: str | Path, recorded: str | None, where: str) -> 
 
 
 def check_loads(cfg: Config, lora: Path, card: ModelCard) -> None:
-    """Loads the LoRA onto its base model's UNet (the first thing any user of the version does): refuses a base
+    """Loads the LoRA onto its base model's backbone (the first thing any user of the version does): refuses a base
     that does not load and a LoRA file that does not fit it (truncated, another base)."""
     from pcm.models.families import load_teacher
 
@@ -174,7 +176,7 @@ def version_tags(cfg: Config, card: ModelCard, metrics: dict, sha: str) -> dict[
             "pcm.edges": json.dumps(card.edges), "pcm.N": card.num_solver_steps, "pcm.guidance": card.guidance,
             "pcm.recommended_steps": card.recommended_steps,
             "pcm.recommended_guidance_scale": card.recommended_guidance_scale,
-            "pcm.recommended_scheduler": card.recommended_scheduler,
+            "pcm.recommended_scheduler": recommended_scheduler(card),
             "pcm.sampling_timesteps": json.dumps(card.sampling_timesteps), SHA_TAG: sha,
             **key_metrics, **lineage_tags(cfg, "register")}
 
@@ -189,7 +191,29 @@ def registered_defaults(cfg: Config, card: ModelCard) -> SampleConfig:
                         else s.guidance_scale)
 
 
-def model_card(name: str, card: ModelCard, base: str, defaults: SampleConfig) -> str:
+def recommended_scheduler(card: ModelCard) -> str:
+    """How diffusers samples the LoRA as trained: the card's scheduler (TCDScheduler over the trained timesteps, or
+    LCMScheduler) for a VP base; for a flow base (sd3, flux) the pipeline's own flow scheduler over the trained path's
+    unshifted sigmas (t + 1) / T, which it shifts exactly as the teacher's table is (FLUX: at the card's resolution),
+    then appends the final 0."""
+    if card.family not in FLOW_FAMILIES:
+        return card.recommended_scheduler
+    if card.method == "lcm":
+        return "no diffusers flow scheduler re-noises like LCM: sample it with `pcm sample` or the registered model"
+    sigmas = [(t + 1) / card.num_train_timesteps for t in card.sampling_timesteps[:-1]]
+    return f"the pipeline's FlowMatchEulerDiscreteScheduler with `sigmas={sigmas}`"
+
+
+def _diffusers_sampling(card: ModelCard, t5_tokens: int) -> str:
+    """What follows load_lora_weights in the model card's diffusers recipe."""
+    if card.family in FLOW_FAMILIES:
+        return (f"then {recommended_scheduler(card)} and `max_sequence_length={t5_tokens}` (the T5 tokens it was "
+                "distilled with), or `pcm sample --model ...`")
+    return (f"then a `TCDScheduler` with\n`timesteps={card.sampling_timesteps[:-1]}` and `gamma=0` (deterministic "
+            "PCM), or `pcm sample --model ...`")
+
+
+def model_card(name: str, card: ModelCard, base: str, defaults: SampleConfig, t5_tokens: int = 256) -> str:
     video = f" (clips of {card.frames} frames: `num_frames={card.frames}`)" if card.is_video else ""
     return f"""# {name}
 
@@ -197,7 +221,7 @@ A {card.method.upper()} LoRA distilled from `{base}` ({card.family}) with pcm-pi
 phase(s) over a {card.num_solver_steps}-step solver grid, guidance variant `{card.guidance}`.
 
 **Sampling as trained:** {card.recommended_steps} steps at CFG {card.recommended_guidance_scale}, visiting
-exactly the timesteps {card.sampling_timesteps} ({card.recommended_scheduler}).
+exactly the timesteps {card.sampling_timesteps} ({recommended_scheduler(card)}).
 **This version's defaults** (a missing input column): {defaults.num_steps} steps, CFG {defaults.guidance_scale},
 gamma {defaults.gamma} (TCD's stochastic step; 0 = deterministic PCM; a `gamma` column in [0, 1] sets it).
 
@@ -212,8 +236,7 @@ is refused. Over HTTP: `mlflow models serve -m models:/{name}@champion --env-man
 `{{"dataframe_records": [{{"prompt": "...", "seed": 0}}]}}` to `/invocations`: the images come back base64-encoded.
 
 With diffusers directly: `pipe = {_diffusers_pipeline(card, base)}`{video},
-`pipe.load_lora_weights(<the version's artifacts>/artifacts/lora)`, then a `TCDScheduler` with
-`timesteps={card.sampling_timesteps[:-1]}` and `gamma=0` (deterministic PCM), or `pcm sample --model ...`.
+`pipe.load_lora_weights(<the version's artifacts>/artifacts/lora)`, {_diffusers_sampling(card, t5_tokens)}.
 """
 
 
@@ -320,6 +343,8 @@ def _log_version(cfg: Config, card: ModelCard, metrics: dict, sha: str) -> str:
                     "sample": dataclasses.asdict(defaults), "warmup": False}
     if card.motion_adapter:
         model_config["motion_adapter"] = _base_model(card.motion_adapter)
+    if card.family in FLOW_FAMILIES:  # T5's states (or their zeros) are part of the condition the LoRA learned
+        model_config |= {"t5": cfg.teacher.t5, "max_sequence_length": cfg.teacher.max_sequence_length}
     report = Path(r.eval_metrics).parent if metrics else None  # an evaluation of this very file (eval_metrics)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else "register"), \
             tempfile.TemporaryDirectory() as scratch:
@@ -337,7 +362,7 @@ def _log_version(cfg: Config, card: ModelCard, metrics: dict, sha: str) -> str:
     client = mlflow.MlflowClient()
     for key, value in version_tags(cfg, card, metrics, sha).items():
         client.set_model_version_tag(r.model_name, version, key, str(value))
-    description = model_card(r.model_name, card, base, defaults)
+    description = model_card(r.model_name, card, base, defaults, cfg.teacher.max_sequence_length)
     if report is not None:
         description = with_evaluation(description, report, r.gate_metric.split("/")[0])
     client.update_model_version(r.model_name, version, description=description)

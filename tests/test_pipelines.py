@@ -36,14 +36,14 @@ def _tasks(spec: dict) -> dict:
 def compiled(tmp_path_factory):
     """Each pipeline compiled once for the cluster: (pipeline spec, platform spec, the spec-patch file's JSON)."""
     out = {}
-    for name in ("pcm_sd15", "pcm_sdxl", "pcm_video"):
+    for name in ("pcm_sd15", "pcm_sdxl", "pcm_sd3", "pcm_video"):
         folder = tmp_path_factory.mktemp(name)
         spec, platform = _compile(folder, name, "--gpus", "8", "--node-selector", "pool=h100")
         out[name] = spec, platform, json.loads((folder / f"{name}.spec-patch.json").read_text())
     return out
 
 
-@pytest.mark.parametrize("name", ["pcm_sd15", "pcm_sdxl", "pcm_video"])
+@pytest.mark.parametrize("name", ["pcm_sd15", "pcm_sdxl", "pcm_sd3", "pcm_video"])
 def test_the_pipeline_compiles_with_gpus_shm_pvcs_secrets_and_retries(compiled, name):
     spec, platform, _ = compiled[name]
     executors = spec["deploymentSpec"]["executors"]
@@ -72,7 +72,7 @@ def test_the_pipeline_compiles_with_gpus_shm_pvcs_secrets_and_retries(compiled, 
         set(defaults)
 
 
-@pytest.mark.parametrize("name", ["pcm_sd15", "pcm_sdxl", "pcm_video"])
+@pytest.mark.parametrize("name", ["pcm_sd15", "pcm_sdxl", "pcm_sd3", "pcm_video"])
 def test_every_task_has_limits_retries_the_image_user_and_only_its_secret_keys(compiled, name):
     from cluster import MLFLOW, TASK_SECRETS
 
@@ -101,6 +101,17 @@ def test_every_task_has_limits_retries_the_image_user_and_only_its_secret_keys(c
         on_gpu = {"distill": 8} if name == "pcm_sd15" else {"distill": 8, "evaluate": 1, "register": 1}
         assert gpus == on_gpu.get(task_name, 0), task_name
         assert ("nodeSelector" in config) == (gpus > 0), task_name  # --node-selector pins the GPU tasks only
+
+
+def test_the_sd3_pipeline_compiles_the_reference_run_on_its_teacher(compiled):
+    """pipelines/pcm_sd3.py: configs/sd3-cc3m.yaml as the package's params (the PCM authors' SD3 grid and LoRA, no
+    adversarial loss) and SD3 medium as the default teacher."""
+    spec, _, _ = compiled["pcm_sd3"]
+    defaults = spec["root"]["inputDefinitions"]["parameters"]
+    assert defaults["teacher_model"]["defaultValue"] == "stabilityai/stable-diffusion-3-medium-diffusers"
+    params = json.loads(defaults["params"]["defaultValue"])
+    assert params["teacher"]["family"] == "sd3" and params["adversarial"]["weight"] == 0
+    assert (params["distill"]["num_solver_steps"], params["lora"]["rank"], params["lora"]["alpha"]) == (100, 32, 8.0)
 
 
 def test_evaluate_and_register_gpus_are_compile_options(tmp_path):
@@ -156,7 +167,7 @@ def test_every_pipeline_option_has_help_and_the_usage_names_the_file():
                 assert action.help, (prog, action.option_strings)
 
 
-@pytest.mark.parametrize("name", ["pcm_sd15", "pcm_sdxl", "pcm_video"])
+@pytest.mark.parametrize("name", ["pcm_sd15", "pcm_sdxl", "pcm_sd3", "pcm_video"])
 def test_the_package_parses_strictly_as_kfp_kubernetes_config(compiled, name):
     """The KFP API server's compiler reads each task's Kubernetes config with strict protojson: a key outside
     kfp-kubernetes' KubernetesExecutorConfig would fail `kfp run create`. Python's json_format is as strict."""
@@ -171,7 +182,7 @@ def test_the_package_parses_strictly_as_kfp_kubernetes_config(compiled, name):
         json_format.ParseDict({"terminationGracePeriodSeconds": 600}, pb.KubernetesExecutorConfig())
 
 
-@pytest.mark.parametrize("name", ["pcm_sd15", "pcm_sdxl"])
+@pytest.mark.parametrize("name", ["pcm_sd15", "pcm_sdxl", "pcm_sd3"])
 def test_the_grace_period_and_fs_group_reach_the_pods_through_the_spec_patch(compiled, name):
     spec, platform, patch = compiled[name]
     pod = json.loads(patch["podSpecPatch"])  # Argo merges it into every pod of the run
@@ -198,7 +209,7 @@ def test_the_grace_period_comes_from_the_params_file(tmp_path):
         config_from_yaml(yaml.safe_dump(params))
 
 
-@pytest.mark.parametrize("name", ["pcm_sd15", "pcm_sdxl"])
+@pytest.mark.parametrize("name", ["pcm_sd15", "pcm_sdxl", "pcm_sd3"])
 def test_work_folders_are_scoped_by_the_pipeline_run(compiled, name):
     """distill and evaluate get KFP's run id (resolved per run, the same in every retry) and continue_run."""
     from kfp import dsl

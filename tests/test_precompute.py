@@ -11,6 +11,7 @@ from builders import save_tiny
 from worlds import world_cfg
 
 from pcm import stages
+from pcm.config import config_from_dict
 from pcm.data.digest import prepared_digest
 from pcm.data.loader import loader_factory
 from pcm.data.precompute import find_latents, precomputed_dir, stored_text, teacher_key, text_key
@@ -83,15 +84,20 @@ def test_latents_of_another_teacher_are_refused(own_world, tmp_path):
         stages.distill(wrong, progress=False)
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+SD3_TOKENS = {"max_sequence_length": 8}  # the tiny SD3 teacher's T5 tokens: a short joint-attention sequence
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
 def test_a_step_on_precomputed_text_equals_one_encoding_the_captions(own_world, tmp_path, family):
     """Same batch, same draws (caption dropout at 0.5, so the stored empty prompt is used): the step's loss with the
     stored text states equals the loss with the captions encoded now, and the conditions equal the encoded ones
-    rounded to fp16 (what is stored)."""
-    teacher = {"family": family, "model": str(save_tiny(tmp_path / "teacher", family))}
+    rounded to fp16 (what is stored). sd3's uncond is the encoded "" with its pooled projection: both stored."""
+    teacher = {"family": family, "model": str(save_tiny(tmp_path / "teacher", family)),
+               **(SD3_TOKENS if family == "sd3" else {})}
     cfg = world_cfg(own_world, tmp_path / "run", teacher=teacher, distill={"caption_dropout": 0.5})
     folder = Path(stages.precompute(cfg, progress=False)["output_dir"])
-    assert find_latents(cfg) == folder and (folder / "empty_prompt.npy").is_file() == (family == "sd15")
+    assert find_latents(cfg) == folder and (folder / "empty_prompt.npy").is_file() == (family != "sdxl")
+    assert (folder / "empty_pooled.npy").is_file() == (family == "sd3")
     with_text, empty = stored_text(folder)
     pre = setup(cfg, loader_factory(cfg, folder), None, Precomputed(True, with_text, empty))
     assert with_text and not pre.teacher.text_encoders
@@ -108,6 +114,37 @@ def test_a_step_on_precomputed_text_equals_one_encoding_the_captions(own_world, 
     assert drop.any() and not drop.all()  # both the captions' and the empty condition enter the loss
     losses = [run.loss(_nets(run, "g"), b, 0, "g")["loss"].item() for run, b in ((pre, stored), (fly, encoded))]
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)  # fp16 storage: measured 3e-6 to 6e-6
+
+
+def test_sd3_distills_on_precomputed_latents_and_text_without_its_encoders_at_the_same_loss(own_world, tmp_path):
+    """The tiny SD3 teacher: `pcm distill` on precomputed latents and text (T5's states and the pooled projections
+    included) loads no VAE and no text encoder, and its first steps' losses are those of the run encoding images and
+    captions on the fly (fp16 storage apart)."""
+    teacher = {"family": "sd3", "model": str(save_tiny(tmp_path / "teacher", "sd3")), **SD3_TOKENS}
+    train = {"max_steps": 2, "log_every": 1, "checkpoint_every": 100}
+    fly = world_cfg(own_world, tmp_path / "fly", teacher=teacher, train=train, distill={"caption_dropout": 0.5})
+    stages.distill(fly, progress=False)
+    meta = stages.precompute(fly, progress=False)
+    folder = Path(meta["output_dir"])
+    assert meta["text"]["pooled"] == "text_pooled.npy" and meta["text"]["empty_pooled"] == "empty_pooled.npy"
+    with_text, (states, pooled) = stored_text(folder)
+    assert with_text and states.shape == (1, 77 + 8, 192) and pooled.shape == (1, 96)  # tiny: CLIP 77 + T5 8 tokens
+    pre = world_cfg(own_world, tmp_path / "pre", teacher=teacher, train=train, distill={"caption_dropout": 0.5})
+    run = setup(pre, loader_factory(pre, folder), None, Precomputed(True, with_text, (states, pooled)))
+    assert run.teacher.vae is None and not run.teacher.text_encoders
+    torch.testing.assert_close(run.teacher.uncond(1)["pooled_projections"], pooled.float())  # the stored ""
+    stages.distill(pre, progress=False)
+    losses = _losses(tmp_path / "fly")
+    assert len(losses) == 2 and _losses(tmp_path / "pre") == pytest.approx(losses, rel=1e-3)
+
+
+def test_a_changed_t5_setting_is_another_text_key():
+    """sd3's text states depend on teacher.t5 and teacher.max_sequence_length; other families' keys ignore them."""
+    def key(family: str, **teacher) -> str:
+        return text_key(config_from_dict({"teacher": {"family": family, "model": "org/hub-model", **teacher}}))
+
+    assert len({key("sd3"), key("sd3", t5=False), key("sd3", max_sequence_length=77)}) == 3
+    assert key("sd15") == key("sd15", t5=False) == key("sd15", max_sequence_length=77)
 
 
 def test_the_folder_key_covers_the_text_encoders_and_old_folders_still_train(own_world, tmp_path):

@@ -96,8 +96,10 @@ class DemoConfig:
 class DemoTeacherConfig:
     """Training of the tiny demo teacher on the prepared shapes shards (`pcm demo-teacher`)."""
 
-    family: Literal["sd15", "sdxl", "animatediff"] = "sd15"  # SD1.5-shaped (the demo), SDXL-shaped (exercises the
-    # SDXL family) or AnimateDiff-shaped (SD1.5 + motion modules, trained on prepared clips: data.modality=video)
+    family: Literal["sd15", "sdxl", "animatediff", "sd3"] = "sd15"  # SD1.5-shaped (the demo), SDXL-shaped (exercises
+    # the SDXL family), AnimateDiff-shaped (SD1.5 + motion modules, trained on prepared clips: data.modality=video) or
+    # SD3-shaped (a rectified flow: joint-attention transformer, CLIP-L/CLIP-G/T5 encoders, 16-channel VAE with a
+    # shift; pcm.demo.flow_teacher). sd3's transformer: 2 layers of 2 heads, width unet_channels[-1]
     output_dir: str = "models/demo-teacher"  # the saved diffusers pipeline (save_pretrained, safetensors)
     vae_channels: tuple[int, ...] = (16, 32)  # VAE widths; downsampling factor 2 ** (len - 1)
     unet_channels: tuple[int, ...] = (32, 64, 128)  # UNet widths, one level each; the deepest has no attention
@@ -107,6 +109,8 @@ class DemoTeacherConfig:
     # 1 is SDXL's layout and trains ~1.6x faster on CPU: attention over all 16x16 positions is the costliest layer
     text_hidden: int = 64  # text encoder width
     text_layers: int = 2  # text encoder depth
+    max_sequence_length: int = 16  # sd3: T5 tokens per caption in training and evaluation (one-shape captions are
+    #   <= 15 tokens); distill such a teacher with the same teacher.max_sequence_length
     vae_steps: int = 800  # VAE optimizer steps
     vae_batch_size: int = 32
     unet_steps: int = 2400  # UNet + text encoder optimizer steps
@@ -117,7 +121,7 @@ class DemoTeacherConfig:
     caption_dropout: float = 0.1  # fraction of captions replaced by "" so CFG works
     holdout: int = 200  # prepared images kept out of training: VAE PSNR, and their captions are the eval prompts
     eval_prompts: int = 200  # held-out captions scored by the oracle after training (DDIM with CFG), <= holdout
-    eval_steps: int = 50  # DDIM steps of the evaluation sampler
+    eval_steps: int = 50  # steps of the evaluation sampler: DDIM (sd3: the flow's Euler, pcm.sampling)
     eval_guidance_scale: float = 4.0  # CFG scale of the evaluation sampler
     device: Literal["cpu", "cuda", "auto"] = "cpu"  # where to train; auto = cuda when available. Random draws come
     # from a CPU generator either way, so a run is the same draw sequence on every device
@@ -133,6 +137,8 @@ class DemoTeacherConfig:
                  f"demo_teacher.eval_prompts={self.eval_prompts}: must be in [1, demo_teacher.holdout={self.holdout}] "
                  "(the prompts are held-out captions)")
         require(self.eval_steps >= 1, f"demo_teacher.eval_steps={self.eval_steps}: must be >= 1")
+        require(self.max_sequence_length >= 1,
+                f"demo_teacher.max_sequence_length={self.max_sequence_length}: must be >= 1 (T5 tokens per caption)")
         require(0 <= self.caption_dropout < 1, f"demo_teacher.caption_dropout={self.caption_dropout}: in [0, 1)")
         require(0 <= self.ema_decay < 1, f"demo_teacher.ema_decay={self.ema_decay}: must be in [0, 1)")
 

@@ -5,13 +5,15 @@ The output is a prepared-shards folder of its own (index.json + shards with the 
 order as the source, so the loader's plan and a resumed position mean the same samples): each sample keeps its
 caption and json and carries, in place of the image, `latent.npy` (fp16, VAE posterior mean x scaling factor,
 (4, h, w)) and the text encoders' output for its caption (Teacher.text_states, fp16): `text_hidden.npy` (L, D) and,
-for sdxl, `text_pooled.npy` (P,). SDXL's time ids are not stored: the loader's original size and crop and
+for sdxl and sd3, `text_pooled.npy` (P,). SDXL's time ids are not stored: the loader's original size and crop and
 data.resolution give them, by the same Teacher.condition the on-the-fly path uses. The empty prompt's states, the
-unconditional condition of sd15 / animatediff, are stored once as `empty_prompt.npy` (1, L, D); sdxl's is zeros.
+unconditional condition of sd15 / animatediff / sd3, are stored once as `empty_prompt.npy` (1, L, D), with sd3's
+pooled projection of "" as `empty_pooled.npy` (1, P); sdxl's uncond is zeros.
 
 It lives under data.output_dir/precomputed/<key>, where the key hashes what the contents depend on: the teacher's
 family, model reference, revision, variant and separate VAE, the VAE weights and the text encoders' and
-tokenizers' files for a local directory, the resolution, and the prepared data (the sha256 of every prepared shard,
+tokenizers' files for a local directory (sd3: T5's too, and teacher.t5 and teacher.max_sequence_length, which shape
+its states), the resolution, and the prepared data (the sha256 of every prepared shard,
 from index.json). A different teacher or resolution, retrained encoders, or data prepared anew from other inputs
 therefore never reuse them. Folders written before text was stored (latents only) are still found and read; the
 text is then encoded on the fly. The folder appears whole or not at all (pcm.atomic.staged_dir).
@@ -31,10 +33,12 @@ from pcm.config import Config
 from pcm.data.digest import digest, model_files, prepared_digest
 from pcm.data.loader import LATENT_KEY, TEXT_KEYS, decode_batch
 from pcm.data.shards import RawSample, ShardWriter, iter_tar
-from pcm.models.families import SD15_CONDITIONING, load_teacher
+from pcm.models.families import ENCODED_EMPTY, FLOW_FAMILIES, load_teacher
 
-TEXT_FOLDERS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")  # a diffusers pipeline's text parts
+# a diffusers pipeline's text parts (sd3's T5 third; the folders a pipeline lacks contribute nothing to a key)
+TEXT_FOLDERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 EMPTY_PROMPT = "empty_prompt.npy"
+EMPTY_POOLED = "empty_pooled.npy"
 
 
 def teacher_key(cfg: Config) -> str:
@@ -50,7 +54,8 @@ def text_key(cfg: Config) -> str:
     """16 hex digits identifying the teacher's text encoding: teacher reference, the text encoders' and tokenizers'
     files (a local directory's)."""
     t = cfg.teacher
-    return digest(["text", t.family, t.model, t.revision, t.variant], model_files(t.model, TEXT_FOLDERS))
+    t5 = [t.t5, t.max_sequence_length] if t.family in FLOW_FAMILIES else []  # other families' keys stay as they were
+    return digest(["text", t.family, t.model, t.revision, t.variant, *t5], model_files(t.model, TEXT_FOLDERS))
 
 
 def latents_key(cfg: Config) -> str:
@@ -97,14 +102,20 @@ def _holds_latents(folder: Path) -> bool:
     return index.is_file() and bool(json.loads(index.read_text()).get("latents"))
 
 
-def stored_text(folder: str | Path) -> tuple[bool, torch.Tensor | None]:
-    """(whether the folder's records carry text states, the stored empty prompt's states (1, L, D) fp16 or None:
-    sdxl's empty condition is zeros, and a latents-only folder stores no text)."""
+def stored_text(folder: str | Path) -> tuple[bool, tuple[torch.Tensor, torch.Tensor | None] | None]:
+    """(whether the folder's records carry text states, the stored empty prompt as Teacher.text_states gives it, fp16:
+    states (1, L, D) and sd3's pooled (1, P), else None; or None: sdxl's empty condition is zeros, and a latents-only
+    folder stores no text)."""
     text = json.loads((Path(folder) / "meta.json").read_text()).get("text")
     if not text:
         return False, None
-    empty = text.get("empty_prompt")
-    return True, (torch.from_numpy(np.load(Path(folder) / empty, allow_pickle=False)) if empty else None)
+    if not text.get("empty_prompt"):
+        return True, None
+
+    def load(name: str | None) -> torch.Tensor | None:
+        return torch.from_numpy(np.load(Path(folder) / name, allow_pickle=False)) if name else None
+
+    return True, (load(text["empty_prompt"]), load(text.get("empty_pooled")))
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -176,14 +187,20 @@ def precompute(cfg: Config, progress: bool = True, chunk: int = 64) -> dict:
 
 
 def _store_empty_prompt(teacher, txt_key: str, folder: Path) -> dict:
-    """folder/empty_prompt.npy for sd15 / animatediff (the encoded ""); meta.json's description of the text."""
-    pooled = teacher.family not in SD15_CONDITIONING
+    """folder/empty_prompt.npy (and sd3's empty_pooled.npy) for the families whose uncond is the encoded ""
+    (sd15, animatediff, sd3); meta.json's description of the text."""
+    states, pooled = teacher.text_states([""])
+    encoded = teacher.family in ENCODED_EMPTY
     text = {"key": txt_key, "dtype": "float16", "hidden": TEXT_KEYS["text_hidden"],
-            "pooled": TEXT_KEYS["text_pooled"] if pooled else None, "empty_prompt": None,
-            "uncond": "zeros (force_zeros_for_empty_prompt)" if pooled else EMPTY_PROMPT}
-    if not pooled:
-        write_bytes(folder / EMPTY_PROMPT, _npy(teacher.text_states([""])[0].half().cpu().numpy()))
+            "pooled": TEXT_KEYS["text_pooled"] if pooled is not None else None, "empty_prompt": None,
+            "empty_pooled": None, "uncond": EMPTY_PROMPT if encoded else
+            "zeros (force_zeros_for_empty_prompt)"}
+    if encoded:
+        write_bytes(folder / EMPTY_PROMPT, _npy(states.half().cpu().numpy()))
         text["empty_prompt"] = EMPTY_PROMPT
+    if encoded and pooled is not None:
+        write_bytes(folder / EMPTY_POOLED, _npy(pooled.half().cpu().numpy()))
+        text["empty_pooled"] = EMPTY_POOLED
     return text
 
 

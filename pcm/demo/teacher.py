@@ -1,19 +1,21 @@
-"""`pcm demo-teacher`: a tiny SD1.5-, SDXL- or AnimateDiff-shaped teacher trained from scratch on the prepared shapes
-shards (moving-shapes clips for animatediff: pcm.demo.video_teacher).
+"""`pcm demo-teacher`: a tiny SD1.5-, SDXL-, AnimateDiff- or SD3-shaped teacher trained from scratch on the prepared
+shapes shards (clips for animatediff: pcm.demo.video_teacher; sd3, a rectified flow: pcm.demo.flow_teacher).
 
 Phases, all seeded by cfg.seed:
   1. data     every prepared image and caption in memory; the last `holdout` samples are kept out of training
-  2. vae      AutoencoderKL, MSE + 1e-6 KL; held-out PSNR; scaling_factor = 1 / std of the training latents
-  3. unet     UNet + text encoder(s) jointly, eps-prediction loss on the scaled latents, caption dropout, EMA
+  2. vae      AutoencoderKL, MSE + 1e-6 KL; held-out PSNR; scaling_factor = 1 / std of the training latents (sd3:
+              16 channels, shift_factor = their mean)
+  3. backbone UNet (sd3: transformer) + text encoders jointly, eps (sd3: flow velocity) loss, caption dropout, EMA
   4. save     the whole pipeline with save_pretrained (EMA weights), written to a temp dir and renamed at the end
-  5. eval     the saved pipeline samples the held-out captions (DDIM + CFG); the oracle reads the main object back
+  5. eval     the saved pipeline samples the held-out captions (DDIM + CFG; sd3: Euler + CFG); the oracle reads the
+              main object back
 """
 
 import json
 import math
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ from tqdm import tqdm
 from pcm.config import Config, DemoTeacherConfig
 from pcm.data.loader import decode_batch
 from pcm.data.shards import iter_tar
-from pcm.demo import oracle, video_teacher
+from pcm.demo import flow_teacher, oracle, video_teacher
 from pcm.demo.shapes import COLOURS, KINDS, POSITIONS, parse_caption
 from pcm.models.tiny import (
     TinySizes,
@@ -38,14 +40,16 @@ from pcm.train.ema import EMA
 
 KL_WEIGHT = 1e-6  # SD's VAE recipe: the KL term only keeps the posterior from collapsing; quality comes from MSE
 WARMUP_STEPS = 20  # linear learning-rate warmup: Adam's first steps at full lr 2e-3 can blow up fresh GroupNorm nets
-FAMILIES = {"sd15": (tiny_sd15_components, StableDiffusionPipeline),
+FAMILIES = {"sd15": (tiny_sd15_components, StableDiffusionPipeline),  # the eps-prediction UNet families
             "sdxl": (tiny_sdxl_components, StableDiffusionXLPipeline),
             "animatediff": (tiny_animatediff_components, AnimateDiffPipeline)}
 
 
 def _family(name: str) -> tuple:
+    """(tiny components factory, pipeline class) of a UNet family; the flow families live in pcm.demo.flow_teacher."""
     if name not in FAMILIES:
-        raise ValueError(f"unknown demo_teacher.family {name!r}; allowed: {', '.join(FAMILIES)}")
+        raise ValueError(f"demo_teacher.family {name!r} has no UNet recipe; allowed: {', '.join(FAMILIES)} (and "
+                         f"{', '.join(flow_teacher.FAMILIES)}, trained as rectified flows by pcm.demo.flow_teacher)")
     return FAMILIES[name]
 
 
@@ -102,27 +106,47 @@ def _optimizer(params, lr: float, steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps))
 
 
-def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, cfg: DemoTeacherConfig, generator: torch.Generator,
-              progress: bool) -> float:
-    """Trains vae in place on pixels (N, 3, H, W) uint8; returns the last loss."""
-    opt, sched = _optimizer(vae.parameters(), cfg.vae_learning_rate, cfg.vae_steps)
-    bar = tqdm(_batches(len(pixels), cfg.vae_batch_size, cfg.vae_steps, generator), total=cfg.vae_steps,
-               desc="demo-teacher vae", disable=not progress)
-    vae.train()
-    device = vae.device
+def fit(loss: Callable[[torch.Tensor], torch.Tensor], modules: list[torch.nn.Module], n: int,
+        budget: tuple[float, int, int], generator: torch.Generator, progress: bool,
+        ema_decay: float | None = None) -> tuple[EMA | None, float]:
+    """Trains modules in place on loss(batch indices) over n samples, budget = (learning rate, steps, batch size) of
+    AdamW with warmup and cosine decay; returns (an EMA of their weights when ema_decay is given, the last loss)."""
+    lr, steps, batch_size = budget
+    params = [p for m in modules for p in m.parameters()]
+    opt, sched = _optimizer(params, lr, steps)
+    ema = EMA(params, ema_decay) if ema_decay is not None else None
+    bar = tqdm(_batches(n, batch_size, steps, generator), total=steps, disable=not progress,
+               desc=f"demo-teacher {type(modules[0]).__name__}")
+    for m in modules:
+        m.train()
     for step, idx in enumerate(bar):
-        x = _to_float(pixels[idx].to(device))
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator)).sample
-        loss = F.mse_loss(recon, x) + KL_WEIGHT * posterior.kl().mean()
+        value = loss(idx)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         opt.step()
         sched.step()
+        if ema is not None:
+            # Warm the EMA up like diffusers' EMAModel: a fixed 0.995 would still hold 0.7% of the random init after
+            # 1000 steps, and most of it in the short test runs.
+            ema.decay = min(ema_decay, (1 + step) / (10 + step))
+            ema.update()
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    vae.eval()
-    return loss.item()
+            bar.set_postfix(loss=f"{value.item():.4f}")
+    for m in modules:
+        m.eval()
+    return ema, value.item()
+
+
+def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, cfg: DemoTeacherConfig, generator: torch.Generator,
+              progress: bool) -> float:
+    """Trains vae in place on pixels (N, 3, H, W) uint8, MSE + KL_WEIGHT x KL; returns the last loss."""
+    def loss(idx: torch.Tensor) -> torch.Tensor:
+        x = _to_float(pixels[idx].to(vae.device))
+        posterior = vae.encode(x).latent_dist
+        return F.mse_loss(vae.decode(posterior.sample(generator)).sample, x) + KL_WEIGHT * posterior.kl().mean()
+
+    budget = (cfg.vae_learning_rate, cfg.vae_steps, cfg.vae_batch_size)
+    return fit(loss, [vae], len(pixels), budget, generator, progress)[1]
 
 
 @torch.no_grad()
@@ -176,54 +200,39 @@ def _conditions(family: str, encoders: list, ids: torch.Tensor, drop: torch.Tens
             "added_cond_kwargs": {"text_embeds": out_2.text_embeds * keep[:, None], "time_ids": time_ids}}
 
 
-def train_unet(parts: dict, latents: tuple, ids: torch.Tensor, cfg: DemoTeacherConfig, generator: torch.Generator,
-               progress: bool) -> tuple[EMA, float]:
-    """Trains the UNet and text encoder(s) in place with the eps-prediction loss; returns (EMA of them, last loss).
+class EpsLoss:
+    """The UNet's eps-prediction loss of one batch: mean ||eps_hat(x_t, t, c) - eps||^2 on the scheduler's VP path,
+    x_0 a fresh posterior sample x scaling_factor, t ~ U{0..T-1}, c the caption or the family's uncond (dropout).
 
-    latents = (mean, std, scaling_factor) of the training posteriors; ids (N, L) the captions' token ids.
-    """
-    unet, scheduler, family = parts["unet"], parts["scheduler"], cfg.family
-    encoders = [parts[k] for k in ("text_encoder", "text_encoder_2") if parts.get(k) is not None]
-    tokenizer = parts["tokenizer"]
-    device = unet.device
-    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                          return_tensors="pt").input_ids.to(device)
-    params = [p for m in [unet, *encoders] for p in m.parameters()]
-    opt, sched = _optimizer(params, cfg.learning_rate, cfg.unet_steps)
-    ema = EMA(params, cfg.ema_decay)
-    mean, std, scaling = latents
-    side = mean.shape[-1] * 2 ** (len(parts["vae"].config.block_out_channels) - 1)
-    T = scheduler.config.num_train_timesteps
-    bar = tqdm(_batches(len(mean), cfg.unet_batch_size, cfg.unet_steps, generator), total=cfg.unet_steps,
-               desc=f"demo-teacher unet ({family})", disable=not progress)
-    for m in [unet, *encoders]:
-        m.train()
-    for step, idx in enumerate(bar):
-        b = len(idx)
+    latents = (mean, std, scaling_factor) of the training posteriors; captions: the training ones, in their order."""
+
+    def __init__(self, parts: dict, latents: tuple, captions: list[str], cfg: DemoTeacherConfig,
+                 generator: torch.Generator):
+        self.unet, self.scheduler, self.family = parts["unet"], parts["scheduler"], cfg.family
+        self.encoders = [parts[k] for k in ("text_encoder", "text_encoder_2") if parts.get(k) is not None]
+        self.modules = [self.unet, *self.encoders]  # what trains
+        tokenizer = parts["tokenizer"]
+        self.ids, self.empty_ids = (tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                                              truncation=True, return_tensors="pt").input_ids
+                                    for texts in (captions, [""]))
+        self.mean, self.std, self.scaling = latents
+        self.side = self.mean.shape[-1] * 2 ** (len(parts["vae"].config.block_out_channels) - 1)
+        self.dropout, self.generator = cfg.caption_dropout, generator
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        g, device, b = self.generator, self.unet.device, len(idx)
         # Every draw comes from the CPU generator and is then moved: the same sequence on every device.
-        noise = torch.randn(mean[idx].shape, generator=generator).to(device)
-        x_0 = (mean[idx] + std[idx] * noise) * scaling
-        eps = torch.randn(x_0.shape, generator=generator).to(device)
-        t = torch.randint(0, T, (b,), generator=generator).to(device)
-        drop = (torch.rand(b, generator=generator) < cfg.caption_dropout).to(device)
-        cond = _conditions(family, encoders, ids[idx].to(device), drop, empty_ids, side)
+        noise = torch.randn(self.mean[idx].shape, generator=g).to(device)
+        x_0 = (self.mean[idx] + self.std[idx] * noise) * self.scaling
+        eps = torch.randn(x_0.shape, generator=g).to(device)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=g).to(device)
+        drop = (torch.rand(b, generator=g) < self.dropout).to(device)
+        cond = _conditions(self.family, self.encoders, self.ids[idx].to(device), drop, self.empty_ids.to(device),
+                           self.side)
         if x_0.ndim == 5:  # clips (B, C, F, h, w): the motion UNet reads one text state per frame
             cond["encoder_hidden_states"] = cond["encoder_hidden_states"].repeat_interleave(x_0.shape[2], dim=0)
-        eps_hat = unet(scheduler.add_noise(x_0, eps, t), t, **cond).sample
-        loss = F.mse_loss(eps_hat, eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        # Warm the EMA up like diffusers' EMAModel: a fixed 0.995 would still hold 0.7% of the random init after
-        # 1000 steps, and most of it in the short test runs.
-        ema.decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        ema.update()
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    for m in [unet, *encoders]:
-        m.eval()
-    return ema, loss.item()
+        eps_hat = self.unet(self.scheduler.add_noise(x_0, eps, t), t, **cond).sample
+        return F.mse_loss(eps_hat, eps)
 
 
 def main_object_hits(image: np.ndarray, caption: str) -> dict[str, float]:
@@ -248,9 +257,10 @@ def oracle_report(images: np.ndarray, captions: list[str]) -> dict:
 
 
 @torch.no_grad()
-def evaluate(pipeline_dir: Path, captions: list[str], cfg: Config, progress: bool, chunk: int = 50) -> dict:
-    """Samples the captions with the saved pipeline (DDIM + CFG, one seed per prompt) and scores them."""
-    pipe = _family(cfg.demo_teacher.family)[1].from_pretrained(pipeline_dir).to(_device(cfg.demo_teacher))
+def sample_heldout(pipeline_dir: Path, captions: list[str], cfg: Config, device: torch.device, progress: bool,
+                   chunk: int = 50) -> np.ndarray:
+    """Images (N, H, W, 3) uint8 of the captions from the saved UNet pipeline (DDIM + CFG, one seed per prompt)."""
+    pipe = _family(cfg.demo_teacher.family)[1].from_pretrained(pipeline_dir).to(device)
     pipe.set_progress_bar_config(disable=True)
     images = []
     for start in tqdm(range(0, len(captions), chunk), desc="demo-teacher eval", disable=not progress):
@@ -260,7 +270,7 @@ def evaluate(pipeline_dir: Path, captions: list[str], cfg: Config, progress: boo
                    num_inference_steps=cfg.demo_teacher.eval_steps,
                    guidance_scale=cfg.demo_teacher.eval_guidance_scale, output_type="np").images
         images.append(np.round(out * 255).astype(np.uint8))
-    return oracle_report(np.concatenate(images), captions)
+    return np.concatenate(images)
 
 
 def _device(c: DemoTeacherConfig) -> torch.device:
@@ -287,6 +297,8 @@ def _build(cfg: Config, captions: list[str]) -> dict:
     longest = max(len(ids) for ids in build_tokenizer(captions)(captions).input_ids)
     # Captions need ~25 tokens where CLIP's 77 would be mostly padding that every cross-attention reads.
     tokenizer = build_tokenizer(captions, model_max_length=8 * math.ceil(longest / 8))
+    if c.family in flow_teacher.FAMILIES:
+        return flow_teacher.components(cfg, tokenizer)
     factor = 2 ** (len(c.vae_channels) - 1)
     sizes = TinySizes(unet_channels=c.unet_channels, attention_head_dim=c.attention_heads,
                       attention_from=c.attention_from, cross_attention_dim=c.text_hidden, text_hidden=c.text_hidden,
@@ -294,6 +306,46 @@ def _build(cfg: Config, captions: list[str]) -> dict:
                       vae_channels=c.vae_channels, norm_groups=8, sample_size=cfg.data.resolution // factor)
     parts = _family(c.family)[0](tokenizer, sizes)
     return video_teacher.with_motion(parts) if c.family == "animatediff" else parts
+
+
+def _vae_phase(parts: dict, pixels: torch.Tensor, c: DemoTeacherConfig, generator: torch.Generator,
+               progress: bool) -> tuple[float, torch.Tensor, tuple]:
+    """Trains the VAE on the training pixels and sets its factors from their latents; returns (last loss,
+    held-out reconstructions, (posterior means, stds, scaling_factor) of the training set, the mean shifted)."""
+    frames = video_teacher.frames_of  # clips train the VAE frame by frame
+    train_px, held_px = frames(pixels[:-c.holdout]), frames(pixels[-c.holdout:])
+    loss = train_vae(parts["vae"], train_px, c, generator, progress)
+    recon = reconstruct(parts["vae"], held_px)
+    mean, std, scaling = encode_posteriors(parts["vae"], train_px, generator)
+    if pixels.ndim == 5:
+        mean, std = (video_teacher.to_clips(m, pixels.shape[1]) for m in (mean, std))
+    # SD3's VAE centres its latents as well as scaling them: latents = (z - shift_factor) x scaling_factor
+    shift = mean.mean().item() if c.family in flow_teacher.FAMILIES else None
+    parts["vae"].register_to_config(scaling_factor=scaling, **({} if shift is None else {"shift_factor": shift}))
+    return loss, recon, (mean - (shift or 0.0), std, scaling)
+
+
+def _save(parts: dict, ema: EMA, family: str, folder: Path) -> None:
+    """The whole pipeline with the EMA weights, save_pretrained into folder."""
+    with ema.swapped_in():
+        extra = {"requires_safety_checker": False} if family == "sd15" else {}
+        if family == "animatediff":
+            video_teacher.refresh_adapter(parts)
+        pipe_cls = flow_teacher.PIPELINE if family in flow_teacher.FAMILIES else _family(family)[1]
+        pipe_cls(**parts, **extra).save_pretrained(folder, safe_serialization=True)
+
+
+def _oracle_reports(folder: Path, prompts: list[str], recon: torch.Tensor, pixels: torch.Tensor, cfg: Config,
+                    device: torch.device, progress: bool) -> tuple[dict, dict]:
+    """(the saved teacher's samples of the prompts, the held-out VAE reconstructions), each read by the oracle."""
+    recon_u8 = (recon * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    if pixels.ndim == 5:
+        clips = recon_u8.reshape(-1, pixels.shape[1], *recon_u8.shape[1:])  # frames back into clips
+        return (video_teacher.evaluate_clips(folder, prompts, cfg, device, progress),
+                video_teacher.clip_report(clips[:len(prompts)], prompts))
+    flow = cfg.demo_teacher.family in flow_teacher.FAMILIES
+    images = (flow_teacher.sample_heldout if flow else sample_heldout)(folder, prompts, cfg, device, progress)
+    return oracle_report(images, prompts), oracle_report(recon_u8[:len(prompts)], prompts)
 
 
 def train_demo_teacher(cfg: Config, progress: bool = True) -> dict:
@@ -304,7 +356,6 @@ def train_demo_teacher(cfg: Config, progress: bool = True) -> dict:
     if len(captions) <= c.holdout:
         raise ValueError(f"{len(captions)} prepared samples leave none for training after demo_teacher.holdout="
                          f"{c.holdout}; lower it or prepare more (demo.num_images)")
-    train_px, held_px = pixels[:-c.holdout], pixels[-c.holdout:]
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     parts = _build(cfg, captions + [""])
@@ -312,54 +363,35 @@ def train_demo_teacher(cfg: Config, progress: bool = True) -> dict:
     for part in parts.values():
         if isinstance(part, torch.nn.Module):
             part.to(device)
+    flow = c.family in flow_teacher.FAMILIES
+    backbone, sampler = ("transformer", "euler") if flow else ("unet", "ddim")
     seconds["data"], t0 = tick() - start, tick()
-
-    frames = video_teacher.frames_of  # clips train the VAE frame by frame
-    vae_loss = train_vae(parts["vae"], frames(train_px), c, generator, progress)
-    recon = reconstruct(parts["vae"], frames(held_px))
-    mean, std, scaling = encode_posteriors(parts["vae"], frames(train_px), generator)
-    if pixels.ndim == 5:
-        mean, std = (video_teacher.to_clips(m, pixels.shape[1]) for m in (mean, std))
-    parts["vae"].register_to_config(scaling_factor=scaling)
+    vae_loss, recon, latents = _vae_phase(parts, pixels, c, generator, progress)
     seconds["vae"], t0 = tick() - t0, tick()
-
-    tok = parts["tokenizer"]
-    ids = tok(captions[:-c.holdout], padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids
-    ema, unet_loss = train_unet(parts, (mean, std, scaling), ids, c, generator, progress)
-    seconds["unet"], t0 = tick() - t0, tick()
-
+    loss = (flow_teacher.FlowLoss if flow else EpsLoss)(parts, latents, captions[:-c.holdout], c, generator)
+    budget = (c.learning_rate, c.unet_steps, c.unet_batch_size)
+    ema, backbone_loss = fit(loss, loss.modules, len(latents[0]), budget, generator, progress, c.ema_decay)
+    seconds[backbone], t0 = tick() - t0, tick()
     out = Path(c.output_dir)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    with ema.swapped_in():
-        pipe_cls = _family(c.family)[1]
-        extra = {"requires_safety_checker": False} if c.family == "sd15" else {}
-        if c.family == "animatediff":
-            video_teacher.refresh_adapter(parts)
-        pipe_cls(**parts, **extra).save_pretrained(tmp, safe_serialization=True)
+    _save(parts, ema, c.family, tmp)
     seconds["save"], t0 = tick() - t0, tick()
-
     prompts = captions[-c.holdout:][:c.eval_prompts]
-    recon_u8 = (recon * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    if pixels.ndim == 5:
-        report = video_teacher.evaluate_clips(tmp, prompts, cfg, device, progress)
-        clips = recon_u8.reshape(-1, pixels.shape[1], *recon_u8.shape[1:])  # frames back into clips
-        recon_report = video_teacher.clip_report(clips[:c.eval_prompts], prompts)
-    else:
-        report = evaluate(tmp, prompts, cfg, progress)
-        recon_report = oracle_report(recon_u8[:c.eval_prompts], prompts)
+    report, recon_report = _oracle_reports(tmp, prompts, recon, pixels, cfg, device, progress)
     seconds["eval"] = tick() - t0
+    vae = parts["vae"].config
     metrics = {
-        "family": c.family, "vae_psnr_db": round(psnr_db(recon, frames(held_px)), 3), "scaling_factor": scaling,
-        **report,
+        "family": c.family, "vae_psnr_db": round(psnr_db(recon, video_teacher.frames_of(pixels[-c.holdout:])), 3),
+        "scaling_factor": vae.scaling_factor, **({"shift_factor": vae.shift_factor} if flow else {}), **report,
         "chance": {"colour": 1 / len(COLOURS), "kind": 1 / len(KINDS), "position": 1 / len(POSITIONS)},
-        # The same oracle on VAE reconstructions of the held-out images: the ceiling the VAE leaves the UNet.
+        # The same oracle on VAE reconstructions of the held-out images: the ceiling the VAE leaves the backbone.
         "vae_recon": {k: v for k, v in recon_report.items() if k.endswith("_acc")},
-        "final_loss": {"vae": vae_loss, "unet": unet_loss},
-        "steps": {"vae": c.vae_steps, "unet": c.unet_steps, "eval_ddim": c.eval_steps},
+        "final_loss": {"vae": vae_loss, backbone: backbone_loss},
+        "steps": {"vae": c.vae_steps, backbone: c.unet_steps, f"eval_{sampler}": c.eval_steps},
         "eval_prompts": len(prompts), "eval_guidance_scale": c.eval_guidance_scale,
-        "train_images": len(train_px), "heldout_images": c.holdout,
+        **({"max_sequence_length": c.max_sequence_length} if flow else {}),
+        "train_images": len(pixels) - c.holdout, "heldout_images": c.holdout,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "total_seconds": round(tick() - start, 1),
     }

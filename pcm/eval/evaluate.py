@@ -1,10 +1,11 @@
 """`pcm evaluate`: every model at every step count from the same noises, scored against references, reported.
 
-Rows: the teacher's DDIM at eval.steps and at eval.reference_steps (the reference), and each LoRA at eval.steps
-per inference guidance scale. Per row (all means over the samples, one sample per (prompt, seed)):
+Rows: the teacher's DDIM (teacher-ddim; a flow teacher's Euler, teacher-euler: the same jumps on its sigmas) at
+eval.steps and at eval.reference_steps (the reference), and each LoRA at eval.steps per inference guidance scale.
+Per row (all means over the samples, one sample per (prompt, seed)):
   fid               FID against the reference images (eval.features: Inception pool3, or the demo's shapes CNN)
   fid_teacher       FID against the teacher's reference-step samples of the same prompts and seeds ("FID-SD")
-  trajectory_error  RMS latent distance to the teacher's reference-step DDIM result from the same x_T
+  trajectory_error  RMS latent distance to the teacher's reference-step result from the same x_T
   step_consistency  mean cosine similarity of the model's final latents at this step count and at each other one
   clip_score        100 * max(cos, 0) with eval.clip_model (when set)
   oracle_*          the shapes oracle's per-attribute adherence (eval.oracle, demo prompts)
@@ -30,7 +31,16 @@ from tqdm import tqdm
 from pcm.config import Config
 from pcm.eval import video
 from pcm.eval.fid import FeatureStats, fid
-from pcm.eval.generate import Sampler, initial_noise, load_samplers, sample_latents, teacher_sampler, to_uint8, use
+from pcm.eval.generate import (
+    Sampler,
+    initial_noise,
+    load_samplers,
+    sample_latents,
+    teacher_method,
+    teacher_sampler,
+    to_uint8,
+    use,
+)
 from pcm.eval.intervals import bootstrap_fid, bootstrap_mean, cluster_labels
 from pcm.eval.known_world import KnownWorld, require_world
 from pcm.eval.prompts import load_prompts
@@ -276,8 +286,8 @@ def evaluate(cfg: Config, progress: bool = True, world: KnownWorld | None = None
     if len(prompts) * len(e.seeds) < 2:
         raise ValueError(f"{len(prompts)} prompt(s) x {len(e.seeds)} seed(s): FID needs at least 2 samples")
     teacher = load_teacher(cfg.teacher, device, resolution=cfg.data.resolution)
-    samplers = [teacher_sampler(e.teacher_guidance_scale), *load_samplers(teacher, e.loras, e.guidance_scales,
-                                                                             e.gammas)]
+    own = teacher_sampler(e.teacher_guidance_scale, teacher_method(teacher))
+    samplers = [own, *load_samplers(teacher, e.loras, e.guidance_scales, e.gammas)]
     lora_files = _lora_files(samplers, e.loras)  # hashed as loaded, not after a long run
     scorers = Scorers(cfg, device, progress, world)
     reference_images = reference_stats(cfg, scorers.features, progress)
@@ -285,7 +295,7 @@ def evaluate(cfg: Config, progress: bool = True, world: KnownWorld | None = None
     use(teacher, samplers[0])
     reference, cache_hit = teacher_reference(teacher, cfg, batches, progress)
 
-    ref_row = scorers.new_row("teacher-ddim", "ddim", e.reference_steps, e.teacher_guidance_scale)
+    ref_row = scorers.new_row(own.label, own.method, e.reference_steps, e.teacher_guidance_scale)
     grid_rows = [p * len(e.seeds) for p in range(min(e.grid_prompts, len(prompts)))]
     tiles = score_reference(teacher, reference, batches, scorers, ref_row, grid_rows)
     bootstrap, results = Bootstrap.of(e.bootstrap_resamples, e.seeds, len(prompts)), []

@@ -1,6 +1,8 @@
-"""What every evaluated model is and how it samples: the teacher's DDIM, PCM and LCM LoRAs, on one UNet.
+"""What every evaluated model is and how it samples: the teacher's DDIM (a flow teacher's Euler), PCM and LCM LoRAs,
+on one backbone.
 
-A Sampler names a row source: the teacher (adapters off, DDIM with "trailing" spacing) or one loaded LoRA adapter
+A Sampler names a row source: the teacher (adapters off, DDIM with "trailing" spacing; on a rectified-flow schedule the
+same jumps are Euler steps, so its rows are teacher-euler) or one loaded LoRA adapter
 (PCM: DDIM jumps over its trained edges, sub-divided or skipped for other step counts; LCM: LCMScheduler's
 multistep rule). Initial noises are a function of (seed, prompt index) only, so every row starts from the same ones.
 """
@@ -17,11 +19,14 @@ from pcm.models.card import ModelCard, read_card
 from pcm.models.families import Teacher
 from pcm.sampling import DEFAULT_K_ABOVE_M, Sampling, sample
 
+TEACHER_METHODS = {"vp": "ddim", "flow": "euler"}  # the teacher's own sampler, by its schedule's kind
+
 
 @dataclass(frozen=True)
 class Sampler:
-    """One row source: label, adapter (None = the teacher), the LoRA's card (None = the teacher's DDIM), inference
-    CFG, gamma (PCM/DDIM stochasticity, TCD's rule) and a PCM LoRA's rule for K > M (pcm.sampling.K_ABOVE_M_RULES)."""
+    """One row source: label, adapter (None = the teacher), the LoRA's card (None = the teacher's own sampler),
+    inference CFG, gamma (PCM/DDIM stochasticity, TCD's rule), a PCM LoRA's rule for K > M
+    (pcm.sampling.K_ABOVE_M_RULES) and the name of the teacher's own sampler (TEACHER_METHODS)."""
 
     label: str
     adapter: str | None
@@ -29,20 +34,29 @@ class Sampler:
     guidance_scale: float
     gamma: float = 0.0
     k_above_m: str = DEFAULT_K_ABOVE_M
+    teacher_method: str = "ddim"  # the method of a card-less row: ddim on a VP teacher, euler on a flow teacher
 
     def __post_init__(self):
         self.sampling(1)  # gamma out of range, or gamma with an LCM LoRA, is refused here
 
     @property
     def method(self) -> str:
-        return "ddim" if self.card is None else self.card.method
+        return self.teacher_method if self.card is None else self.card.method
 
     def sampling(self, K: int) -> Sampling:
         return Sampling(self.card, K, self.guidance_scale, self.gamma, self.k_above_m)
 
 
-def teacher_sampler(guidance_scale: float) -> Sampler:
-    return Sampler("teacher-ddim", None, None, guidance_scale)
+def teacher_method(teacher: Teacher) -> str:
+    """What the teacher's own rows are called: 'ddim' (VP) or 'euler' (rectified flow); one sampler either way."""
+    return TEACHER_METHODS[teacher.schedule.kind]
+
+
+def teacher_sampler(guidance_scale: float, method: str = "ddim") -> Sampler:
+    """The teacher's own sampler at an inference CFG, labelled teacher-<method> (teacher_method)."""
+    if method not in TEACHER_METHODS.values():
+        raise ValueError(f"teacher method {method!r}; allowed: {', '.join(TEACHER_METHODS.values())}")
+    return Sampler(f"teacher-{method}", None, None, guidance_scale, teacher_method=method)
 
 
 def read_lora_config(folder: str | Path) -> ModelCard:
@@ -96,7 +110,7 @@ def use(teacher: Teacher, sampler: Sampler) -> None:
 @torch.no_grad()
 def sample_latents(teacher: Teacher, sampler: Sampler, x_T: torch.Tensor, cond: dict, neg: dict, K: int,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """x_0 (B, 4, h, w) after K steps of the sampler from x_T (adapter state set by `use`)."""
+    """x_0 (B, C, h, w) after K steps of the sampler from x_T (adapter state set by `use`)."""
     return sample(teacher.eps_fn, x_T, cond, neg, teacher.schedule, sampler.sampling(K), generator)
 
 

@@ -3,8 +3,9 @@
   feature_function   the FID feature network (Inception from eval.inception_weights, or the known world's net)
   reference_stats    mean and covariance of the reference images' features, keyed by the feature network and the
                      reference shards' index
-  teacher_reference  the teacher's eval.reference_steps-step DDIM latents of every (prompt, seed), keyed by the
-                     teacher's files, the prompts, seeds, resolution, step count and guidance scale
+  teacher_reference  the teacher's eval.reference_steps-step DDIM (flow teacher: Euler) latents of every (prompt,
+                     seed), keyed by the teacher's files, the prompts, seeds, resolution, step count and guidance
+                     scale (sd3, flux: and the T5 settings)
 Cache files are written to a temporary name and renamed, so a killed run never leaves a half-written one.
 """
 
@@ -20,8 +21,9 @@ from pcm.data.digest import digest, model_files
 from pcm.data.loader import decode_batch
 from pcm.data.shards import iter_tar
 from pcm.eval.fid import FeatureStats, load_stats
-from pcm.eval.generate import sample_latents, teacher_sampler
+from pcm.eval.generate import sample_latents, teacher_method, teacher_sampler
 from pcm.eval.known_world import KnownWorld, require_world
+from pcm.models.families import FLOW_FAMILIES
 
 
 def feature_function(cfg: Config, device: torch.device, progress: bool, world: KnownWorld | None = None):
@@ -115,6 +117,8 @@ def teacher_key(cfg: Config, prompts: list[str], samples: list) -> str:
     if t.family == "animatediff":
         values += [t.motion_adapter, cfg.data.frames]
         files += model_files(t.motion_adapter)
+    if t.family in FLOW_FAMILIES:  # T5's states (or their zeros) shape the condition: other lengths, other samples
+        values += [t.t5, t.max_sequence_length]
     return digest(values, files)
 
 
@@ -126,7 +130,7 @@ def teacher_reference(teacher, cfg: Config, batches, progress: bool) -> tuple[to
     path = Path(e.cache_dir) / f"teacher-reference-{key}.safetensors"
     if path.is_file():
         return load_file(path)["latents"], True
-    sampler = teacher_sampler(e.teacher_guidance_scale)
+    sampler = teacher_sampler(e.teacher_guidance_scale, teacher_method(teacher))
     out = []
     for _, _, x_T, cond, neg in tqdm(batches, desc=f"teacher reference ({e.reference_steps} steps)",
                                      disable=not progress):

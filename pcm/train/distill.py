@@ -116,7 +116,9 @@ class Precomputed:
 
     latents: bool = True  # `latent`: VAE posterior mean x scaling factor
     text: bool = False  # `text_hidden` (+ sdxl's `text_pooled`): Teacher.text_states of the captions
-    empty_prompt: torch.Tensor | None = None  # (1, L, D) the encoded "" (sd15, animatediff); sdxl's uncond is zeros
+    # the encoded "" as Teacher.text_states gives it: states (1, L, D) and sd3's pooled (1, P) (sd15, animatediff:
+    # None); sdxl's uncond is zeros
+    empty_prompt: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
 
 def setup(cfg: Config, make_data: DataFactory, resume: str | None, precomputed: Precomputed | None = None) -> Run:
@@ -135,7 +137,7 @@ def setup(cfg: Config, make_data: DataFactory, resume: str | None, precomputed: 
     teacher = load_teacher(cfg.teacher, accelerator.device, with_vae=not stored.latents or t.validate_every > 0,
                            with_text=not stored.text or t.validate_every > 0, resolution=cfg.data.resolution)
     if stored.empty_prompt is not None:  # caption dropout's uncond, as stored beside the text (encoders or not)
-        teacher.set_empty_prompt(stored.empty_prompt)
+        teacher.set_empty_prompt(*stored.empty_prompt)
     if len(teacher.schedule) % cfg.distill.num_solver_steps:
         raise ConfigError(f"distill.num_solver_steps={cfg.distill.num_solver_steps} must divide the teacher's "
                           f"{len(teacher.schedule)} training timesteps")
