@@ -17,14 +17,8 @@ from pcm import stages
 from pcm.config import FLUX_LORA_TARGETS, LORA_TARGETS, ConfigError, TeacherConfig, config_from_dict
 from pcm.math import flow_sigmas
 from pcm.models.card import CONFIG_FILE
-from pcm.models.families import (
-    FLUX_GUIDANCE_SCALE,
-    ModelLoadError,
-    latent_image_ids,
-    load_teacher,
-    pack_latents,
-    unpack_latents,
-)
+from pcm.models.families import FLUX_GUIDANCE_SCALE, ModelLoadError, load_teacher
+from pcm.models.flux import latent_image_ids, pack_latents, unpack_latents
 from pcm.models.lora import DIFFUSERS_FILE, attach_lora, export_lora, read_metadata
 from pcm.models.tiny import build_tokenizer, tiny_flux_components
 from pcm.sampling import Sampling, sample
