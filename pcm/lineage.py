@@ -49,7 +49,8 @@ def with_evaluation(description: str, report: Path, label: str, limit: int = DES
     if not table:
         return description
     head = f"{description}\n## Evaluation\n\n{above}\n\n"
-    tail = (f"\nRows: the teacher's DDIM and this version (`{label}`). The full table (`steps.md`, `steps.csv`), "
+    tail = (f"\nRows: the teacher's own sampler (DDIM, or Euler on a flow) and this version (`{label}`). The full "
+            "table (`steps.md`, `steps.csv`), "
             "`report.html` and the plots against steps (`plots/`) are this version's artifacts under "
             "`evaluation/`.\n")
     cut = "| ... | (more rows in evaluation/steps.md) |"

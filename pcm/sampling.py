@@ -84,8 +84,8 @@ class Sampling:
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma={self.gamma:g}: must be in [0, 1] (0 = deterministic PCM, 1 = fully re-noised)")
         if self.gamma != 0 and self.card is None:
-            raise ValueError(f"gamma={self.gamma:g} with the teacher: its DDIM is deterministic; gamma is the "
-                             "stochastic step of a distilled PCM LoRA")
+            raise ValueError(f"gamma={self.gamma:g} with the teacher: its DDIM (Euler on a flow) is deterministic; "
+                             "gamma is the stochastic step of a distilled PCM LoRA")
         if self.gamma != 0 and self.card is not None and self.card.method == "lcm":
             raise ValueError(f"gamma={self.gamma:g} with an LCM LoRA: its multistep sampler already re-noises with "
                              "fresh noise at every step; use gamma 0 (or a PCM LoRA)")

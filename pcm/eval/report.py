@@ -249,7 +249,8 @@ def write_html(path: Path, rows: list[dict], info: dict, plots: dict, grids: dic
     body = [
         "<h1>PCM evaluation</h1>",
         "<p>Every row samples the same prompts from the same initial noises. fid: against the reference images; "
-        "fid_teacher and trajectory_error: against the teacher's reference-step DDIM samples (lower is better); "
+        "fid_teacher and trajectory_error: against the teacher's reference-step samples (DDIM; Euler on a flow "
+        "teacher) (lower is better); "
         "step_consistency: cosine similarity of a model's results at different step counts (higher is more "
         "consistent). Video: fid over all frames, clip_score per frame averaged over the clip, frame_consistency: "
         "CLIP similarity of consecutive frames, oracle_motion: the captioned direction of motion read back.</p>",
