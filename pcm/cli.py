@@ -146,8 +146,9 @@ def _add_sample(commands) -> None:
     sample.add_argument("--negative-prompt", default="", help="replaces the empty condition of CFG")
     sample.add_argument("--steps", type=int, help="sampling steps (default: sample.num_steps, else the LoRA's "
                         "recommended, M)")
-    sample.add_argument("--guidance-scale", type=float, help="inference CFG (default: sample.guidance_scale, else "
-                        "the LoRA's recommended)")
+    sample.add_argument("--guidance-scale", type=float, help="inference CFG; FLUX.1-dev: true CFG, over the embedded "
+                        "guidance the LoRA's card records (default: sample.guidance_scale, else the LoRA's "
+                        "recommended)")
     sample.add_argument("--gamma", type=float, help="stochasticity in [0, 1], TCD's rule: 0 deterministic PCM, 1 fully "
                         "re-noised (default: sample.gamma, else 0; a registered model: its registered default)")
     sample.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")

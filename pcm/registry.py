@@ -176,7 +176,7 @@ def version_tags(cfg: Config, card: ModelCard, metrics: dict, sha: str) -> dict[
             "pcm.edges": json.dumps(card.edges), "pcm.N": card.num_solver_steps, "pcm.guidance": card.guidance,
             "pcm.recommended_steps": card.recommended_steps,
             "pcm.recommended_guidance_scale": card.recommended_guidance_scale,
-            "pcm.recommended_scheduler": recommended_scheduler(card),
+            "pcm.recommended_scheduler": card.recommended_scheduler,
             "pcm.sampling_timesteps": json.dumps(card.sampling_timesteps), SHA_TAG: sha,
             **key_metrics, **lineage_tags(cfg, "register")}
 
@@ -191,37 +191,33 @@ def registered_defaults(cfg: Config, card: ModelCard) -> SampleConfig:
                         else s.guidance_scale)
 
 
-def recommended_scheduler(card: ModelCard) -> str:
-    """How diffusers samples the LoRA as trained: the card's scheduler (TCDScheduler over the trained timesteps, or
-    LCMScheduler) for a VP base; for a flow base (sd3, flux) the pipeline's own flow scheduler over the trained path's
-    unshifted sigmas (t + 1) / T, which it shifts exactly as the teacher's table is (FLUX: at the card's resolution),
-    then appends the final 0."""
-    if card.family not in FLOW_FAMILIES:
-        return card.recommended_scheduler
-    if card.method == "lcm":
-        return "no diffusers flow scheduler re-noises like LCM: sample it with `pcm sample` or the registered model"
-    sigmas = [(t + 1) / card.num_train_timesteps for t in card.sampling_timesteps[:-1]]
-    return f"the pipeline's FlowMatchEulerDiscreteScheduler with `sigmas={sigmas}`"
-
-
 def _diffusers_sampling(card: ModelCard, t5_tokens: int) -> str:
-    """What follows load_lora_weights in the model card's diffusers recipe."""
-    if card.family in FLOW_FAMILIES:
-        return (f"then {recommended_scheduler(card)} and `max_sequence_length={t5_tokens}` (the T5 tokens it was "
-                "distilled with), or `pcm sample --model ...`")
+    """What follows load_lora_weights in the model card's diffusers recipe, to the description's end."""
+    if card.is_flow and card.method == "pcm":
+        kwargs = ", ".join(f"{k}={v!r}" for k, v in card.diffusers_kwargs(t5_tokens).items())
+        return ("then sample the trained path with the pipeline's own flow scheduler (or `pcm sample --model ...`):"
+                f'\n\n```python\nimage = pipe("a red circle in the center on a gray background", {kwargs}).images[0]'
+                "\n```")
+    if card.is_flow:
+        return f"then: {card.recommended_scheduler}."
     return (f"then a `TCDScheduler` with\n`timesteps={card.sampling_timesteps[:-1]}` and `gamma=0` (deterministic "
-            "PCM), or `pcm sample --model ...`")
+            "PCM), or `pcm sample --model ...`.")
 
 
 def model_card(name: str, card: ModelCard, base: str, defaults: SampleConfig, t5_tokens: int = 256) -> str:
     video = f" (clips of {card.frames} frames: `num_frames={card.frames}`)" if card.is_video else ""
+    guidance, embedded, columns = f"CFG {card.recommended_guidance_scale}", card.embedded_guidance_scale, ""
+    if embedded is not None:  # FLUX.1-dev: our guidance_scale is true CFG, FluxPipeline's is the embedded one
+        guidance = f"true CFG {card.recommended_guidance_scale} over the embedded guidance {embedded}"
+        columns = (f" `guidance_scale` is true CFG (FluxPipeline's `true_cfg_scale`, 1 = off); the embedded guidance "
+                   f"stays {embedded}, what the LoRA was distilled at.")
     return f"""# {name}
 
 A {card.method.upper()} LoRA distilled from `{base}` ({card.family}) with pcm-pipelines: {card.num_phases}
 phase(s) over a {card.num_solver_steps}-step solver grid, guidance variant `{card.guidance}`.
 
-**Sampling as trained:** {card.recommended_steps} steps at CFG {card.recommended_guidance_scale}, visiting
-exactly the timesteps {card.sampling_timesteps} ({recommended_scheduler(card)}).
+**Sampling as trained:** {card.recommended_steps} steps at {guidance}, visiting
+exactly the timesteps {card.sampling_timesteps} ({card.recommended_scheduler}).
 **This version's defaults** (a missing input column): {defaults.num_steps} steps, CFG {defaults.guidance_scale},
 gamma {defaults.gamma} (TCD's stochastic step; 0 = deterministic PCM; a `gamma` column in [0, 1] sets it).
 
@@ -232,11 +228,11 @@ png = model.predict(pd.DataFrame({{"prompt": ["a red circle in the center on a g
 ```
 
 Input columns: `prompt` (required), `negative_prompt`, `steps`, `guidance_scale`, `gamma`, `seed`; anything else
-is refused. Over HTTP: `mlflow models serve -m models:/{name}@champion --env-manager local`, then POST
+is refused.{columns} Over HTTP: `mlflow models serve -m models:/{name}@champion --env-manager local`, then POST
 `{{"dataframe_records": [{{"prompt": "...", "seed": 0}}]}}` to `/invocations`: the images come back base64-encoded.
 
 With diffusers directly: `pipe = {_diffusers_pipeline(card, base)}`{video},
-`pipe.load_lora_weights(<the version's artifacts>/artifacts/lora)`, {_diffusers_sampling(card, t5_tokens)}.
+`pipe.load_lora_weights(<the version's artifacts>/artifacts/lora)`, {_diffusers_sampling(card, t5_tokens)}
 """
 
 

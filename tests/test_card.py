@@ -3,14 +3,16 @@ one way from a card, K and gamma to a sampler call."""
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 from builders import card
 
 from pcm.config import config_from_dict
+from pcm.eval.generate import Sampler, sample_latents
 from pcm.eval.toy_gmm import make_eval_set, make_world, sample_model, toy_card, toy_config
-from pcm.math import SolverGrid
+from pcm.math import SolverGrid, flow_schedule
 from pcm.models.card import CARD_VERSION, CONFIG_FILE, LoraFileError, card_from_json, card_of_run, read_card
 from pcm.sampling import Sampling, ddim_timesteps, lcm_timesteps, pcm_timesteps, sample, sample_lcm, sample_pcm
 
@@ -47,6 +49,67 @@ def test_a_version_0_file_still_loads_with_t_from_its_path():
            "lcm_timestep_scaling": 10.0, "lora_rank": 4, "lora_alpha": 4}
     loaded = card_from_json(old, "old")
     assert loaded == card("sd15", "b") and loaded.card_version == CARD_VERSION
+
+
+def test_a_version_1_file_loads_without_embedded_guidance():
+    """What pcm distill wrote before embedded_guidance_scale existed (card_version 1): the field is None, so FLUX.1-dev
+    LoRAs of then sample at the teacher's own embedded guidance, the one they were distilled at."""
+    old = {k: v for k, v in card("flux", "b").to_json().items() if k != "embedded_guidance_scale"}
+    loaded = card_from_json({**old, "card_version": 1}, "old")
+    assert loaded == card("flux", "b") and loaded.embedded_guidance_scale is None
+    assert loaded.card_version == CARD_VERSION
+
+
+@pytest.mark.parametrize("family,mode,expected", [
+    ("flux", None, 3.5), ("flux", "embedded", 3.5), ("flux", "none", None), ("sd3", "cfg", None),
+    ("sd15", None, None)])
+def test_a_flux_dev_run_s_card_records_the_embedded_guidance_its_student_read(family, mode, expected, tmp_path):
+    """FluxPipeline's guidance_scale is that input, not CFG: the card says what it was (FLUX.1-schnell has none)."""
+    cfg = config_from_dict({"teacher": {"family": family, "model": "m"}, "data": {"resolution": 16},
+                            "distill": {"w_min": 0.0, "w_max": 0.0}})
+    made = card_of_run(cfg, SolverGrid(1000, 20, 2), guidance_mode=mode)
+    assert made.embedded_guidance_scale == expected
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(made.to_json()))
+    assert json.loads((tmp_path / CONFIG_FILE).read_text())["embedded_guidance_scale"] == expected
+    assert read_card(tmp_path) == made
+
+
+def test_a_flow_card_recommends_its_pipeline_s_flow_scheduler_and_the_call_that_follows_the_trained_path():
+    """pcm_config.json of an sd3 or flux LoRA names the pipeline's flow scheduler over the unshifted sigmas (never
+    TCD); the call sets the training side and, for FLUX.1-dev, its embedded guidance apart from true CFG."""
+    flux = dataclasses.replace(card("flux", "b"), embedded_guidance_scale=3.5)
+    assert flux.flow_sigmas == [1.0, 0.5] and "sigmas=[1.0, 0.5]" in flux.to_json()["recommended_scheduler"]
+    assert "TCD" not in card("sd3", "b").recommended_scheduler and "TCD" in card("sdxl", "b").recommended_scheduler
+    assert flux.diffusers_kwargs(512) == {"sigmas": [1.0, 0.5], "guidance_scale": 3.5, "max_sequence_length": 512,
+                                          "height": 16, "width": 16}
+    normal = dataclasses.replace(flux, guidance="normal_cfg", recommended_guidance_scale=5.0)
+    true_cfg = normal.diffusers_kwargs(512)
+    assert (true_cfg["true_cfg_scale"], true_cfg["guidance_scale"]) == (5.0, 3.5)
+    assert true_cfg["negative_prompt"] == ""  # FluxPipeline runs true CFG only when given a negative prompt
+    assert "guidance_scale" not in card("flux", "b").diffusers_kwargs(512)  # a version-1 card: the pipeline's 3.5
+    assert card("sd3", "b").diffusers_kwargs(77)["guidance_scale"] == 1.0  # SD3's is CFG: the card's
+    lcm = dataclasses.replace(flux, method="lcm", num_phases=1, edges=(0,))
+    assert lcm.recommended_scheduler.startswith("no diffusers flow scheduler re-noises like LCM")
+
+
+def test_a_lora_s_rows_read_the_embedded_guidance_its_card_records():
+    """Every LoRA row (evaluation, pcm sample, the registered model) goes through sample_latents: the student reads
+    the guidance it was distilled at in both passes of true CFG; the teacher's own rows keep the condition's."""
+    seen = []
+
+    def eps_fn(x_t, t, cond):
+        seen.append(cond["guidance"].tolist())
+        return 0.1 * x_t
+
+    teacher = SimpleNamespace(eps_fn=eps_fn, schedule=flow_schedule(1000))
+    x_T, cond = torch.randn(2, 4, generator=torch.Generator().manual_seed(0)), {"guidance": torch.full((2,), 3.5)}
+    flux = dataclasses.replace(card("flux", "b"), embedded_guidance_scale=2.0)
+    sample_latents(teacher, Sampler("pcm-M2", "eval0", flux, 2.0), x_T, cond, cond, 2)
+    assert seen == [[2.0] * 4] * 2  # 2 steps, each one call on [cond; uncond]
+    seen.clear()
+    sample_latents(teacher, Sampler("teacher-euler", None, None, 1.0, teacher_method="euler"), x_T, cond, cond, 2)
+    sample_latents(teacher, Sampler("pcm-M2", "eval0", card("flux", "b"), 1.0), x_T, cond, cond, 2)  # version 1
+    assert seen == [[3.5, 3.5]] * 4 and cond["guidance"].tolist() == [3.5, 3.5]
 
 
 @pytest.mark.parametrize("change,message", [

@@ -1,4 +1,4 @@
-"""Kubeflow: components are thin, both pipelines compile with their cluster settings, the multi-node manifests are
+"""Kubeflow: components are thin, every pipeline compiles with its cluster settings, the multi-node manifests are
 well formed, DVC-repo inputs are fetched, and the SD1.5 demo pipeline runs end to end under kfp.local."""
 
 import ast
@@ -14,6 +14,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "pipelines"))
 sys.path.insert(0, str(ROOT))  # components
+IMAGE_PIPELINES = ["pcm_sd15", "pcm_sdxl", "pcm_sd3", "pcm_flux"]
+PIPELINES = [*IMAGE_PIPELINES, "pcm_video"]
 
 
 def _compile(tmp_path, name, *flags, params: Path | None = None) -> list[dict]:
@@ -36,14 +38,14 @@ def _tasks(spec: dict) -> dict:
 def compiled(tmp_path_factory):
     """Each pipeline compiled once for the cluster: (pipeline spec, platform spec, the spec-patch file's JSON)."""
     out = {}
-    for name in ("pcm_sd15", "pcm_sdxl", "pcm_sd3", "pcm_video"):
+    for name in PIPELINES:
         folder = tmp_path_factory.mktemp(name)
         spec, platform = _compile(folder, name, "--gpus", "8", "--node-selector", "pool=h100")
         out[name] = spec, platform, json.loads((folder / f"{name}.spec-patch.json").read_text())
     return out
 
 
-@pytest.mark.parametrize("name", ["pcm_sd15", "pcm_sdxl", "pcm_sd3", "pcm_video"])
+@pytest.mark.parametrize("name", PIPELINES)
 def test_the_pipeline_compiles_with_gpus_shm_pvcs_secrets_and_retries(compiled, name):
     spec, platform, _ = compiled[name]
     executors = spec["deploymentSpec"]["executors"]
@@ -67,12 +69,13 @@ def test_the_pipeline_compiles_with_gpus_shm_pvcs_secrets_and_retries(compiled, 
     assert any(s["secretName"] == "pcm-secrets" for s in distill_k8s["secretAsEnv"])
     assert all("pvcMount" in e for e in k8s.values())  # every task sees the data and work volumes
     defaults = spec["root"]["inputDefinitions"]["parameters"]
-    assert [r["name"] for r in defaults["runs"]["defaultValue"]] == ["pcm-m1", "pcm-m2", "pcm-m4", "lcm"]
+    lcm = [] if name == "pcm_flux" else ["lcm"]  # FLUX: the reference's three SD3 runs, no LCM baseline
+    assert [r["name"] for r in defaults["runs"]["defaultValue"]] == ["pcm-m1", "pcm-m2", "pcm-m4", *lcm]
     assert {"teacher_model", "shard_urls", "dvc_repo", "dvc_rev", "dvc_path", "mlflow_uri", "max_steps"} <= \
         set(defaults)
 
 
-@pytest.mark.parametrize("name", ["pcm_sd15", "pcm_sdxl", "pcm_sd3", "pcm_video"])
+@pytest.mark.parametrize("name", PIPELINES)
 def test_every_task_has_limits_retries_the_image_user_and_only_its_secret_keys(compiled, name):
     from cluster import MLFLOW, TASK_SECRETS
 
@@ -112,6 +115,25 @@ def test_the_sd3_pipeline_compiles_the_reference_run_on_its_teacher(compiled):
     params = json.loads(defaults["params"]["defaultValue"])
     assert params["teacher"]["family"] == "sd3" and params["adversarial"]["weight"] == 0
     assert (params["distill"]["num_solver_steps"], params["lora"]["rank"], params["lora"]["alpha"]) == (100, 32, 8.0)
+
+
+def test_the_flux_pipeline_compiles_its_run_on_flux_dev(compiled):
+    """pipelines/pcm_flux.py: configs/flux-cc3m.yaml as the package's params (the reference's SD3 grid and LoRA on
+    FLUX.1-dev: one teacher call per solver step at embedded guidance 1 + w = 3.5, the student's own; bf16; the
+    resolution that fixes FLUX's shift) and FLUX.1-dev, gated, as the default teacher: the tasks that load it get
+    HF_TOKEN (test_every_task_has_limits_retries_the_image_user_and_only_its_secret_keys)."""
+    from pcm.config import config_from_yaml
+    from pcm.models.families import FLUX_GUIDANCE_SCALE
+
+    spec, _, _ = compiled["pcm_flux"]
+    defaults = spec["root"]["inputDefinitions"]["parameters"]
+    assert defaults["teacher_model"]["defaultValue"] == "black-forest-labs/FLUX.1-dev"
+    assert (defaults["register_method"]["defaultValue"], defaults["register_phases"]["defaultValue"]) == ("pcm", 4)
+    params = config_from_yaml(defaults["params"]["defaultValue"])  # JSON: the package carries it as one line
+    assert params.teacher.family == "flux" and params.adversarial.weight == 0 and params.data.resolution == 1024
+    assert 1 + params.distill.w_min == 1 + params.distill.w_max == FLUX_GUIDANCE_SCALE
+    assert (params.distill.num_solver_steps, params.lora.rank, params.lora.alpha) == (100, 32, 8.0)
+    assert params.train.mixed_precision == "bf16" and params.teacher.max_sequence_length == 512
 
 
 def test_evaluate_and_register_gpus_are_compile_options(tmp_path):
@@ -167,7 +189,7 @@ def test_every_pipeline_option_has_help_and_the_usage_names_the_file():
                 assert action.help, (prog, action.option_strings)
 
 
-@pytest.mark.parametrize("name", ["pcm_sd15", "pcm_sdxl", "pcm_sd3", "pcm_video"])
+@pytest.mark.parametrize("name", PIPELINES)
 def test_the_package_parses_strictly_as_kfp_kubernetes_config(compiled, name):
     """The KFP API server's compiler reads each task's Kubernetes config with strict protojson: a key outside
     kfp-kubernetes' KubernetesExecutorConfig would fail `kfp run create`. Python's json_format is as strict."""
@@ -182,7 +204,7 @@ def test_the_package_parses_strictly_as_kfp_kubernetes_config(compiled, name):
         json_format.ParseDict({"terminationGracePeriodSeconds": 600}, pb.KubernetesExecutorConfig())
 
 
-@pytest.mark.parametrize("name", ["pcm_sd15", "pcm_sdxl", "pcm_sd3"])
+@pytest.mark.parametrize("name", IMAGE_PIPELINES)
 def test_the_grace_period_and_fs_group_reach_the_pods_through_the_spec_patch(compiled, name):
     spec, platform, patch = compiled[name]
     pod = json.loads(patch["podSpecPatch"])  # Argo merges it into every pod of the run
@@ -209,7 +231,7 @@ def test_the_grace_period_comes_from_the_params_file(tmp_path):
         config_from_yaml(yaml.safe_dump(params))
 
 
-@pytest.mark.parametrize("name", ["pcm_sd15", "pcm_sdxl", "pcm_sd3"])
+@pytest.mark.parametrize("name", IMAGE_PIPELINES)
 def test_work_folders_are_scoped_by_the_pipeline_run(compiled, name):
     """distill and evaluate get KFP's run id (resolved per run, the same in every retry) and continue_run."""
     from kfp import dsl

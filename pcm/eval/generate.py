@@ -107,10 +107,22 @@ def use(teacher: Teacher, sampler: Sampler) -> None:
         teacher.backbone.enable_adapters()
 
 
+def embedded_guidance(cond: dict, card: ModelCard | None) -> dict:
+    """cond with the embedded guidance (FLUX.1-dev's `guidance` input, (B,)) its LoRA's card records: the student
+    reads what it was distilled with. Unchanged for the teacher's own rows, a base without the input, or a card
+    written before the field."""
+    scale = card.embedded_guidance_scale if card is not None else None
+    if scale is None or "guidance" not in cond:
+        return cond
+    return {**cond, "guidance": torch.full_like(cond["guidance"], scale)}
+
+
 @torch.no_grad()
 def sample_latents(teacher: Teacher, sampler: Sampler, x_T: torch.Tensor, cond: dict, neg: dict, K: int,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """x_0 (B, C, h, w) after K steps of the sampler from x_T (adapter state set by `use`)."""
+    """x_0 (B, C, h, w) after K steps of the sampler from x_T (adapter state set by `use`); a LoRA's rows read its
+    card's embedded guidance (embedded_guidance), in the condition and in true CFG's empty one."""
+    cond, neg = embedded_guidance(cond, sampler.card), embedded_guidance(neg, sampler.card)
     return sample(teacher.eps_fn, x_T, cond, neg, teacher.schedule, sampler.sampling(K), generator)
 
 

@@ -3,7 +3,8 @@
 Written once at export (pcm.train.distill) into the LoRA's safetensors headers (JSON under 'pcm') and, readable,
 into pcm_config.json; read back by evaluation, the registry, `pcm sample`, the registered model and the Kubeflow
 components as a ModelCard, never as a dict. `card_version` says which layout a file has: files written before it
-existed (version 0) still load; a file from a newer pcm is refused with what to do.
+existed (version 0) and before embedded_guidance_scale (version 1) still load; a file from a newer pcm is refused
+with what to do.
 """
 
 import dataclasses
@@ -14,7 +15,7 @@ from pathlib import Path
 from pcm.config import Config
 from pcm.math import SolverGrid
 
-CARD_VERSION = 1
+CARD_VERSION = 2  # 2: embedded_guidance_scale
 CONFIG_FILE = "pcm_config.json"
 METHODS = ("pcm", "lcm")
 LCM_STEPS = 4  # LCM's usual few-step count (its one "phase" says nothing about how many steps to take)
@@ -32,7 +33,7 @@ class ModelCard:
     """A distilled LoRA: its teacher, the phased ODE it was trained on, and how to sample it (docs/method.md §2, §8)."""
 
     method: str  # pcm | lcm
-    family: str  # the teacher's family: sd15 | sdxl | animatediff (gmm: the analytic teacher)
+    family: str  # the teacher's family: sd15 | sdxl | animatediff | sd3 | flux (gmm: the analytic teacher)
     base_model: str  # teacher.model at distillation: a hub id or a local directory
     num_train_timesteps: int  # T
     num_solver_steps: int  # N, the teacher's solver grid
@@ -43,7 +44,8 @@ class ModelCard:
     w_max: float
     resolution: int  # pixels per side of the training images
     recommended_steps: int  # K that visits exactly the trained edges (PCM: M; LCM: 4)
-    recommended_guidance_scale: float  # inference CFG: 1 for small_cfg (guidance is baked in), else 5
+    recommended_guidance_scale: float  # inference CFG: 1 for small_cfg (guidance is baked in), else 5; on FLUX.1-dev
+    #                                    true CFG (FluxPipeline's true_cfg_scale), on top of the embedded guidance
     recommended_gamma: float = 0.0  # TCD's stochastic step; 0 = deterministic PCM
     lcm_sigma_data: float = 0.5  # LCM's boundary scalings
     lcm_timestep_scaling: float = 10.0
@@ -53,6 +55,9 @@ class ModelCard:
     lora_rank: int = 0
     lora_alpha: float = 0.0  # the update's scale is alpha / rank
     lora_layers: str = "all"  # all | spatial | motion
+    # the guidance scale the student read as an input (FLUX.1-dev's `guidance`: FluxPipeline's guidance_scale, not
+    # CFG); None: the base has no such input, or a card written before the field
+    embedded_guidance_scale: float | None = None
     card_version: int = CARD_VERSION
 
     @property
@@ -66,10 +71,43 @@ class ModelCard:
         return "lcm" if self.method == "lcm" else f"pcm-M{self.num_phases}"
 
     @property
+    def is_flow(self) -> bool:
+        """A rectified-flow base (sd3, flux): diffusers samples it with its pipeline's flow scheduler."""
+        from pcm.models.families import FLOW_FAMILIES
+
+        return self.family in FLOW_FAMILIES
+
+    @property
+    def flow_sigmas(self) -> list[float]:
+        """The trained path's unshifted sigmas (t + 1) / T without the final 0: what a flow pipeline (`sigmas=`) shifts
+        exactly as the teacher's table is shifted (FLUX: by the image size, so at `resolution`), then ends at 0."""
+        return [(t + 1) / self.num_train_timesteps for t in self.sampling_timesteps[:-1]]
+
+    @property
     def recommended_scheduler(self) -> str:
+        """How diffusers samples the LoRA as trained: TCDScheduler over sampling_timesteps (or LCMScheduler) on a VP
+        base; the pipeline's own flow scheduler over flow_sigmas on a flow base."""
+        if self.is_flow:
+            if self.method == "lcm":
+                return ("no diffusers flow scheduler re-noises like LCM: sample it with `pcm sample` or the registered "
+                        "model")
+            return f"the pipeline's FlowMatchEulerDiscreteScheduler with `sigmas={self.flow_sigmas}`"
         if self.method == "lcm":
             return "LCMScheduler"
         return "TCDScheduler with these sampling_timesteps (gamma 0 = deterministic PCM)"
+
+    def diffusers_kwargs(self, t5_tokens: int) -> dict:
+        """What a flow pipeline's call (StableDiffusion3Pipeline, FluxPipeline) takes to sample the trained PCM path:
+        flow_sigmas, T5's tokens per prompt, the training side (FLUX shifts the sigmas by it) and the guidance. SD3's
+        guidance_scale is CFG; FLUX.1-dev's is the embedded guidance the student read (a card without it: left to the
+        pipeline's default, 3.5, what it read), its CFG is true_cfg_scale over the encoded "" (1: off)."""
+        guidance = {"guidance_scale": self.recommended_guidance_scale}
+        if self.family == "flux":
+            guidance = {} if self.embedded_guidance_scale is None else {"guidance_scale": self.embedded_guidance_scale}
+            if self.recommended_guidance_scale != 1:
+                guidance |= {"true_cfg_scale": self.recommended_guidance_scale, "negative_prompt": ""}
+        return {"sigmas": self.flow_sigmas, **guidance, "max_sequence_length": t5_tokens, "height": self.resolution,
+                "width": self.resolution}
 
     @property
     def is_video(self) -> bool:
@@ -81,9 +119,16 @@ class ModelCard:
                 "recommended_scheduler": self.recommended_scheduler}
 
 
-def card_of_run(cfg: Config, grid: SolverGrid, video: bool = False) -> ModelCard:
-    """The card of a run's LoRA: its config's teacher, method and grid, and the sampling it was trained for."""
+def card_of_run(cfg: Config, grid: SolverGrid, video: bool = False, guidance_mode: str | None = None) -> ModelCard:
+    """The card of a run's LoRA: its config's teacher, method and grid, and the sampling it was trained for.
+
+    guidance_mode: the teacher's (Teacher.guidance_mode); a flux teacher reading embedded guidance records the scale
+    its student read (FLUX_GUIDANCE_SCALE). None: from the family alone, flux taken as FLUX.1-dev (the family's
+    guidance-distilled default; FLUX.1-schnell, guidance_mode 'none', has no guidance input)."""
+    from pcm.models.families import FLUX_GUIDANCE_SCALE
+
     d, lora = cfg.distill, cfg.lora
+    embedded = cfg.teacher.family == "flux" and guidance_mode in (None, "embedded")
     return ModelCard(
         method=d.method, family=cfg.teacher.family, base_model=cfg.teacher.model, num_train_timesteps=grid.T,
         num_solver_steps=grid.N, num_phases=grid.M, edges=tuple(int(s) for s in grid.edges), guidance=d.guidance,
@@ -92,7 +137,7 @@ def card_of_run(cfg: Config, grid: SolverGrid, video: bool = False) -> ModelCard
         recommended_guidance_scale=1.0 if d.guidance == "small_cfg" else 5.0, lcm_sigma_data=d.lcm_sigma_data,
         lcm_timestep_scaling=d.lcm_timestep_scaling, frames=cfg.data.frames if video else 1,
         motion_adapter=cfg.teacher.motion_adapter if video else "", lora_rank=lora.rank, lora_alpha=lora.alpha,
-        lora_layers=lora.layers)
+        lora_layers=lora.layers, embedded_guidance_scale=FLUX_GUIDANCE_SCALE if embedded else None)
 
 
 REQUIRED = ("method", "family", "base_model", "num_solver_steps", "num_phases", "edges", "guidance", "w_min", "w_max",
