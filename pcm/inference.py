@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from pcm.config import Config, TeacherConfig
-from pcm.models.card import CONFIG_FILE, ModelCard, read_card
+from pcm.models.card import CONFIG_FILE, ModelCard, read_card, text_settings
 from pcm.models.lora import DIFFUSERS_FILE, PREFIX, load_lora
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,8 @@ def base_for(cfg: Config, lora: str, card: ModelCard, teacher_from: str) -> Teac
         raise ValueError(f"teacher_from={teacher_from!r}; allowed: {', '.join(TEACHER_FROM)}")
     if teacher_from == "lora" and card.base_model:
         return dataclasses.replace(cfg.teacher, family=card.family, model=recorded_base(card, lora),
-                                   motion_adapter=card.motion_adapter or cfg.teacher.motion_adapter)
+                                   motion_adapter=card.motion_adapter or cfg.teacher.motion_adapter,
+                                   **text_settings(card))
     meet_teacher(card, lora, cfg.teacher, f"--lora={lora}", "drop --teacher-from config to sample on its own base, "
                  "or set teacher.family={family} teacher.model={base}")
     return cfg.teacher

@@ -38,7 +38,7 @@ from pcm.config import Config, RegisterConfig, SampleConfig, TeacherConfig
 from pcm.eval.generate import generate_pngs
 from pcm.inference import check_family, load_checked, lora_sha256, one_line
 from pcm.lineage import evaluation_files, with_evaluation
-from pcm.models.card import CONFIG_FILE, LoraFileError, ModelCard, read_card
+from pcm.models.card import CONFIG_FILE, LoraFileError, ModelCard, read_card, text_settings
 from pcm.models.families import FLOW_FAMILIES, ModelLoadError
 from pcm.models.lora import DIFFUSERS_FILE
 from pcm.registry_store import RegistryError, connect, resolve, tracking_store
@@ -334,13 +334,15 @@ def _log_version(cfg: Config, card: ModelCard, metrics: dict, sha: str) -> str:
                             "gamma": [defaults.gamma], "seed": [0]})
     # no input schema: MLflow would drop an unknown column before predict sees it (pcm.serving says why)
     signature = ModelSignature(outputs=Schema([ColSpec("binary", "image")]))
+    # the card's T5 settings (what the LoRA read), else the register-time config's (a card written before them)
+    text = {"t5": cfg.teacher.t5, "max_sequence_length": cfg.teacher.max_sequence_length} | text_settings(card)
     model_config = {"base_model": base, "family": card.family, "resolution": card.resolution,
                     "dtype": cfg.teacher.dtype, "device": r.device, "lora_sha256": sha,
                     "sample": dataclasses.asdict(defaults), "warmup": False}
     if card.motion_adapter:
         model_config["motion_adapter"] = _base_model(card.motion_adapter)
     if card.family in FLOW_FAMILIES:  # T5's states (or their zeros) are part of the condition the LoRA learned
-        model_config |= {"t5": cfg.teacher.t5, "max_sequence_length": cfg.teacher.max_sequence_length}
+        model_config |= {"t5": text["t5"], "max_sequence_length": text["max_sequence_length"]}
     report = Path(r.eval_metrics).parent if metrics else None  # an evaluation of this very file (eval_metrics)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else "register"), \
             tempfile.TemporaryDirectory() as scratch:
@@ -358,7 +360,7 @@ def _log_version(cfg: Config, card: ModelCard, metrics: dict, sha: str) -> str:
     client = mlflow.MlflowClient()
     for key, value in version_tags(cfg, card, metrics, sha).items():
         client.set_model_version_tag(r.model_name, version, key, str(value))
-    description = model_card(r.model_name, card, base, defaults, cfg.teacher.max_sequence_length)
+    description = model_card(r.model_name, card, base, defaults, text["max_sequence_length"])
     if report is not None:
         description = with_evaluation(description, report, r.gate_metric.split("/")[0])
     client.update_model_version(r.model_name, version, description=description)

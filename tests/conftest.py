@@ -19,7 +19,7 @@ if WORKERS > 1:
 # The modules that run longest (end-to-end subprocesses, measured with --durations), longest first: under
 # `--dist loadfile` a worker takes whole modules in this order, so no long one starts last and leaves a core idle.
 LONGEST_FIRST = ["test_dvc.py", "test_distill.py", "test_pipelines.py", "test_checkpoint_faults.py",
-                 "test_video_pipeline.py", "test_registry.py", "test_gpu_check.py"]
+                 "test_video_pipeline.py", "test_flow_pipeline.py", "test_registry.py", "test_gpu_check.py"]
 
 
 def pytest_collection_modifyitems(items):

@@ -60,6 +60,23 @@ def test_a_version_1_file_loads_without_embedded_guidance():
     assert loaded.card_version == CARD_VERSION
 
 
+@pytest.mark.parametrize("family,t5,tokens", [("sd3", False, 77), ("flux", True, 512), ("sd15", True, 256)])
+def test_a_flow_card_records_the_t5_states_its_student_read_and_pcm_sample_encodes_with_them(family, t5, tokens):
+    """A LoRA sampled from its folder (`pcm sample --lora`, teacher from the card) encodes prompts as in distillation,
+    whatever the sample-time params say; a UNet family's card has no T5 settings and leaves the config alone."""
+    from pcm.inference import base_for
+
+    teacher = {"family": family, "model": "m", "t5": t5, "max_sequence_length": tokens}
+    made = card_of_run(config_from_dict({"teacher": teacher, "data": {"resolution": 16},
+                                         "distill": {"w_min": 0.0, "w_max": 0.0}}), SolverGrid(1000, 20, 2))
+    flow = family != "sd15"
+    assert (made.t5, made.max_sequence_length) == ((t5, tokens) if flow else (None, None))
+    assert card_from_json(made.to_json(), "x") == made
+    defaults = config_from_dict({"teacher": {"family": family, "model": "m"}})  # t5 on, 256 tokens
+    chosen = base_for(defaults, "lora", made, "lora")
+    assert (chosen.t5, chosen.max_sequence_length) == ((t5, tokens) if flow else (True, 256))
+
+
 @pytest.mark.parametrize("family,mode,expected", [
     ("flux", None, 3.5), ("flux", "embedded", 3.5), ("flux", "none", None), ("sd3", "cfg", None),
     ("sd15", None, None)])

@@ -3,8 +3,8 @@
 Written once at export (pcm.train.distill) into the LoRA's safetensors headers (JSON under 'pcm') and, readable,
 into pcm_config.json; read back by evaluation, the registry, `pcm sample`, the registered model and the Kubeflow
 components as a ModelCard, never as a dict. `card_version` says which layout a file has: files written before it
-existed (version 0) and before embedded_guidance_scale (version 1) still load; a file from a newer pcm is refused
-with what to do.
+existed (version 0) and before embedded_guidance_scale and the T5 settings (version 1) still load; a file from a
+newer pcm is refused with what to do.
 """
 
 import dataclasses
@@ -15,7 +15,7 @@ from pathlib import Path
 from pcm.config import Config
 from pcm.math import SolverGrid
 
-CARD_VERSION = 2  # 2: embedded_guidance_scale
+CARD_VERSION = 2  # 2: embedded_guidance_scale, t5, max_sequence_length
 CONFIG_FILE = "pcm_config.json"
 METHODS = ("pcm", "lcm")
 LCM_STEPS = 4  # LCM's usual few-step count (its one "phase" says nothing about how many steps to take)
@@ -58,6 +58,10 @@ class ModelCard:
     # the guidance scale the student read as an input (FLUX.1-dev's `guidance`: FluxPipeline's guidance_scale, not
     # CFG); None: the base has no such input, or a card written before the field
     embedded_guidance_scale: float | None = None
+    # sd3 / flux: the T5 states the student read (whether T5 was loaded, its tokens per prompt), so every sampler
+    # encodes prompts as in distillation; None: a UNet family, or a card written before the fields
+    t5: bool | None = None
+    max_sequence_length: int | None = None
     card_version: int = CARD_VERSION
 
     @property
@@ -125,9 +129,9 @@ def card_of_run(cfg: Config, grid: SolverGrid, video: bool = False, guidance_mod
     guidance_mode: the teacher's (Teacher.guidance_mode); a flux teacher reading embedded guidance records the scale
     its student read (FLUX_GUIDANCE_SCALE). None: from the family alone, flux taken as FLUX.1-dev (the family's
     guidance-distilled default; FLUX.1-schnell, guidance_mode 'none', has no guidance input)."""
-    from pcm.models.families import FLUX_GUIDANCE_SCALE
+    from pcm.models.families import FLOW_FAMILIES, FLUX_GUIDANCE_SCALE
 
-    d, lora = cfg.distill, cfg.lora
+    d, lora, flow = cfg.distill, cfg.lora, cfg.teacher.family in FLOW_FAMILIES
     embedded = cfg.teacher.family == "flux" and guidance_mode in (None, "embedded")
     return ModelCard(
         method=d.method, family=cfg.teacher.family, base_model=cfg.teacher.model, num_train_timesteps=grid.T,
@@ -137,7 +141,14 @@ def card_of_run(cfg: Config, grid: SolverGrid, video: bool = False, guidance_mod
         recommended_guidance_scale=1.0 if d.guidance == "small_cfg" else 5.0, lcm_sigma_data=d.lcm_sigma_data,
         lcm_timestep_scaling=d.lcm_timestep_scaling, frames=cfg.data.frames if video else 1,
         motion_adapter=cfg.teacher.motion_adapter if video else "", lora_rank=lora.rank, lora_alpha=lora.alpha,
-        lora_layers=lora.layers, embedded_guidance_scale=FLUX_GUIDANCE_SCALE if embedded else None)
+        lora_layers=lora.layers, embedded_guidance_scale=FLUX_GUIDANCE_SCALE if embedded else None,
+        t5=cfg.teacher.t5 if flow else None, max_sequence_length=cfg.teacher.max_sequence_length if flow else None)
+
+
+def text_settings(card: ModelCard) -> dict:
+    """The TeacherConfig fields a flow card fixes (t5, max_sequence_length): what to lay over a teacher config so it
+    encodes prompts as the LoRA was distilled; empty for a UNet family or an older card."""
+    return {k: v for k, v in (("t5", card.t5), ("max_sequence_length", card.max_sequence_length)) if v is not None}
 
 
 REQUIRED = ("method", "family", "base_model", "num_solver_steps", "num_phases", "edges", "guidance", "w_min", "w_max",

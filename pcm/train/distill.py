@@ -164,7 +164,7 @@ def setup(cfg: Config, make_data: DataFactory, resume: str | None, precomputed: 
     return Run(accelerator=accelerator, teacher=teacher, student_backbone=student_backbone, opt=opt,
                loss=make_loss(cfg.distill, grid, teacher.schedule, cfg.seed, cfg.adversarial.weight,
                               teacher.guidance_mode),
-               card=card_of_run(cfg, grid, teacher.is_video),
+               card=card_of_run(cfg, grid, teacher.is_video, teacher.guidance_mode),
                data=make_data(micro, accelerator.process_index, accelerator.num_processes, position),
                micro_batch=micro, disc=disc, step=step, position=position, nonfinite_total=nonfinite)
 
