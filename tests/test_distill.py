@@ -200,7 +200,7 @@ def test_two_processes_match_one_and_a_sigterm_to_their_parent_checkpoints_and_r
 
 
 @pytest.mark.parametrize("override,message", [
-    ("teacher.family=sd3", "teacher.family='sd3'"),
+    ("teacher.family=kandinsky", "teacher.family='kandinsky'"),
     ("teacher.model=./no/such/dir", "teacher.model=./no/such/dir: no such directory"),
     ("data.resolution=20", "data.resolution=20: must be a positive multiple of 8"),
     ("distill.num_phases=60", "distill.num_phases=60: must satisfy 1 <= M <= N"),
