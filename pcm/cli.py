@@ -155,7 +155,9 @@ def _add_sample(commands) -> None:
     sample.add_argument("--teacher-from", choices=("lora", "config"), default="lora",
                         help="--lora: sample on the base model its pcm_config.json records (lora, the default) or on "
                              "teacher.* of the params file (config, e.g. a fine-tune of that base)")
-    sample.add_argument("--out", default="sample.png", help="output PNG; several prompts give OUT-0.png, ...")
+    sample.add_argument("--out", default="sample.png",
+                        help="output PNG (a video LoRA: GIF, or an H.264 clip with .mp4); several prompts give "
+                             "OUT-0.png, ...")
     sample.set_defaults(func=_sample)
 
 

@@ -206,13 +206,28 @@ def sample_pngs(cfg: Config, request: SampleRequest) -> dict:
         images = list(load_registered(cfg, r.model).predict(frame)["image"])
     else:
         images = _direct(cfg, r.lora, rows, r.teacher_from)
-    target = Path(r.out)
+    paths = write_outputs(images, Path(r.out))
+    return {"images": [str(p) for p in paths], "source": r.model or r.lora}
+
+
+def write_outputs(images: list[bytes], target: Path) -> list[Path]:
+    """The model's PNG images or GIF clips at target (numbered when there are several); a .png / .gif target takes
+    the suffix of what came back, and .mp4 writes a video LoRA's clips as H.264 (ValueError for images)."""
     suffix = ".gif" if images[0][:4] == b"GIF8" else ".png"  # a video LoRA's clips are animated GIFs
+    if target.suffix.lower() == ".mp4":
+        if suffix != ".gif":
+            raise ValueError(f"--out {target}: .mp4 is for a video LoRA's clips; this model makes images (use .png)")
+        suffix = ".mp4"
     if target.suffix.lower() in (".png", ".gif"):
         target = target.with_suffix(suffix)
     paths = [target] if len(images) == 1 else [target.with_name(f"{target.stem}-{i}{suffix}")
                                                for i in range(len(images))]
     for path, image in zip(paths, images, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(image)
-    return {"images": [str(p) for p in paths], "source": r.model or r.lora}
+        if suffix == ".mp4":  # the clip's GIF frames as H.264 (its palette colours, every frame)
+            from pcm.eval.video import gif_frames, write_mp4
+
+            write_mp4(gif_frames(image), path)
+        else:
+            path.write_bytes(image)
+    return paths

@@ -81,7 +81,15 @@ def test_every_frame_of_a_video_grid_has_the_same_labels(tmp_path):
     frames = 3
     tiles = {("pcm-M2", i, K): _tile(10 * i + K, (frames, 16, 16, 3)) for i in (0, 1) for K in (1, 2)}
     grids = report.write_grids(tiles, tmp_path, _rows("pcm-M2", 1.0, steps=(1, 2)), PROMPTS)
-    gif = Image.open(grids["pcm-M2"])
+    # the report embeds a lossless animated WebP: every frame exactly the drawn grid; a GIF of it lies beside
+    webp, drawn = Image.open(grids["pcm-M2"]), report.grid_frames(
+        np.stack([tiles[("pcm-M2", i, K)] for i in (0, 1) for K in (1, 2)]), PROMPTS, ["1 step · NFE 1",
+                                                                                      "2 steps · NFE 2"])
+    assert grids["pcm-M2"].suffix == ".webp" and webp.is_animated and webp.n_frames == frames
+    for f in range(frames):
+        webp.seek(f)
+        assert np.array_equal(np.asarray(webp.convert("RGB")), drawn[f])
+    gif = Image.open(grids["pcm-M2"].with_suffix(".gif"))
     assert gif.is_animated and gif.n_frames == frames
     side = 16 * (report.MIN_TILE // 16)
     _, top, left = report.labelled_canvas((side, side), PROMPTS, ["", ""])

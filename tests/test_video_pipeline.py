@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import av
+import numpy as np
 import pytest
 import yaml
 from builders import save_tiny_animatediff
@@ -18,6 +20,7 @@ from PIL import Image
 from pcm import stages
 from pcm.config import config_from_dict
 from pcm.data.loader import loader_factory
+from pcm.eval.video import gif_frames
 from pcm.models.tiny import save_tiny_clip
 from pcm.train.distill import Precomputed, distill
 
@@ -93,10 +96,11 @@ def test_video_evaluation_rows_metrics_and_gif_grids(world):
     assert float(teacher_4["trajectory_error"]) == 0.0  # the reference row, recomputed from the same noises
     info = json.loads((out / "info.json").read_text())
     assert info["frames"] == FRAMES and info["reference_images"] == 16  # frames of the first 4 clips
-    gif = Image.open(out / "grids" / "pcm-M2.gif")
-    assert gif.n_frames == FRAMES and gif.is_animated
+    for suffix in (".webp", ".gif"):  # the animated WebP report.html plays, and a GIF beside it
+        grid = Image.open(out / "grids" / f"pcm-M2{suffix}")
+        assert grid.n_frames == FRAMES and grid.is_animated
     html = (out / "report.html").read_text()
-    assert html.count("data:image/gif;base64,") == 2 and "oracle_motion" in html  # teacher and pcm-M2 grids
+    assert html.count("data:image/webp;base64,") == 2 and "oracle_motion" in html  # teacher and pcm-M2 grids
 
 
 @pytest.mark.slow
@@ -114,6 +118,14 @@ def test_registered_video_model_samples_gifs_like_the_lora_folder(world, tmp_pat
     assert a.suffix == ".gif" and a.read_bytes() == b.read_bytes()
     clip = Image.open(io.BytesIO(a.read_bytes()))
     assert clip.n_frames == FRAMES and clip.size == (16, 16)
+    # --out clip.mp4: the same frames as H.264 that any player opens; lossy, and this tiny world's clips are near
+    # noise, which 4:2:0 chroma blurs, so the check is each frame's mean colour (tests/test_video_outputs.py: shapes)
+    mp4 = Path(stages.sample(cfg, prompt, str(tmp_path / "clip.mp4"), lora=str(root / "pcm" / "lora"))["images"][0])
+    with av.open(str(mp4)) as container:
+        decoded = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    assert mp4.suffix == ".mp4" and decoded.shape == (FRAMES, 16, 16, 3)
+    means = [frames.reshape(FRAMES, -1, 3).mean(1) for frames in (decoded, gif_frames(a.read_bytes()))]
+    assert np.abs(means[0] - means[1]).max() < 4
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure  # a Figure of its own, not pyplot's: no display, no global state to close
 from PIL import Image, ImageDraw, ImageFont
 
-from pcm.eval.video import write_gif
+from pcm.eval.video import write_gif, write_webp
 
 LOWER_IS_BETTER = ("fid", "fid_teacher", "trajectory_error")
 METRICS = ("fid", "fid_teacher", "trajectory_error", "step_consistency", "clip_score", "oracle_colour", "oracle_kind",
@@ -222,11 +222,12 @@ def write_grids(tiles: dict, out: Path, rows: list[dict], grid_prompts: list[str
         samples = sorted({i for m, i, _ in tiles if m == model})
         steps = sorted({K for m, _, K in tiles if m == model})
         images = np.stack([tiles[(model, i, K)] for i in samples for K in steps])
-        clips = images.ndim == 5  # clips (F, H, W, 3) per tile: an animated GIF grid
+        clips = images.ndim == 5  # clips (F, H, W, 3) per tile: an animated grid, WebP (embedded) and GIF
         frames = grid_frames(images if clips else images[:, None], list(grid_prompts),
                              [steps_label(K, nfe[(model, K)]) for K in steps])
         if clips:
-            grids[model] = write_gif(frames, out / f"{model}.gif")
+            write_gif(frames, out / f"{model}.gif")
+            grids[model] = write_webp(frames, out / f"{model}.webp")
         else:
             grids[model] = out / f"{model}.png"
             Image.fromarray(frames[0]).save(grids[model])
@@ -235,7 +236,7 @@ def write_grids(tiles: dict, out: Path, rows: list[dict], grid_prompts: list[str
 
 def _img(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
-    mime = "image/gif" if path.suffix == ".gif" else "image/png"
+    mime = {".gif": "image/gif", ".webp": "image/webp"}.get(path.suffix, "image/png")
     return f'<img src="data:{mime};base64,{data}" alt="{html.escape(path.stem)}">'
 
 

@@ -1,5 +1,6 @@
 """Video scores and grids: CLIP score per frame averaged over a clip, frame consistency, the demo's motion oracle,
-and the animated GIFs of the grids (laid out and labelled by pcm.eval.report, as the PNG grids).
+and the animated grids (laid out and labelled by pcm.eval.report, as the PNG grids): a lossless animated WebP, which
+report.html embeds, and a GIF beside it for tools that read only GIFs.
 
 Clips are uint8 arrays (B, F, H, W, 3). FID of a video row is taken over all its frames (frame FID); the
 teacher-relative latent metrics need nothing video-specific.
@@ -53,3 +54,43 @@ def write_gif(frames: np.ndarray, path: Path, fps: float = 8.0) -> Path:
     images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0,
                    optimize=False)
     return path
+
+
+def write_webp(frames: np.ndarray, path: Path, fps: float = 8.0) -> Path:
+    """frames (F, H, W, 3) uint8 -> a lossless animated WebP playing in a loop: every frame exactly as drawn (a GIF has
+    256 colours), and what browsers play in report.html."""
+    images = [Image.fromarray(frame) for frame in frames]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0, lossless=True,
+                   quality=100, method=4)
+    return path
+
+
+def write_mp4(frames: np.ndarray, path: Path, fps: float = 8.0, crf: int = 18) -> Path:
+    """frames (F, H, W, 3) uint8 -> an H.264 MP4 (PyAV's libx264, yuv420p, every frame a keyframe-free GOP of the
+    clip) that every player opens; odd sides are padded by one black pixel, as yuv420p needs even ones."""
+    import av
+
+    pad = ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0))
+    frames = np.pad(frames, pad)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=round(fps))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())  # flush the encoder
+    return path
+
+
+def gif_frames(data: bytes) -> np.ndarray:
+    """An animated GIF's frames (F, H, W, 3) uint8, each composed in full."""
+    import io
+
+    gif = Image.open(io.BytesIO(data))
+    frames = []
+    for i in range(getattr(gif, "n_frames", 1)):
+        gif.seek(i)
+        frames.append(np.asarray(gif.convert("RGB")))
+    return np.stack(frames)
