@@ -23,7 +23,6 @@ import binascii
 import html.parser
 import io
 import json
-import os
 import shutil
 import signal
 import socket
@@ -42,6 +41,9 @@ from PIL import Image, UnidentifiedImageError
 from pcm.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "pipelines"))
+from serve import stop_here  # noqa: E402  pipelines/serve.py: stops a server's process group (SIGTERM, then SIGKILL)
+
 MEDIA = ("img", "video", "source")
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 MAX_BYTES = 300_000  # each PNG in docs/ at most this size (downscaled until it fits)
@@ -289,19 +291,7 @@ def mlflow_ui(store: str, log: Path, seconds: float = 120):
                 time.sleep(0.5)
         yield url
     finally:
-        _stop(process)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the process group, SIGKILL after 20 s."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=20)
+        stop_here(process)
 
 
 def _on_sigterm(signum, frame):

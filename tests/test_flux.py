@@ -11,9 +11,8 @@ import torch
 from builders import CAPTIONS, card, save_tiny
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-from worlds import loader_factory, world_cfg
+from worlds import flow_distill_cfg, loader_factory
 
-from pcm import stages
 from pcm.config import FLUX_LORA_TARGETS, LORA_TARGETS, ConfigError, TeacherConfig, config_from_dict
 from pcm.math import flow_sigmas
 from pcm.models.card import CONFIG_FILE
@@ -169,18 +168,7 @@ def test_lora_loads_with_load_lora_weights_and_fluxpipeline_reproduces_our_sampl
 
 def test_pcm_distill_trains_and_exports_a_flux_lora(tmp_path):
     root = tmp_path
-    base = {"demo": {"output_dir": str(root / "shapes"), "num_images": 8, "shard_size": 8},
-            "data": {"inputs": [str(root / "shapes" / "shard-00000.tar")], "output_dir": str(root / "prepared"),
-                     "shard_size": 8, "resolution": SIDE, "min_side": SIDE},
-            "teacher": {"family": "flux", "model": str(save_tiny(root / "teacher", "flux")),
-                        "max_sequence_length": TOKENS},
-            "lora": {"rank": 4, "alpha": 4.0}, "distill": {"num_solver_steps": 20, "num_phases": 2},
-            "validation": {"seeds": [0]},
-            "train": {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-3, "log_every": 1, "validate_every": 2,
-                      "data_split": "samples", "shuffle_buffer": 8}}
-    stages.demo_data(config_from_dict(base), progress=False)
-    stages.prepare(config_from_dict(base), progress=False)
-    cfg = world_cfg(base, root / "run")
+    cfg = flow_distill_cfg(root, "flux", SIDE, TOKENS)
     summary = distill(cfg, loader_factory(cfg), progress=False)
     assert summary["steps"] == 2 and summary["nonfinite_steps"] == 0 and Path(summary["validation_grid"]).is_file()
     written = read_metadata(summary["lora"])

@@ -9,10 +9,9 @@ import pytest
 import torch
 from builders import CAPTIONS, card, save_tiny
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-from worlds import loader_factory, world_cfg
+from worlds import flow_distill_cfg, loader_factory
 
-from pcm import stages
-from pcm.config import LORA_TARGETS, TeacherConfig, config_from_dict
+from pcm.config import LORA_TARGETS, TeacherConfig
 from pcm.math import flow_sigmas
 from pcm.models.card import CONFIG_FILE
 from pcm.models.families import load_teacher
@@ -116,18 +115,7 @@ def test_lora_loads_with_load_lora_weights_and_the_pipeline_reproduces_our_sampl
 
 def test_pcm_distill_trains_and_exports_an_sd3_lora(tmp_path):
     root = tmp_path
-    base = {"demo": {"output_dir": str(root / "shapes"), "num_images": 8, "shard_size": 8},
-            "data": {"inputs": [str(root / "shapes" / "shard-00000.tar")], "output_dir": str(root / "prepared"),
-                     "shard_size": 8, "resolution": 16, "min_side": 16},
-            "teacher": {"family": "sd3", "model": str(save_tiny(root / "teacher", "sd3")),
-                        "max_sequence_length": TOKENS},
-            "lora": {"rank": 4, "alpha": 4.0}, "distill": {"num_solver_steps": 20, "num_phases": 2},
-            "validation": {"seeds": [0]},
-            "train": {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-3, "log_every": 1, "validate_every": 2,
-                      "data_split": "samples", "shuffle_buffer": 8}}
-    stages.demo_data(config_from_dict(base), progress=False)
-    stages.prepare(config_from_dict(base), progress=False)
-    cfg = world_cfg(base, root / "run")
+    cfg = flow_distill_cfg(root, "sd3", 16, TOKENS)
     summary = distill(cfg, loader_factory(cfg), progress=False)
     assert summary["steps"] == 2 and summary["nonfinite_steps"] == 0 and Path(summary["validation_grid"]).is_file()
     written = read_metadata(summary["lora"])

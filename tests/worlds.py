@@ -57,3 +57,21 @@ def world_cfg(base: dict, out: Path, **sections) -> Config:
         merged.setdefault(section, {}).update(values)
     merged["train"]["output_dir"] = str(out)
     return config_from_dict(merged)
+
+
+def flow_distill_cfg(root: Path, family: str, side: int, tokens: int) -> Config:
+    """The config of a 2-step PCM run (N = 20, M = 2, a validation grid at the end) on 8 shapes images prepared at
+    side px and a tiny teacher of a flow family (sd3, flux) reading `tokens` T5 tokens, written under root."""
+    base = {"demo": {"output_dir": str(root / "shapes"), "num_images": 8, "shard_size": 8},
+            "data": {"inputs": [str(root / "shapes" / "shard-00000.tar")], "output_dir": str(root / "prepared"),
+                     "shard_size": 8, "resolution": side, "min_side": side},
+            "teacher": {"family": family, "model": str(save_tiny(root / "teacher", family)),
+                        "max_sequence_length": tokens},
+            "lora": {"rank": 4, "alpha": 4.0}, "distill": {"num_solver_steps": 20, "num_phases": 2},
+            "validation": {"seeds": [0]},
+            "train": {"batch_size": 4, "max_steps": 2, "learning_rate": 1e-3, "log_every": 1, "validate_every": 2,
+                      "data_split": "samples", "shuffle_buffer": 8}}
+    stages.demo_data(config_from_dict(base), progress=False)
+    stages.prepare(config_from_dict(base), progress=False)
+    return world_cfg(base, root / "run")
+
