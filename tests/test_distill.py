@@ -232,3 +232,27 @@ def test_non_finite_losses_are_skipped_counted_and_stop_the_run_after_ten(shapes
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 4, 5]  # skipped steps log nothing
     assert records[-1]["nonfinite_steps"] == 2.0
+
+
+def test_adamw_is_fused_on_cpu_and_makes_the_per_tensor_update():
+    """The training optimizer is torch's fused AdamW where the device has the kernel; its steps equal the per-tensor
+    loop's (the reference layout's optimizer) to float rounding."""
+    from pcm.train.loop import adamw
+
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(64, 8, generator=gen), torch.randn(8, 3, 3, 3, generator=gen)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(5)]
+    results = []
+    for make in (lambda ps: adamw(ps, lr=1e-2, weight_decay=1e-2),
+                 lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=1e-2, foreach=False)):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = make(params)
+        for step in grads:
+            for p, g in zip(params, step, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        results.append((opt.defaults.get("fused"), [p.detach() for p in params]))
+    (fused, ours), (_, loop) = results
+    assert fused is True
+    for a, b in zip(ours, loop, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -11,7 +11,7 @@ from pcm.config import LORA_TARGETS, TeacherConfig
 from pcm.math import alphas_cumprod, eps_from_v
 from pcm.models.card import read_card
 from pcm.models.families import ModelLoadError, load_teacher
-from pcm.models.lora import adapters_off, attach_lora, export_lora, read_metadata
+from pcm.models.lora import adapters_off, attach_lora, export_lora, read_metadata, wrapped_layers
 
 
 @pytest.fixture(scope="module", params=["sd15", "sdxl"])
@@ -63,6 +63,47 @@ def test_v_prediction_teacher_is_converted_to_eps(tmp_path):
     v = teacher.backbone(x, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
     abar_t = teacher.abar[t].reshape(-1, 1, 1, 1)
     torch.testing.assert_close(teacher.eps_fn(x, t, cond), eps_from_v(x, v, abar_t))
+
+
+def test_adapters_off_swaps_in_the_plain_layers_and_restores_them_even_on_error(tiny):
+    """adapters_off equals peft's disable_adapters bit for bit, runs no LoRA layer, puts every wrapper back (also
+    when the block raises), sees adapters added later, and falls back to peft for merged weights."""
+    family, path = tiny
+    teacher = load_teacher(TeacherConfig(family=family, model=str(path)))
+    unet = teacher.backbone
+    x, t, cond = _inputs(teacher)
+    params = attach_lora(unet, rank=4, alpha=8, target_modules=LORA_TARGETS)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    before = dict(unet.named_modules())
+    unet.disable_adapters()
+    peft_off = teacher.eps_fn(x, t, cond)
+    unet.enable_adapters()
+    student = teacher.eps_fn(x, t, cond)
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for n, m in before.items() if "lora_" in n]
+    with adapters_off(unet):
+        assert torch.equal(teacher.eps_fn(x, t, cond), peft_off)
+        assert not any("lora_" in n for n, _ in unet.named_modules())
+    assert not calls  # no adapter layer ran
+    with pytest.raises(RuntimeError, match="inside"), adapters_off(unet):
+        raise RuntimeError("inside")
+    assert dict(unet.named_modules()) == before
+    assert torch.equal(teacher.eps_fn(x, t, cond), student)
+    assert calls  # the adapters are live again
+    for hook in hooks:
+        hook.remove()
+    unet.add_adapter(dataclasses.replace(unet.peft_config["default"]), adapter_name="second")
+    with adapters_off(unet):
+        assert not any("lora_" in n for n, _ in unet.named_modules())
+    unet.delete_adapters("second")
+    unet.set_adapters(["default"])
+    unet.fuse_lora()  # merged: the base layers hold W + BA, so only peft's unmerge gives the teacher back
+    assert all(layer.merged for _, _, layer in wrapped_layers(unet))
+    with adapters_off(unet):
+        torch.testing.assert_close(teacher.eps_fn(x, t, cond), peft_off, rtol=0, atol=1e-5)
+    torch.testing.assert_close(teacher.eps_fn(x, t, cond), student, rtol=0, atol=1e-5)
 
 
 def test_missing_local_model_dir_names_the_key(tmp_path):

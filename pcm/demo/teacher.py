@@ -37,6 +37,7 @@ from pcm.models.tiny import (
     tiny_sdxl_components,
 )
 from pcm.train.ema import EMA
+from pcm.train.loop import adamw
 
 KL_WEIGHT = 1e-6  # SD's VAE recipe: the KL term only keeps the posterior from collapsing; quality comes from MSE
 WARMUP_STEPS = 20  # linear learning-rate warmup: Adam's first steps at full lr 2e-3 can blow up fresh GroupNorm nets
@@ -102,7 +103,7 @@ def _lr_lambda(steps: int):
 def _optimizer(params, lr: float, steps: int):
     # beta2 = 0.99: the second-moment average spans ~100 steps instead of ~1000, so in runs of a few hundred steps
     # the step size follows the fast-shrinking gradients (the VAE learns the shape colours about twice as early).
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    opt = adamw(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps))
 
 

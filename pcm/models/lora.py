@@ -15,6 +15,7 @@ import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 from peft import LoraConfig, get_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -76,14 +77,46 @@ def attach_lora(unet: torch.nn.Module, rank: int, alpha: float, target_modules: 
     return params
 
 
+def wrapped_layers(backbone: torch.nn.Module) -> list[tuple[torch.nn.Module, str, BaseTunerLayer]]:
+    """(parent, attribute, LoRA layer) of every adapter-wrapped layer; found once per set of adapters (walking the
+    module tree costs more than a tiny teacher's forward) and kept on the backbone."""
+    adapters = tuple(sorted(getattr(backbone, "peft_config", {}) or {}))
+    cached = backbone.__dict__.get("_pcmwrapped_layers")
+    if cached is None or cached[0] != adapters:
+        layers = []
+        for name, module in backbone.named_modules():
+            if isinstance(module, BaseTunerLayer):
+                parent, _, attribute = name.rpartition(".")
+                layers.append((backbone.get_submodule(parent), attribute, module))
+        cached = (adapters, layers)
+        backbone.__dict__["_pcmwrapped_layers"] = cached
+    return cached[1]
+
+
 @contextmanager
-def adapters_off(unet: torch.nn.Module) -> Iterator[None]:
-    """Within the block the UNet is the frozen teacher; adapters are re-enabled afterwards, even on error."""
-    unet.disable_adapters()
+def adapters_off(backbone: torch.nn.Module) -> Iterator[None]:
+    """Within the block the backbone is the frozen teacher; its adapters are back afterwards, even on error.
+
+    Each LoRA-wrapped layer is swapped for the plain layer it wraps, so the teacher's forward is the base model's,
+    without peft's per-layer dispatch, and entering costs a few hundred attribute writes where peft's
+    disable_adapters walks the whole module tree. Merged adapters (weights folded into the base layer) fall back to
+    disable_adapters, which unmerges them.
+    """
+    layers = wrapped_layers(backbone)
+    if any(layer.merged for _, _, layer in layers):
+        backbone.disable_adapters()
+        try:
+            yield
+        finally:
+            backbone.enable_adapters()
+        return
+    for parent, attribute, layer in layers:
+        setattr(parent, attribute, layer.get_base_layer())
     try:
         yield
     finally:
-        unet.enable_adapters()
+        for parent, attribute, layer in layers:
+            setattr(parent, attribute, layer)
 
 
 def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -114,7 +147,7 @@ def export_lora(unet: torch.nn.Module, out_dir: str | Path, card: ModelCard) -> 
 
 
 def _write_export(unet: torch.nn.Module, out: Path, card: ModelCard) -> None:
-    peft_state = get_peft_model_state_dict(unet)
+    peft_state = lora_state_dict(unet)  # contiguous copies (the UNet's weights may be channels-last)
     adapter_config = unet.peft_config["default"].to_dict()
     prefix = PREFIX.get(card.family, "unet")
     _pipeline(card.family).save_lora_weights(out, **{f"{prefix}_lora_layers": peft_state,

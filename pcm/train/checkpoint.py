@@ -231,6 +231,16 @@ def _read(path: Path, name: str, reader: Callable):
                                 "--resume latest falls back to an earlier checkpoint") from err
 
 
+def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Each per-parameter state tensor (AdamW's moments) in its parameter's memory layout. A checkpoint stores them
+    contiguous; a channels-last parameter's fused AdamW reads its moments as if laid out like the parameter, so a
+    contiguous moment there would be applied to the wrong elements."""
+    for param, values in optimizer.state.items():
+        for key, value in values.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                values[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer,
                     others: dict[str, torch.optim.Optimizer] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """(LoRA tensors, state.json) of a checkpoint; restores the optimizers and the torch RNG in place.
@@ -251,6 +261,7 @@ def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer,
     lora = _read(path, "lora.safetensors", load_file)
     for name, target in optimizers.items():
         target.load_state_dict(_join_optimizer(tensors[name], state[name]))
+        _match_layouts(target)
     torch.set_rng_state(rng["torch_cpu"])
     if "torch_cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["torch_cuda"])

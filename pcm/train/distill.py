@@ -26,7 +26,7 @@ from pcm.models.discriminator import Discriminator
 from pcm.models.families import Teacher, load_teacher
 from pcm.models.lora import adapters_off, attach_lora, export_lora, load_lora_state_dict, lora_state_dict
 from pcm.train.checkpoint import CheckpointWarning, load_checkpoint, repair_checkpoints, resolve_resume, save_checkpoint
-from pcm.train.loop import Optimization, optimization, target_net_for, train_step
+from pcm.train.loop import Optimization, adamw, optimization, target_net_for, train_step
 from pcm.train.sink import JsonlSink, MultiSink, Sink
 from pcm.train.step import Batch, Nets, SolverLoss, make_loss
 from pcm.train.validation import write_validation_grid
@@ -79,8 +79,7 @@ def _discriminator(cfg: Config, teacher: Teacher) -> tuple[Discriminator | None,
     if a.weight == 0:
         return None, None
     disc = Discriminator(teacher.backbone, a.head_kernel).to(teacher.device)  # heads in fp32, like the LoRA
-    return disc, torch.optim.AdamW(disc.parameters(), lr=a.learning_rate, betas=(a.beta1, a.beta2),
-                                   weight_decay=a.weight_decay)
+    return disc, adamw(disc.parameters(), lr=a.learning_rate, betas=(a.beta1, a.beta2), weight_decay=a.weight_decay)
 
 
 def _resolve(cfg: Config, resume: str | None, accelerator: Accelerator) -> Path | None:
@@ -146,6 +145,8 @@ def setup(cfg: Config, make_data: DataFactory, resume: str | None, precomputed: 
     params = attach_lora(teacher.backbone, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules, cfg.lora.layers)
     if t.gradient_checkpointing:
         teacher.backbone.enable_gradient_checkpointing()
+    if t.channels_last and not teacher.is_flow:  # the UNet's convolutions, LoRA's included, in NHWC layout
+        teacher.backbone.to(memory_format=torch.channels_last)
     disc, disc_optimizer = _discriminator(cfg, teacher)
     opt = optimization(cfg, params, disc_optimizer)
     out = Path(t.output_dir)
