@@ -237,7 +237,7 @@ def test_non_finite_losses_are_skipped_counted_and_stop_the_run_after_ten(shapes
 def test_adamw_is_fused_on_cpu_and_makes_the_per_tensor_update():
     """The training optimizer is torch's fused AdamW where the device has the kernel; its steps equal the per-tensor
     loop's (the reference layout's optimizer) to float rounding."""
-    from pcm.train.loop import adamw
+    from pcm.train.optim import adamw
 
     gen = torch.Generator().manual_seed(0)
     start = [torch.randn(64, 8, generator=gen), torch.randn(8, 3, 3, 3, generator=gen)]

@@ -19,10 +19,13 @@ from pcm.config import config_to_dict, load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _stages() -> dict:
-    """dvc.yaml's stages with foreach expanded over params.yaml's pipeline.distill_runs."""
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    runs = load_config(ROOT / "params.yaml").pipeline.distill_runs
+PIPELINES = {"dvc.yaml": "params.yaml", "video/dvc.yaml": "configs/video-demo.yaml"}  # each one's params file
+
+
+def _stages(pipeline: str = "dvc.yaml") -> dict:
+    """A pipeline file's stages with foreach expanded over its params file's pipeline.distill_runs."""
+    stages = yaml.safe_load((ROOT / pipeline).read_text())["stages"]
+    runs = load_config(ROOT / PIPELINES[pipeline]).pipeline.distill_runs
     out = {}
     for name, stage in stages.items():
         if "foreach" not in stage:
@@ -36,6 +39,19 @@ def _stages() -> dict:
     return out
 
 
+def _params_keys(pipeline: str, stage: dict) -> list[str]:
+    """The stage's params keys: plain keys of params.yaml, or `{file: [keys]}` naming the pipeline's params file."""
+    keys = []
+    for entry in stage.get("params", []):
+        if isinstance(entry, dict):
+            assert list(entry) == [PIPELINES[pipeline]], entry
+            keys += entry[PIPELINES[pipeline]]
+        else:
+            assert PIPELINES[pipeline] == "params.yaml", entry
+            keys.append(entry)
+    return keys
+
+
 def _resolves(tree: dict, dotted: str) -> bool:
     node = tree
     for part in dotted.split("."):
@@ -45,25 +61,39 @@ def _resolves(tree: dict, dotted: str) -> bool:
     return True
 
 
-def test_every_params_key_of_every_stage_resolves_to_a_config_field_and_is_in_params_yaml():
-    tree = config_to_dict(load_config(ROOT / "params.yaml"))
-    written = yaml.safe_load((ROOT / "params.yaml").read_text())  # DVC reads the file itself: the key must be there
-    keys = [(name, key) for name, stage in _stages().items() for key in stage.get("params", [])]
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_every_params_key_of_every_stage_resolves_to_a_config_field_and_is_in_the_params_file(pipeline):
+    params_file = ROOT / PIPELINES[pipeline]
+    tree = config_to_dict(load_config(params_file))
+    written = yaml.safe_load(params_file.read_text())  # DVC reads the file itself: the key must be there
+    keys = [(name, key) for name, stage in _stages(pipeline).items() for key in _params_keys(pipeline, stage)]
     assert len(keys) > 20
     assert [(name, key) for name, key in keys if not _resolves(tree, key)] == []
     assert [(name, key) for name, key in keys if not _resolves(written, key)] == []
 
 
-def test_the_evaluation_reads_exactly_the_distilled_loras_and_registers_the_m4_one():
-    cfg = load_config(ROOT / "params.yaml")
-    stages = _stages()
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_the_evaluation_reads_exactly_the_distilled_loras_and_registers_the_m4_one(pipeline):
+    cfg = load_config(ROOT / PIPELINES[pipeline])
+    stages = _stages(pipeline)
     produced = {out for name, stage in stages.items() if name.startswith("distill@") for out in stage["outs"]}
     assert produced == {f"models/{name}" for name in cfg.pipeline.distill_runs}
     assert {str(Path(p).parent) for p in cfg.eval.loras} == produced
     assert set(cfg.eval.loras) <= set(stages["evaluate"]["deps"])
     assert cfg.register.lora in stages["register"]["deps"] and cfg.register.lora in cfg.eval.loras
-    for name, stage in stages.items():  # every stage is a pcm command on the params file
-        assert stage["cmd"].startswith(f"pcm {name.split('@')[0]} --params params.yaml"), name
+    assert cfg.teacher.model in stages["evaluate"]["deps"] and cfg.demo_teacher.output_dir == cfg.teacher.model
+    assert [cfg.demo_teacher.output_dir] == stages["demo-teacher"]["outs"]
+    assert [cfg.data.output_dir] == stages["prepare"]["outs"] and cfg.data.output_dir in stages["demo-teacher"]["deps"]
+    for name, stage in stages.items():  # every stage is a pcm command on the params file, from the repository root
+        assert stage["cmd"].startswith(f"pcm {name.split('@')[0]} --params {PIPELINES[pipeline]}"), name
+        assert stage.get("wdir", ".") == ("." if pipeline == "dvc.yaml" else ".."), name
+
+
+def test_the_video_teacher_stage_depends_on_the_image_teacher_the_image_pipeline_makes():
+    video = load_config(ROOT / PIPELINES["video/dvc.yaml"])
+    image = _stages("dvc.yaml")["demo-teacher"]["outs"]
+    assert video.demo_teacher.family == "animatediff" and [video.demo_teacher.image_teacher] == image
+    assert video.demo_teacher.image_teacher in _stages("video/dvc.yaml")["demo-teacher"]["deps"]
 
 
 def _module_file(name: str) -> Path | None:
@@ -120,10 +150,11 @@ def _covered(path: Path, deps: list[str]) -> bool:
     return any(relative == Path(dep) or Path(dep) in relative.parents for dep in deps)
 
 
-def test_every_stage_lists_the_code_it_imports_among_its_deps():
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_every_stage_lists_the_code_it_imports_among_its_deps(pipeline):
     """A change to any module a stage runs reruns the stage: its file, or a folder above it, is a dep."""
     missing = {}
-    for name, stage in _stages().items():
+    for name, stage in _stages(pipeline).items():
         modules = _stage_modules(STAGES[name.split("@")[0]][0])
         assert modules, name
         files = sorted({_module_file(module) for module in modules})

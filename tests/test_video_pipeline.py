@@ -186,24 +186,36 @@ def test_precomputed_clip_latents_are_the_teachers_and_train(world, tmp_path):
 
 
 def test_the_demo_video_teacher_trains_saves_and_loads_both_ways(tmp_path):
+    """AnimateDiff's recipe on a saved image teacher: after training, the spatial UNet is the image teacher's to the
+    bit but for the cross-attention's text projections, the motion modules have moved off their zero start, and the
+    saved pipeline loads both ways."""
     import torch
+    from builders import save_tiny
+    from diffusers import UNet2DConditionModel, UNetMotionModel
 
+    from pcm.demo.video_teacher import TEXT_SIDE
     from pcm.models.families import load_teacher
 
     params = video_params(tmp_path)
     params["demo"]["num_images"] = 12
+    image = save_tiny(tmp_path / "image-teacher", "sd15")
     params["demo_teacher"] = {"family": "animatediff", "output_dir": str(tmp_path / "video-teacher"),
-                              "vae_channels": [8, 16], "unet_channels": [16, 32], "attention_from": 0,
-                              "text_hidden": 16, "vae_steps": 2, "unet_steps": 2, "holdout": 4, "eval_prompts": 2,
-                              "eval_steps": 2, "vae_batch_size": 4, "unet_batch_size": 2}
+                              "image_teacher": str(image), "unet_steps": 2, "holdout": 4, "eval_prompts": 2,
+                              "eval_steps": 2, "unet_batch_size": 2}
     cfg = config_from_dict(params)
     stages.demo_data(cfg, progress=False)
     stages.prepare(cfg, progress=False)
     metrics = stages.demo_teacher(cfg, progress=False)
     assert metrics["family"] == "animatediff" and 0 <= metrics["motion_acc"] <= 1
+    assert metrics["image_teacher"] == str(image) and metrics["steps"]["vae"] == 0
     assert set(metrics["vae_recon"]) == {"main_colour_acc", "main_kind_acc", "motion_acc"}
     saved = tmp_path / "video-teacher"
     assert json.loads((saved / "model_index.json").read_text())["_class_name"] == "AnimateDiffPipeline"
+    spatial = UNet2DConditionModel.from_pretrained(image, subfolder="unet").state_dict()
+    trained = UNetMotionModel.from_pretrained(saved, subfolder="unet").state_dict()
+    kept = {k: v for k, v in spatial.items() if not any(f"{layer}." in k for layer in TEXT_SIDE)}
+    assert len(kept) < len(spatial) and all(torch.equal(trained[k], v) for k, v in kept.items())
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if "motion_modules" in k and "proj_out" in k)
     whole = load_teacher(config_from_dict({"teacher": {"family": "animatediff", "model": str(saved)}}).teacher)
     # its motion_adapter/ holds the trained motion modules: the pipeline + that adapter is the same teacher
     parts = load_teacher(config_from_dict({"teacher": {"family": "animatediff", "model": str(saved),

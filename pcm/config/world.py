@@ -101,6 +101,8 @@ class DemoTeacherConfig:
     # SD3-shaped (a rectified flow: joint-attention transformer, CLIP-L/CLIP-G/T5 encoders, 16-channel VAE with a
     # shift; pcm.demo.flow_teacher). sd3's transformer: 2 layers of 2 heads, width unet_channels[-1]
     output_dir: str = "models/demo-teacher"  # the saved diffusers pipeline (save_pretrained, safetensors)
+    image_teacher: str = "models/demo-teacher"  # animatediff: the trained image demo teacher that gets the motion
+    #   modules (its VAE, spatial UNet and text encoder are kept; only the motion modules and text encoder train)
     vae_channels: tuple[int, ...] = (16, 32)  # VAE widths; downsampling factor 2 ** (len - 1)
     unet_channels: tuple[int, ...] = (32, 64, 128)  # UNet widths, one level each; the deepest has no attention
     attention_heads: int = 2  # UNet attention heads per block (diffusers' attention_head_dim); few, wide heads are
@@ -119,6 +121,9 @@ class DemoTeacherConfig:
     learning_rate: float = 2e-3  # AdamW of the UNet + text encoder phase
     ema_decay: float = 0.995  # EMA of the UNet and text encoder weights that are saved
     caption_dropout: float = 0.1  # fraction of captions replaced by "" so CFG works
+    noise_weight_cap: float = 1.0  # UNet phase: the eps loss at step t weighted by min(1 / abar_t, cap), normalized
+    #   to mean 1 over t; 1 = the plain loss. Larger caps weigh high noise up (1 / abar is v-prediction's weight), where
+    #   only the caption can say what is hidden (the video teacher: which way a shape will move)
     holdout: int = 200  # prepared images kept out of training: VAE PSNR, and their captions are the eval prompts
     eval_prompts: int = 200  # held-out captions scored by the oracle after training (DDIM with CFG), <= holdout
     eval_steps: int = 50  # steps of the evaluation sampler: DDIM (sd3: the flow's Euler, pcm.sampling)
@@ -140,6 +145,7 @@ class DemoTeacherConfig:
         require(self.max_sequence_length >= 1,
                 f"demo_teacher.max_sequence_length={self.max_sequence_length}: must be >= 1 (T5 tokens per caption)")
         require(0 <= self.caption_dropout < 1, f"demo_teacher.caption_dropout={self.caption_dropout}: in [0, 1)")
+        require(self.noise_weight_cap >= 1, f"demo_teacher.noise_weight_cap={self.noise_weight_cap}: must be >= 1")
         require(0 <= self.ema_decay < 1, f"demo_teacher.ema_decay={self.ema_decay}: must be in [0, 1)")
 
 

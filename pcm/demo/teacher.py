@@ -37,7 +37,7 @@ from pcm.models.tiny import (
     tiny_sdxl_components,
 )
 from pcm.train.ema import EMA
-from pcm.train.loop import adamw
+from pcm.train.optim import adamw
 
 KL_WEIGHT = 1e-6  # SD's VAE recipe: the KL term only keeps the posterior from collapsing; quality comes from MSE
 WARMUP_STEPS = 20  # linear learning-rate warmup: Adam's first steps at full lr 2e-3 can blow up fresh GroupNorm nets
@@ -211,7 +211,9 @@ class EpsLoss:
                  generator: torch.Generator):
         self.unet, self.scheduler, self.family = parts["unet"], parts["scheduler"], cfg.family
         self.encoders = [parts[k] for k in ("text_encoder", "text_encoder_2") if parts.get(k) is not None]
-        self.modules = [self.unet, *self.encoders]  # what trains
+        # what trains: the video teacher trains only its motion modules and text encoder on the image teacher's UNet
+        self.modules = (video_teacher.trained_modules(parts) if cfg.family == "animatediff"
+                        else [self.unet, *self.encoders])
         tokenizer = parts["tokenizer"]
         self.ids, self.empty_ids = (tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
                                               truncation=True, return_tensors="pt").input_ids
@@ -219,6 +221,10 @@ class EpsLoss:
         self.mean, self.std, self.scaling = latents
         self.side = self.mean.shape[-1] * 2 ** (len(parts["vae"].config.block_out_channels) - 1)
         self.dropout, self.generator = cfg.caption_dropout, generator
+        # the loss of step t weighted by min(1 / abar_t, cap) / its mean over t: cap 1 is the plain eps loss
+        abar = self.scheduler.alphas_cumprod
+        weights = (1 / abar).clamp(max=cfg.noise_weight_cap)
+        self.weights = weights / weights.mean()
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         g, device, b = self.generator, self.unet.device, len(idx)
@@ -233,7 +239,10 @@ class EpsLoss:
         if x_0.ndim == 5:  # clips (B, C, F, h, w): the motion UNet reads one text state per frame
             cond["encoder_hidden_states"] = cond["encoder_hidden_states"].repeat_interleave(x_0.shape[2], dim=0)
         eps_hat = self.unet(self.scheduler.add_noise(x_0, eps, t), t, **cond).sample
-        return F.mse_loss(eps_hat, eps)
+        if self.weights.max() == 1:  # the plain loss
+            return F.mse_loss(eps_hat, eps)
+        per_sample = (eps_hat - eps).square().flatten(1).mean(1)
+        return (self.weights.to(device)[t] * per_sample).mean()
 
 
 def main_object_hits(image: np.ndarray, caption: str) -> dict[str, float]:
@@ -300,25 +309,29 @@ def _build(cfg: Config, captions: list[str]) -> dict:
     tokenizer = build_tokenizer(captions, model_max_length=8 * math.ceil(longest / 8))
     if c.family in flow_teacher.FAMILIES:
         return flow_teacher.components(cfg, tokenizer)
+    if c.family == "animatediff":  # AnimateDiff's recipe: motion modules on the trained image teacher
+        return video_teacher.from_image_teacher(c.image_teacher, captions, cfg.data.frames)
     factor = 2 ** (len(c.vae_channels) - 1)
     sizes = TinySizes(unet_channels=c.unet_channels, attention_head_dim=c.attention_heads,
                       attention_from=c.attention_from, cross_attention_dim=c.text_hidden, text_hidden=c.text_hidden,
                       text_layers=c.text_layers,
                       vae_channels=c.vae_channels, norm_groups=8, sample_size=cfg.data.resolution // factor)
-    parts = _family(c.family)[0](tokenizer, sizes)
-    return video_teacher.with_motion(parts) if c.family == "animatediff" else parts
+    return _family(c.family)[0](tokenizer, sizes)
 
 
 def _vae_phase(parts: dict, pixels: torch.Tensor, c: DemoTeacherConfig, generator: torch.Generator,
                progress: bool) -> tuple[float, torch.Tensor, tuple]:
     """Trains the VAE on the training pixels and sets its factors from their latents; returns (last loss,
     held-out reconstructions, (posterior means, stds, scaling_factor) of the training set, the mean shifted)."""
-    frames = video_teacher.frames_of  # clips train the VAE frame by frame
+    frames = video_teacher.frames_of  # clips are encoded frame by frame
     train_px, held_px = frames(pixels[:-c.holdout]), frames(pixels[-c.holdout:])
-    loss = train_vae(parts["vae"], train_px, c, generator, progress)
+    # the video teacher keeps the image teacher's VAE and scaling factor: the clips' frames are shapes images
+    video = c.family == "animatediff"
+    loss = None if video else train_vae(parts["vae"], train_px, c, generator, progress)
     recon = reconstruct(parts["vae"], held_px)
     mean, std, scaling = encode_posteriors(parts["vae"], train_px, generator)
-    if pixels.ndim == 5:
+    if video:
+        scaling = parts["vae"].config.scaling_factor
         mean, std = (video_teacher.to_clips(m, pixels.shape[1]) for m in (mean, std))
     # SD3's VAE centres its latents as well as scaling them: latents = (z - shift_factor) x scaling_factor
     shift = mean.mean().item() if c.family in flow_teacher.FAMILIES else None
@@ -389,7 +402,9 @@ def train_demo_teacher(cfg: Config, progress: bool = True) -> dict:
         # The same oracle on VAE reconstructions of the held-out images: the ceiling the VAE leaves the backbone.
         "vae_recon": {k: v for k, v in recon_report.items() if k.endswith("_acc")},
         "final_loss": {"vae": vae_loss, backbone: backbone_loss},
-        "steps": {"vae": c.vae_steps, backbone: c.unet_steps, f"eval_{sampler}": c.eval_steps},
+        "steps": {"vae": 0 if vae_loss is None else c.vae_steps, backbone: c.unet_steps,
+                  f"eval_{sampler}": c.eval_steps},
+        **({"image_teacher": c.image_teacher} if c.family == "animatediff" else {}),
         "eval_prompts": len(prompts), "eval_guidance_scale": c.eval_guidance_scale,
         **({"max_sequence_length": c.max_sequence_length} if flow else {}),
         "train_images": len(pixels) - c.holdout, "heldout_images": c.holdout,

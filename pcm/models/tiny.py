@@ -8,6 +8,7 @@ CLIP tokenizer built from a caption corpus, so `save_pretrained` followed by our
 that loads SD1.5 / SDXL / SD3 / FLUX.
 """
 
+import json
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -38,18 +39,23 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 _WORD = re.compile(r"[a-z]+|[0-9]|[^\sa-z0-9]+")
 
 
-def build_tokenizer(corpus: Iterable[str], model_max_length: int = 77) -> CLIPTokenizer:
+def build_tokenizer(corpus: Iterable[str], model_max_length: int = 77,
+                    base: CLIPTokenizer | None = None) -> CLIPTokenizer:
     """A CLIP BPE tokenizer whose vocabulary is the corpus's characters plus left-to-right merges of its words.
 
     Every word of the corpus becomes reachable by merges (most become one token); any other text made of the
     corpus's characters still tokenizes (into smaller pieces); unseen characters map to the unknown token.
+    base: a tokenizer of this kind to extend: its tokens keep their ids and merges (so a text encoder trained with it
+    keeps its embeddings) and the corpus's new characters and words are appended after them.
     """
     words = Counter(w for text in corpus for w in _WORD.findall(text.lower()))
     chars = sorted({c for w in words for c in w})
-    vocab = {BOS: 0, EOS: 1}
+    vocab, merges = {BOS: 0, EOS: 1}, []
+    if base is not None:
+        model = json.loads(base.backend_tokenizer.to_str())["model"]
+        vocab, merges = dict(model["vocab"]), [tuple(pair) for pair in model["merges"]]
     for token in chars + [c + "</w>" for c in chars]:
         vocab.setdefault(token, len(vocab))
-    merges = []
     for word, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         prefix = pieces[0]

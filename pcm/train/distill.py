@@ -26,7 +26,8 @@ from pcm.models.discriminator import Discriminator
 from pcm.models.families import Teacher, load_teacher
 from pcm.models.lora import adapters_off, attach_lora, export_lora, load_lora_state_dict, lora_state_dict
 from pcm.train.checkpoint import CheckpointWarning, load_checkpoint, repair_checkpoints, resolve_resume, save_checkpoint
-from pcm.train.loop import Optimization, adamw, optimization, target_net_for, train_step
+from pcm.train.loop import Optimization, optimization, target_net_for, train_step
+from pcm.train.optim import adamw
 from pcm.train.sink import JsonlSink, MultiSink, Sink
 from pcm.train.step import Batch, Nets, SolverLoss, make_loss
 from pcm.train.validation import write_validation_grid
