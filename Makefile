@@ -76,7 +76,6 @@ endif
 # teacher (motion modules on the image demo's teacher, which `make demo` makes and this reuses, or makes first) ->
 # PCM M = 1, 2, 4 and LCM -> the step table at 1/2/4/8 steps beside the teacher's DDIM, with the motion oracle -> the
 # registry. A second run with nothing changed only checks hashes.
-VIDEO := configs/video-demo.yaml
 demo-video: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/machine_speed.py run demo-video -- dvc repro video/dvc.yaml
 	@echo; echo "the video teacher's own DDIM + CFG on held-out captions, read by the motion oracle:"

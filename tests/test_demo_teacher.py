@@ -112,3 +112,36 @@ def test_attention_from_sets_the_unet_layout(prepared, tmp_path, attention_from,
     unet = _build(cfg, ["a red circle in the center on a gray background"])["unet"]
     assert tuple(unet.config.down_block_types) == down
     assert tuple(unet.config.up_block_types) == tuple(b.replace("Down", "Up") for b in reversed(down))
+
+
+def test_the_noise_weight_cap_weighs_each_step_by_min_inverse_abar_cap_and_cap_1_is_the_plain_loss(prepared):
+    """EpsLoss at cap 1 is F.mse_loss itself; at cap c each sample's squared error counts min(1 / abar_t, c),
+    divided by the weights' mean over t, replayed here draw by draw from the same generator state."""
+    from pcm.demo.teacher import EpsLoss
+
+    pixels, captions = load_prepared(prepared)
+    for cap in (1.0, 20.0):
+        cfg = _config(prepared, prepared.parent / "unused", extra=[f"demo_teacher.noise_weight_cap={cap}"])
+        torch.manual_seed(0)
+        parts = _build(cfg, captions + [""])
+        latents = torch.randn(8, 4, 16, 16), torch.full((8, 4, 16, 16), 0.1), 1.0
+        loss = EpsLoss(parts, latents, captions[:8], cfg.demo_teacher, torch.Generator().manual_seed(1))
+        idx = torch.arange(4)
+        with torch.no_grad():
+            value = loss(idx)
+            g = torch.Generator().manual_seed(1)  # the draws in EpsLoss's order
+            noise = torch.randn(latents[0][idx].shape, generator=g)
+            x_0 = latents[0][idx] + latents[1][idx] * noise
+            eps = torch.randn(x_0.shape, generator=g)
+            t = torch.randint(0, 1000, (4,), generator=g)
+            drop = torch.rand(4, generator=g) < cfg.demo_teacher.caption_dropout
+            ids = torch.where(drop[:, None], loss.empty_ids.expand_as(loss.ids[idx]), loss.ids[idx])
+            eps_hat = parts["unet"](parts["scheduler"].add_noise(x_0, eps, t), t,
+                                    encoder_hidden_states=parts["text_encoder"](ids)[0]).sample
+            per_sample = (eps_hat - eps).square().flatten(1).mean(1)
+            abar = parts["scheduler"].alphas_cumprod
+            weights = (1 / abar).clamp(max=cap)
+            expected = (weights[t] / weights.mean() * per_sample).mean()
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=0)
+    with pytest.raises(ConfigError, match="demo_teacher.noise_weight_cap=0.5"):
+        _config(prepared, prepared.parent / "unused", extra=["demo_teacher.noise_weight_cap=0.5"])

@@ -62,3 +62,31 @@ def test_the_video_teacher_starts_as_the_image_teacher_on_every_frame(image_teac
 def test_a_missing_or_wrong_image_teacher_names_the_key(tmp_path):
     with pytest.raises(FileNotFoundError, match="demo_teacher.image_teacher=.*pcm demo-teacher"):
         from_image_teacher(tmp_path / "nothing", VIDEO_CAPTIONS, FRAMES)
+
+
+def test_the_learning_curve_benchmark_trains_the_stage_s_teacher_and_reads_it_at_every_point(tmp_path):
+    """benchmarks/video_teacher_curve.py on a tiny world: a point every step, then the EMA point, each with the
+    oracle's motion, still, colour and kind readings."""
+    import sys
+    from pathlib import Path
+
+    from test_video_pipeline import video_params
+
+    from pcm import stages
+    from pcm.config import config_from_dict
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from video_teacher_curve import curve
+
+    params = video_params(tmp_path)
+    params["demo"]["num_images"] = 12
+    params["demo_teacher"] = {"family": "animatediff", "output_dir": str(tmp_path / "video-teacher"),
+                              "image_teacher": str(save_tiny(tmp_path / "image", "sd15")), "unet_steps": 3,
+                              "holdout": 4, "eval_prompts": 2, "unet_batch_size": 2}
+    cfg = config_from_dict(params)
+    stages.demo_data(cfg, progress=False)
+    stages.prepare(cfg, progress=False)
+    points = curve(cfg, every=1, n_prompts=2, steps=2, train_all=False)
+    assert [(p["step"], p["weights"]) for p in points] == [(1, "current"), (2, "current"), (3, "ema")]
+    for p in points:
+        assert all(0 <= p[k] <= 1 for k in ("motion", "still", "colour", "kind"))
