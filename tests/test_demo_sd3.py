@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusion3Pipeline
+from worlds import prepared_shapes
 
-from pcm import stages
 from pcm.config import TeacherConfig, load_config
 from pcm.demo import flow_teacher
 from pcm.demo.teacher import _build, train_demo_teacher
@@ -30,13 +30,7 @@ CAPTIONS = ["a red circle at the top left on a gray background", "a blue square 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A 40-image shapes world, prepared at 32 px in two shards."""
-    root = tmp_path_factory.mktemp("shapes")
-    cfg = load_config("params.yaml", [f"demo.output_dir={root}/shapes", "demo.num_images=40", "demo.shard_size=20",
-                                      f"data.inputs={root}/shapes/shard-{{00000..00001}}.tar",
-                                      f"data.output_dir={root}/prepared", "data.shard_size=20"])
-    stages.demo_data(cfg, progress=False)
-    stages.prepare(cfg, progress=False)
-    return root / "prepared"
+    return prepared_shapes(tmp_path_factory.mktemp("shapes"))
 
 
 def _config(prepared, out, extra=()):

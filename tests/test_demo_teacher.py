@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from worlds import prepared_shapes
 
-from pcm import stages
 from pcm.config import ConfigError, load_config
 from pcm.demo.teacher import _build, _family, load_prepared, train_demo_teacher
 
@@ -27,13 +27,7 @@ METRIC_KEYS = {"vae_psnr_db", "scaling_factor", "main_colour_acc", "main_kind_ac
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A 40-image shapes world, prepared at 32 px in two shards."""
-    root = tmp_path_factory.mktemp("shapes")
-    cfg = load_config("params.yaml", [f"demo.output_dir={root}/shapes", "demo.num_images=40", "demo.shard_size=20",
-                                      f"data.inputs={root}/shapes/shard-{{00000..00001}}.tar",
-                                      f"data.output_dir={root}/prepared", "data.shard_size=20"])
-    stages.demo_data(cfg, progress=False)
-    stages.prepare(cfg, progress=False)
-    return root / "prepared"
+    return prepared_shapes(tmp_path_factory.mktemp("shapes"))
 
 
 def _config(prepared, out, family="sd15", extra=()):

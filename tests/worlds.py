@@ -6,7 +6,7 @@ from accelerate.state import AcceleratorState
 from builders import save_tiny
 
 from pcm import stages
-from pcm.config import Config, config_from_dict
+from pcm.config import Config, config_from_dict, load_config
 from pcm.data.loader import loader_factory
 from pcm.train.distill import distill
 
@@ -75,3 +75,12 @@ def flow_distill_cfg(root: Path, family: str, side: int, tokens: int) -> Config:
     stages.prepare(config_from_dict(base), progress=False)
     return world_cfg(base, root / "run")
 
+
+def prepared_shapes(root: Path) -> Path:
+    """A 40-image shapes world under root, prepared at 32 px in two shards (the demo teachers' tests)."""
+    cfg = load_config("params.yaml", [f"demo.output_dir={root}/shapes", "demo.num_images=40", "demo.shard_size=20",
+                                      f"data.inputs={root}/shapes/shard-{{00000..00001}}.tar",
+                                      f"data.output_dir={root}/prepared", "data.shard_size=20"])
+    stages.demo_data(cfg, progress=False)
+    stages.prepare(cfg, progress=False)
+    return root / "prepared"
