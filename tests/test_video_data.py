@@ -263,6 +263,21 @@ def test_demo_motion_clips_are_read_back_after_mp4_and_prepare(tmp_path):
     assert motion >= 38 and colour >= 0.95 and kind >= 0.9, (motion, colour, kind)
 
 
+def test_where_a_shape_starts_says_nothing_of_its_direction():
+    """Every direction starts in the same box around the centre, so only the caption can tell a teacher the direction;
+    the shape travels a quarter of the frame and stays whole inside it."""
+    size, starts = 64, {d: [] for d in DIRECTIONS}
+    for index in range(400):
+        a = generate_clip(index, seed=3, size=size, frames=2).attributes
+        start, end = np.array(a["start"]), np.array(a["end"])
+        assert np.abs(start - size / 2).max() <= size / 12 + 0.01, a
+        assert np.allclose(end - start, np.array(DIRECTIONS[a["direction"]]) * size / 4, atol=0.02), a
+        assert (np.minimum(start, end) - a["size"] / 2 > 0).all() and (np.maximum(start, end) + a["size"] / 2 < size).all()
+        starts[a["direction"]].append(start)
+    means = np.array([np.mean(starts[d], axis=0) for d in DIRECTIONS])
+    assert all(len(v) >= 70 for v in starts.values()) and np.abs(means - size / 2).max() < 1.5, means
+
+
 def test_motion_oracle_and_caption_grammar():
     sample = generate_clip(5, seed=0, size=64, frames=6)
     assert sample.frames.shape == (6, 64, 64, 3) and sample.frames.dtype == np.uint8

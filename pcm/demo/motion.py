@@ -1,7 +1,7 @@
 """The moving-shapes demo world for text-to-video: one shape crossing the frame, and an oracle for its motion.
 
 Every clip is a pure function of ``(index, seed, size, frames)``: one shape of the shapes world (same colours, kinds,
-backgrounds and sizes) travels in a straight line from one third of the frame to the other third, left, right, up
+backgrounds and sizes) starts near the centre and travels a quarter of the frame in a straight line, left, right, up
 or down, and is captioned in the shapes style:
 
     a <colour> <kind> moving <direction> on a <background> background
@@ -23,8 +23,13 @@ from pcm.demo.shapes import BACKGROUNDS, COLOURS, KINDS, SIZE_RANGE, _article, _
 
 # Unit steps in image axes (x right, y down) of each captioned direction.
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-# The shape's centre moves from one third of the side to the other: a third of the frame, 21 px at 64, 11 at 32.
-_TRAVEL = (1 / 3, 2 / 3)
+# The shape's centre starts within a twelfth of the side of the frame's centre, whatever the direction, and moves a
+# quarter of the side (16 px at 64, 8 at 32). Where a shape starts says nothing of where it goes: a model can only
+# learn the direction from the caption. (Clips from one third of the frame to the other, as before, gave every
+# direction its own start, and a teacher learnt "a shape on the left moves right" from the pixels and ignored the
+# word: its direction was a coin toss decided by where it first drew the shape.)
+_JITTER = 1 / 12
+_TRAVEL = 1 / 4
 # A centroid shift below this fraction of the side is no motion: a third of the generated travel, far above the
 # sub-pixel wobble codecs and resizing give a still shape.
 MIN_SHIFT = 0.1
@@ -52,12 +57,9 @@ def generate_clip(index: int, seed: int, size: int = 64, frames: int = 8) -> Mot
     background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
     direction = list(DIRECTIONS)[int(rng.integers(len(DIRECTIONS)))]
     extent = float(rng.uniform(*SIZE_RANGE)) * size / 3
-    across = size / 2 + float(rng.uniform(-1, 1)) * size / 12  # the other coordinate, kept off the border
     dx, dy = DIRECTIONS[direction]
-    step = dx + dy  # +1 or -1 along the axis of motion
-    first, last = (size * t for t in (_TRAVEL if step > 0 else _TRAVEL[::-1]))
-    start = (first, across) if dx else (across, first)
-    end = (last, across) if dx else (across, last)
+    start = tuple(size / 2 + float(rng.uniform(-1, 1)) * size * _JITTER for _ in range(2))
+    end = (start[0] + dx * size * _TRAVEL, start[1] + dy * size * _TRAVEL)
     obj = {"colour": colour, "kind": kind}
     clip = []
     for i in range(frames):
