@@ -20,7 +20,7 @@ from PIL import Image
 from pcm import stages
 from pcm.config import config_from_dict
 from pcm.data.loader import loader_factory
-from pcm.eval.video import gif_frames
+from pcm.eval.video import frame_feature_consistency, gif_frames
 from pcm.models.tiny import save_tiny_clip
 from pcm.train.distill import Precomputed, distill
 
@@ -78,6 +78,14 @@ def test_prepared_clips_train_a_motion_lora(world):
     assert len(losses) == 2 and all(loss > 0 for loss in losses)
 
 
+def test_frame_feature_consistency_is_the_mean_cosine_of_consecutive_frames():
+    # clip 0: one feature vector repeated (a still clip) -> 1; clip 1: frames (1, 0), (0, 1), (1, 1) -> cosines 0 and
+    # 1/sqrt(2), mean 0.3536; features arrive clip-major (B * F, D), unnormalized
+    features = np.array([[3.0, 4.0], [3.0, 4.0], [6.0, 8.0], [2.0, 0.0], [0.0, 5.0], [1.0, 1.0]])
+    got = frame_feature_consistency(features, frames=3)
+    assert got.shape == (2,) and np.allclose(got.numpy(), [1.0, 0.5 / np.sqrt(2)], atol=1e-12)
+
+
 @pytest.mark.slow
 def test_video_evaluation_rows_metrics_and_gif_grids(world):
     root, params, _ = world
@@ -91,6 +99,7 @@ def test_video_evaluation_rows_metrics_and_gif_grids(world):
         assert int(r["samples"]) == 4  # clips; frame FID runs over 4 x FRAMES frames
         assert 0 <= float(r["clip_score"]) <= 100
         assert -1 <= float(r["frame_consistency"]) <= 1
+        assert 0 < float(r["frame_feature_consistency"]) <= 1 + 1e-9  # cosines of non-negative (ReLU) features
         assert float(r["oracle_motion"]) in (0.0, 0.25, 0.5, 0.75, 1.0)  # 4 clips, 0 or 1 each
     teacher_4 = next(r for r in rows if r["model"] == "teacher-ddim" and r["steps"] == "4" and r["nfe"] == "8")
     assert float(teacher_4["trajectory_error"]) == 0.0  # the reference row, recomputed from the same noises

@@ -10,8 +10,9 @@ Per row (all means over the samples, one sample per (prompt, seed)):
   clip_score        100 * max(cos, 0) with eval.clip_model (when set)
   oracle_*          the shapes oracle's per-attribute adherence (eval.oracle, demo prompts)
 Video teachers (animatediff) are scored per clip: fid over all frames, clip_score per frame averaged over the clip,
-frame_consistency (CLIP similarity of consecutive frames, with eval.clip_model) and the motion oracle's
-oracle_motion beside its colour / kind scores; the grids are animated GIFs.
+frame_consistency (CLIP similarity of consecutive frames, with eval.clip_model), frame_feature_consistency (the
+same with the FID features, always) and the motion oracle's oracle_motion beside its colour / kind scores; the grids
+are animated GIFs.
 Every metric gets a 95 % interval <metric>/ci_low, <metric>/ci_high (eval.bootstrap_resamples > 0): a bootstrap over
 prompts (pcm.eval.intervals), for which each row keeps its per-sample values and features until it is scored.
 Generation is batched; features are streamed into running sums; the teacher's reference samples and the reference
@@ -155,7 +156,10 @@ class Scorers:
 
 
     def score_clips(self, row: Row, clips: np.ndarray, prompts: list[str]) -> None:
-        row.add_features(self.features(video.frames_of(clips)))
+        features = self.features(video.frames_of(clips))
+        features = features.detach().cpu() if isinstance(features, torch.Tensor) else features
+        row.add_features(features)
+        row.add("frame_feature_consistency", video.frame_feature_consistency(features, clips.shape[1]))
         if self.clip is not None:
             row.add("clip_score", video.clip_score_per_frame(self.clip, clips, prompts))
             row.add("frame_consistency", video.frame_consistency(self.clip, clips))

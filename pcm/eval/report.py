@@ -21,7 +21,8 @@ from pcm.eval.video import write_gif, write_webp
 
 LOWER_IS_BETTER = ("fid", "fid_teacher", "trajectory_error")
 METRICS = ("fid", "fid_teacher", "trajectory_error", "step_consistency", "clip_score", "oracle_colour", "oracle_kind",
-           "oracle_position", "oracle_background", "oracle_overall", "frame_consistency", "oracle_motion",
+           "oracle_position", "oracle_background", "oracle_overall", "frame_consistency", "frame_feature_consistency",
+           "oracle_motion",
            "oracle_count")
 COLUMNS = ("model", "method", "guidance_scale", "steps", "nfe", "samples")
 CI_ENDS = ("ci_low", "ci_high")
@@ -254,7 +255,8 @@ def write_html(path: Path, rows: list[dict], info: dict, plots: dict, grids: dic
         "teacher) (lower is better); "
         "step_consistency: cosine similarity of a model's results at different step counts (higher is more "
         "consistent). Video: fid over all frames, clip_score per frame averaged over the clip, frame_consistency: "
-        "CLIP similarity of consecutive frames, oracle_motion: the captioned direction of motion read back.</p>",
+        "CLIP similarity of consecutive frames, frame_feature_consistency: the same with the FID features, "
+        "oracle_motion: the captioned direction of motion read back.</p>",
         f"<h2 id='steps'>Step table</h2><p>{html.escape(table_header(info))}</p>",
         f"<table><tr>{''.join(f'<th>{c}</th>' for c in columns)}</tr>{table}</table>",
         f"<h2 id='plots'>Metrics against {X_AXES[plot_x]}</h2><p>Bars: the 95 % intervals.</p>",

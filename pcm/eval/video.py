@@ -34,6 +34,14 @@ def frame_consistency(clip, clips: np.ndarray) -> torch.Tensor:
     return (embeds[:, 1:] * embeds[:, :-1]).sum(dim=-1).mean(dim=1)
 
 
+def frame_feature_consistency(features: torch.Tensor | np.ndarray, frames: int) -> torch.Tensor:
+    """(B,) mean cosine similarity of consecutive frames' FID features (B * F, D), clip-major: frame consistency
+    with no CLIP model (the shapes net's features on the demo, Inception's on real data; 1 = a still clip)."""
+    embeds = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    embeds = torch.nn.functional.normalize(embeds.reshape(-1, frames, embeds.shape[-1]), dim=-1)
+    return (embeds[:, 1:] * embeds[:, :-1]).sum(dim=-1).mean(dim=1)
+
+
 def motion_oracle(score_clip, clips: np.ndarray, prompts: list[str]) -> dict[str, list[float]]:
     """A motion oracle's (pcm.eval.known_world) per-attribute scores of each clip against its caption."""
     scores = [score_clip(frames, prompt) for frames, prompt in zip(clips, prompts, strict=True)]
