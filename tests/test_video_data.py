@@ -272,7 +272,8 @@ def test_where_a_shape_starts_says_nothing_of_its_direction():
         start, end = np.array(a["start"]), np.array(a["end"])
         assert np.abs(start - size / 2).max() <= size / 12 + 0.01, a
         assert np.allclose(end - start, np.array(DIRECTIONS[a["direction"]]) * size / 4, atol=0.02), a
-        assert (np.minimum(start, end) - a["size"] / 2 > 0).all() and (np.maximum(start, end) + a["size"] / 2 < size).all()
+        low, high = np.minimum(start, end) - a["size"] / 2, np.maximum(start, end) + a["size"] / 2
+        assert (low > 0).all() and (high < size).all(), a
         starts[a["direction"]].append(start)
     means = np.array([np.mean(starts[d], axis=0) for d in DIRECTIONS])
     assert all(len(v) >= 70 for v in starts.values()) and np.abs(means - size / 2).max() < 1.5, means
