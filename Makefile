@@ -44,7 +44,7 @@ XDIST = $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile 
 # The first line says how fast this machine is and how long the suite should take on it (benchmarks/machine_speed.py).
 test: setup
 	@$(PY) benchmarks/machine_speed.py expect test
-	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) --durations=15 $(PYTEST_ARGS)
 
 # The suite minus the tests marked slow (end to end, more than a few seconds each): under 3 minutes on 2 cores.
 # `make test` runs every test and stays the CI command.
