@@ -157,7 +157,6 @@ class Scorers:
 
     def score_clips(self, row: Row, clips: np.ndarray, prompts: list[str]) -> None:
         features = self.features(video.frames_of(clips))
-        features = features.detach().cpu() if isinstance(features, torch.Tensor) else features
         row.add_features(features)
         row.add("frame_feature_consistency", video.frame_feature_consistency(features, clips.shape[1]))
         if self.clip is not None:

@@ -22,8 +22,7 @@ from pcm.eval.video import write_gif, write_webp
 LOWER_IS_BETTER = ("fid", "fid_teacher", "trajectory_error")
 METRICS = ("fid", "fid_teacher", "trajectory_error", "step_consistency", "clip_score", "oracle_colour", "oracle_kind",
            "oracle_position", "oracle_background", "oracle_overall", "frame_consistency", "frame_feature_consistency",
-           "oracle_motion",
-           "oracle_count")
+           "oracle_motion", "oracle_count")
 COLUMNS = ("model", "method", "guidance_scale", "steps", "nfe", "samples")
 CI_ENDS = ("ci_low", "ci_high")
 # The PCM paper's FID-SD (FID against the teacher's own samples: our fid_teacher) at 1, 2, 4, 8, 16 steps, on its data

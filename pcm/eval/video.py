@@ -37,7 +37,7 @@ def frame_consistency(clip, clips: np.ndarray) -> torch.Tensor:
 def frame_feature_consistency(features: torch.Tensor | np.ndarray, frames: int) -> torch.Tensor:
     """(B,) mean cosine similarity of consecutive frames' FID features (B * F, D), clip-major: frame consistency
     with no CLIP model (the shapes net's features on the demo, Inception's on real data; 1 = a still clip)."""
-    embeds = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    embeds = torch.as_tensor(features).detach().to("cpu", torch.float64)
     embeds = torch.nn.functional.normalize(embeds.reshape(-1, frames, embeds.shape[-1]), dim=-1)
     return (embeds[:, 1:] * embeds[:, :-1]).sum(dim=-1).mean(dim=1)
 
