@@ -58,8 +58,6 @@ lint: setup
 # -> MLflow registry. A second run with nothing changed only checks hashes. QUICK=1: the same stages with the small
 # budgets of configs/quick.yaml, in a copy of the repo under .demo-quick/ (the real demo's outputs stay untouched).
 DEMO_DIR := $(if $(filter 1,$(QUICK)),.demo-quick,.)
-QUICK_NOTE := A first look (QUICK=1, configs/quick.yaml): every stage on small budgets, not the demo's figures (plain \
-	make demo gives those).
 demo: setup
 ifeq ($(QUICK),1)
 	rm -rf .demo-quick && mkdir -p .demo-quick
@@ -69,7 +67,7 @@ ifeq ($(QUICK),1)
 endif
 	cd $(DEMO_DIR) && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(CURDIR)/$(PY) $(CURDIR)/benchmarks/machine_speed.py \
 		run $(if $(filter 1,$(QUICK)),demo-quick,demo) -- dvc repro
-	@echo; $(if $(filter 1,$(QUICK)),echo "$(QUICK_NOTE)";) cat $(DEMO_DIR)/reports/eval/steps.md; echo
+	@echo; cat $(DEMO_DIR)/reports/eval/steps.md; echo
 	@echo "report (open in a browser):  $(DEMO_DIR)/reports/eval/report.html"
 	@echo "sample grids and plots:      $(DEMO_DIR)/reports/eval/grids/ $(DEMO_DIR)/reports/eval/plots/"
 	@echo "registered model:            $$(cat $(DEMO_DIR)/models/registered.json | tr -d '\n ')"

@@ -2,6 +2,7 @@
 runs, caches and re-runs what changed."""
 
 import ast
+import json
 import os
 import re
 import shutil
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from builders import TINY_RUNS, tiny_params
+from builders import TINY_RUNS, merge, tiny_params
 
 from pcm.cli import STAGES
 from pcm.config import config_to_dict, load_config
@@ -181,6 +182,15 @@ def _repro(clone: Path) -> str:
     return result.stdout + result.stderr
 
 
+def _stale(clone: Path) -> dict:
+    """`dvc status --json dvc.yaml`: the stages of the image pipeline whose deps or params changed since their
+    last run."""
+    result = subprocess.run([str(Path(sys.executable).with_name("dvc")), "status", "--json", "dvc.yaml"], cwd=clone,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
 def _ran(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
@@ -217,6 +227,10 @@ def test_dvc_repro_in_a_clone_caches_and_reruns_only_what_a_param_change_touches
 
     assert _ran(_repro(clone)) == set()  # nothing changed: nothing runs
 
-    params["train"]["learning_rate"] = 2e-3
-    (clone / "params.yaml").write_text(yaml.safe_dump(params))
-    assert _ran(_repro(clone)) == {*(f"distill@{k}" for k in runs), "evaluate", "register"}
+    # A training param makes every distillation stale (dvc status names them, nothing else) ...
+    (clone / "params.yaml").write_text(yaml.safe_dump(merge(params, {"train": {"learning_rate": 2e-3}})))
+    assert set(_stale(clone)) == {f"distill@{k}" for k in runs}
+    # ... and an evaluation param re-runs the evaluation and what reads it, never a distillation (a run of each
+    # distillation would only prove the params above again, at two more `pcm` start-ups).
+    (clone / "params.yaml").write_text(yaml.safe_dump(merge(params, {"eval": {"num_prompts": 4}})))
+    assert _ran(_repro(clone)) == {"evaluate", "register"}

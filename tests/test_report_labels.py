@@ -157,3 +157,19 @@ def test_eval_plot_x_is_checked_at_load():
     assert config_from_dict({}, ["eval.plot_x=nfe"]).eval.plot_x == "nfe"
     with pytest.raises(ConfigError, match=r"eval.plot_x='flops': allowed values: steps, nfe"):
         config_from_dict({}, ["eval.plot_x=flops"])
+
+
+def test_the_runs_note_heads_the_step_table_in_markdown_and_html(tmp_path):
+    info = {"samples": 4, "prompts": 4, "seeds": [0], "bootstrap_resamples": 0}
+    rows = [{"model": "pcm-M4", "method": "pcm", "guidance_scale": 1.0, "steps": 1, "nfe": 1, "samples": 4,
+             "fid": 3.0}]
+    assert report.table_header(info).startswith("N = 4 samples")  # no note: the N line alone
+    noted = {**info, "note": "A first look <on small budgets>"}
+    assert report.table_header(noted).split("\n\n") == ["A first look <on small budgets>",
+                                                          report.table_header(info)]
+    table = report.markdown_table(rows, report.table_header(noted))
+    assert table.startswith("A first look <on small budgets>\n\nN = 4")
+    report.write_html(tmp_path / "r.html", rows, noted, {}, {}, [])
+    page = (tmp_path / "r.html").read_text()
+    assert "<h2 id='steps'>Step table</h2><p>A first look &lt;on small budgets&gt;</p><p>N = 4 samples" in page
+    assert config_from_dict({}, ["eval.note=a first look"]).eval.note == "a first look"

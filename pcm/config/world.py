@@ -179,6 +179,7 @@ class EvalConfig:
     #   evaluations per sample: steps x 2 for a row with CFG > 1)
     shapes_net_steps: int = 600  # optimizer steps of the shapes feature CNN (trained once per prepared dataset)
     output_dir: str = "reports/eval"  # the report
+    note: str = ""  # a line above the step table (steps.md, report.html), e.g. what kind of run made it
     cache_dir: str = "models/eval-cache"  # teacher reference samples, reference statistics, the shapes CNN
     device: Literal["cpu", "cuda", "auto"] = "cpu"  # where generation and features run; auto = cuda if available
     bootstrap_resamples: int = 200  # resamples of the prompt set behind every metric's 95 % interval (ci_low,

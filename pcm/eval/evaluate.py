@@ -315,7 +315,7 @@ def evaluate(cfg: Config, progress: bool = True, world: KnownWorld | None = None
             "lora_sha256": lora_files,
             "teacher_guidance_scale": e.teacher_guidance_scale, "reference_steps": e.reference_steps,
             "teacher_family": cfg.teacher.family, "bootstrap_resamples": e.bootstrap_resamples,
-            "bootstrap_seconds": round(bootstrap.seconds, 2),
+            "bootstrap_seconds": round(bootstrap.seconds, 2), **({"note": e.note} if e.note else {}),
             **({"frames": cfg.data.frames, "motion_adapter": cfg.teacher.motion_adapter} if teacher.is_video else {}),
             "seconds": round(time.perf_counter() - start, 1)}
     grid_prompts = [prompts[i // len(e.seeds)] for i in grid_rows]

@@ -63,12 +63,14 @@ def _cell(row: dict, column: str) -> str:
 
 
 def table_header(info: dict) -> str:
-    """The line above the step table: N, and what the brackets are."""
+    """The lines above the step table: the run's note (eval.note) when it has one; N, and what the brackets are."""
     n = f"N = {info['samples']} samples per row ({info['prompts']} prompts x {len(info['seeds'])} seeds)"
     if not info.get("bootstrap_resamples"):
-        return f"{n}; no intervals (eval.bootstrap_resamples = 0)"
-    return (f"{n}; [low, high]: 95 % interval, bootstrap over the {info['prompts']} prompts "
-            f"({info['bootstrap_resamples']} resamples)")
+        line = f"{n}; no intervals (eval.bootstrap_resamples = 0)"
+    else:
+        line = (f"{n}; [low, high]: 95 % interval, bootstrap over the {info['prompts']} prompts "
+                f"({info['bootstrap_resamples']} resamples)")
+    return f"{info['note']}\n\n{line}" if info.get("note") else line
 
 
 def markdown_table(rows: list[dict], header: str = "") -> str:
@@ -256,7 +258,8 @@ def write_html(path: Path, rows: list[dict], info: dict, plots: dict, grids: dic
         "consistent). Video: fid over all frames, clip_score per frame averaged over the clip, frame_consistency: "
         "CLIP similarity of consecutive frames, frame_feature_consistency: the same with the FID features, "
         "oracle_motion: the captioned direction of motion read back.</p>",
-        f"<h2 id='steps'>Step table</h2><p>{html.escape(table_header(info))}</p>",
+        "<h2 id='steps'>Step table</h2>"
+        + "".join(f"<p>{html.escape(line)}</p>" for line in table_header(info).split("\n\n")),
         f"<table><tr>{''.join(f'<th>{c}</th>' for c in columns)}</tr>{table}</table>",
         f"<h2 id='plots'>Metrics against {X_AXES[plot_x]}</h2><p>Bars: the 95 % intervals.</p>",
         *(_img(p) for p in plots.values()),
