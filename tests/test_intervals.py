@@ -147,7 +147,7 @@ def test_the_gram_path_for_few_samples_in_many_dimensions_is_the_same_fid(paired
     weights = np.array([0, 2, 1, 0, 3, 1, 1, 0, 2, 1, 1, 0], dtype=np.float64)
     other = y if paired else fixed
     direct = intervals._fd(*weighted_mean_cov(x, weights), *(weighted_mean_cov(y, weights) if paired else fixed), None)
-    gram = intervals._fd_gram(x, weights, other, weights if paired else None)
+    gram = intervals.GramFID(x, other)(weights)
     assert gram == pytest.approx(direct, rel=1e-6)  # the D x D path clips ~1e-14 eigenvalues of a rank-11 product
     stats = FeatureStats()
     stats.update(x)
@@ -159,3 +159,18 @@ def fid_stats(x):
     stats = FeatureStats()
     stats.update(x)
     return stats
+
+
+def test_the_step_tables_point_fid_takes_the_gram_path_below_d_samples_and_agrees():
+    """A row's fid and fid_teacher from its kept samples (n < D: no D x D decomposition) equal the running-statistics
+    FID; at n >= D the running statistics are used (None)."""
+    from pcm.eval.intervals import sampled_fid
+
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(size=(10, 64)), rng.normal(size=(10, 64)) * 1.3 + 0.1
+    fixed = (rng.normal(size=64), np.cov(rng.normal(size=(300, 64)), rowvar=False))
+    assert sampled_fid(x, fixed) == pytest.approx(fid(fid_stats(x), fixed), rel=1e-6)
+    assert sampled_fid(x, y) == pytest.approx(fid(fid_stats(x), fid_stats(y)), rel=1e-6)
+    assert sampled_fid(x, x) == pytest.approx(0.0, abs=1e-9)
+    assert sampled_fid(x + 300.0, y + 300.0) == pytest.approx(sampled_fid(x, y), rel=1e-6)  # a common offset: none
+    assert sampled_fid(rng.normal(size=(64, 64)), fixed) is None

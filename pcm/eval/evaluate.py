@@ -42,7 +42,7 @@ from pcm.eval.generate import (
     to_uint8,
     use,
 )
-from pcm.eval.intervals import bootstrap_fid, bootstrap_mean, cluster_labels
+from pcm.eval.intervals import bootstrap_fid, bootstrap_mean, cluster_labels, sampled_fid
 from pcm.eval.known_world import KnownWorld, require_world
 from pcm.eval.prompts import load_prompts
 from pcm.eval.references import feature_function, reference_stats, teacher_reference
@@ -83,10 +83,19 @@ class Row:
     def result(self, reference: FeatureStats, teacher: "Row", bootstrap: "Bootstrap") -> dict:
         nfe = self.steps * (2 if self.guidance_scale != 1.0 else 1)
         out = {"model": self.label, "method": self.method, "steps": self.steps, "guidance_scale": self.guidance_scale,
-               "nfe": nfe, "samples": self.samples,
-               "fid": fid(self.features, reference), "fid_teacher": fid(self.features, teacher.features)}
+               "nfe": nfe, "samples": self.samples, **self.fids(reference, teacher)}
         means = {k: total / count for k, (total, count) in self.sums.items()}
         return out | means | bootstrap.intervals(self, reference, teacher)
+
+    def fids(self, reference: FeatureStats, teacher: "Row") -> dict[str, float]:
+        """fid and fid_teacher: from the kept samples when there are fewer than feature dimensions (n x n algebra),
+        otherwise from the running statistics."""
+        if self.keep and teacher.keep:
+            features = np.concatenate(self.kept["features"])
+            found = sampled_fid(features, reference.mean_cov())
+            if found is not None:
+                return {"fid": found, "fid_teacher": sampled_fid(features, np.concatenate(teacher.kept["features"]))}
+        return {"fid": fid(self.features, reference), "fid_teacher": fid(self.features, teacher.features)}
 
 
 @dataclass
