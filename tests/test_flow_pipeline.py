@@ -179,7 +179,11 @@ def test_register_the_pyfunc_the_diffusers_flavor_and_pcm_sample_agree(world, tm
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("world", ["flux"], indirect=True)
 def test_mlflow_models_serve_answers_with_the_bytes_of_pcm_sample(world, tmp_path):
+    """A flow family's registered model behind `mlflow models serve` (a server costs ~15 s of CPU, so one family:
+    FLUX, whose packed latents and embedded guidance differ most from the UNet families; SD3's predict is checked
+    against `pcm sample` in-process above, and the server itself with SD1.5 in test_serving)."""
     root, base = world
     cfg = _registered(root, base, tmp_path)
     uri = f"models:/{cfg.register.model_name}@champion"
