@@ -16,6 +16,10 @@ from pathlib import Path
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
 
 
+class Preempted(RuntimeError):
+    """SIGTERM arrived; a checkpoint was saved. Rerun with --resume latest."""
+
+
 def accelerate_command(num_processes: int, mixed_precision: str, params: Path, resume: str | None) -> list[str]:
     """`accelerate launch --multi_gpu` of `pcm distill` on one machine (CPU: gloo, GPU: NCCL)."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",

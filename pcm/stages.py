@@ -73,18 +73,19 @@ def distill(cfg: Config, resume: str | None = None, overwrite: bool = False, pro
     run under `accelerate launch` behind this process, which passes a SIGTERM on and raises Preempted."""
     import os
 
-    from pcm.data.loader import loader_factory
     from pcm.data.precompute import find_latents, stored_text
-    from pcm.train.distill import Precomputed
-    from pcm.train.distill import distill as run_distill
     from pcm.train.manifest import RunManifest, claim
 
     out = Path(cfg.train.output_dir)
     folder = find_latents(cfg)  # also refuses latents of another teacher
     claim(out, RunManifest.of(cfg, folder or cfg.data.output_dir), resume, overwrite,
           main=os.environ.get("RANK", "0") == "0")
-    if processes > 1:
+    if processes > 1:  # the launching parent trains nothing: it never imports diffusers or peft
         return _launch(cfg, processes, resume)
+    from pcm.data.loader import loader_factory
+    from pcm.train.distill import Precomputed
+    from pcm.train.distill import distill as run_distill
+
     with track(cfg, "distill", out, resume=resume is not None) as tracker:
         _reads_shards(tracker, cfg, "training")
         if tracker is not None:
@@ -101,8 +102,7 @@ def _launch(cfg: Config, processes: int, resume: str | None) -> dict:
     ('latest' when this run starts fresh finds no checkpoint and starts at step 0)."""
     from pcm.atomic import write_text
     from pcm.config import config_to_yaml
-    from pcm.launch import accelerate_command, run_forwarding_signals
-    from pcm.train.distill import Preempted
+    from pcm.launch import Preempted, accelerate_command, run_forwarding_signals
 
     out = Path(cfg.train.output_dir)
     params = write_text(out / "resolved-params.yaml", config_to_yaml(cfg))

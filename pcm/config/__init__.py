@@ -190,6 +190,9 @@ class ValidationConfig:
     guidance_scale: float = 1.0  # inference CFG of the grids (small_cfg students: 1; normal_cfg: 2-9)
 
 
+FLOW_FAMILIES = ("sd3", "flux")  # rectified-flow teachers: a transformer backbone predicting the flow velocity
+
+
 @dataclass(frozen=True)
 class TeacherConfig:
     """The teacher to distill: a diffusers pipeline directory or hub id (docs/method.md §9: conditioning per family)."""

@@ -29,11 +29,10 @@ import torch
 from tqdm import tqdm
 
 from pcm.atomic import staged_dir, write_bytes, write_text
-from pcm.config import Config
+from pcm.config import FLOW_FAMILIES, Config
 from pcm.data.digest import digest, model_files, prepared_digest
 from pcm.data.loader import LATENT_KEY, TEXT_KEYS, decode_batch
 from pcm.data.shards import RawSample, ShardWriter, iter_tar
-from pcm.models.families import ENCODED_EMPTY, FLOW_FAMILIES, load_teacher
 
 # a diffusers pipeline's text parts (sd3's T5 third; the folders a pipeline lacks contribute nothing to a key)
 TEXT_FOLDERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
@@ -156,6 +155,9 @@ def _encode_shard(teacher, records: list[RawSample], chunk: int) -> dict[str, di
 
 def precompute(cfg: Config, progress: bool = True, chunk: int = 64) -> dict:
     """Writes data.output_dir/precomputed/<key>/ from the prepared shards; returns its meta.json content."""
+    from pcm.models.families import load_teacher  # here, not at the top: find_latents (`pcm distill`'s launching
+    # parent) needs no diffusers
+
     source = Path(cfg.data.output_dir)
     index_path = source / "index.json"
     if not index_path.is_file():
@@ -189,6 +191,8 @@ def precompute(cfg: Config, progress: bool = True, chunk: int = 64) -> dict:
 def _store_empty_prompt(teacher, txt_key: str, folder: Path) -> dict:
     """folder/empty_prompt.npy (and sd3's empty_pooled.npy) for the families whose uncond is the encoded ""
     (sd15, animatediff, sd3); meta.json's description of the text."""
+    from pcm.models.families import ENCODED_EMPTY
+
     states, pooled = teacher.text_states([""])
     encoded = teacher.family in ENCODED_EMPTY
     text = {"key": txt_key, "dtype": "float16", "hidden": TEXT_KEYS["text_hidden"],

@@ -36,12 +36,12 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
+from pcm.config import FLOW_FAMILIES  # re-exported: the families' code reads it from here
 from pcm.math import NoiseSchedule, abar_at, noise_schedule_from_scheduler_config, to_eps, vp_schedule
 from pcm.models.flux import FLUX_PATCH, flux_velocity
 
 FAMILIES = ("sd15", "sdxl", "animatediff", "sd3", "flux")
 SD15_CONDITIONING = ("sd15", "animatediff")  # one CLIP encoder, last hidden state, uncond = encoded ""
-FLOW_FAMILIES = ("sd3", "flux")  # rectified-flow teachers: a transformer backbone predicting the flow velocity
 ENCODED_EMPTY = ("sd15", "animatediff", "sd3", "flux")  # uncond = the encoded ""; sdxl's is zeros
 T5_MAX_LENGTH = 256  # diffusers' default max_sequence_length for SD3's T5 tokens
 FLUX_GUIDANCE_SCALE = 3.5  # FLUX.1-dev conditions' embedded guidance: FluxPipeline's default (docs/flow-matching.md)

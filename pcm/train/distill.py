@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from pcm.config import Config, ConfigError, config_to_dict
+from pcm.launch import Preempted  # raised here on SIGTERM; defined with the launcher, which needs no torch
 from pcm.math import SolverGrid
 from pcm.models.card import ModelCard, card_of_run
 from pcm.models.discriminator import Discriminator
@@ -47,10 +48,6 @@ class BatchSource(Protocol):
 
 # (micro batch size, rank, world size, start position) -> the batches of that process
 DataFactory = Callable[[int, int, int, tuple[int, int]], BatchSource]
-
-
-class Preempted(RuntimeError):
-    """SIGTERM arrived; a checkpoint was saved. Rerun with --resume latest."""
 
 
 class NonFiniteLoss(RuntimeError):
