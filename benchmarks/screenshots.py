@@ -23,6 +23,7 @@ import binascii
 import html.parser
 import io
 import json
+import os
 import shutil
 import signal
 import socket
@@ -276,8 +277,9 @@ def mlflow_ui(store: str, log: Path, seconds: float = 120):
     port = _free_port()
     command = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", store, "--host",
                "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runners: 7 processes a UI never uses
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + seconds
         while True:

@@ -1,9 +1,8 @@
 import os
+import shutil
 
 import pytest
-import torch
 from hypothesis import settings
-from worlds import distill_world
 
 settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True)
 settings.load_profile("ci")
@@ -12,9 +11,16 @@ settings.load_profile("ci")
 # processes its tests start (torch reads OMP_NUM_THREADS), or 2 workers x 2 threads fight over 2 cores.
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 THREADS = max(1, min(2, (os.cpu_count() or 1) // WORKERS))
-torch.set_num_threads(THREADS)
 if WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput") and config.getoption("numprocesses", None):
+        return  # the xdist controller runs no test: it imports neither torch nor the worlds (~7 s of CPU at start)
+    import torch
+
+    torch.set_num_threads(THREADS)
 
 # The modules that run longest (end-to-end subprocesses, measured with --durations), longest first: under
 # `--dist loadfile` a worker takes whole modules in this order, so no long one starts last and leaves a core idle.
@@ -36,6 +42,34 @@ def mlflow_store(tmp_path_factory):
     yield path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def migrated_store_template(tmp_path_factory):
+    """A new MLflow SQLite store runs every one of MLflow's schema migrations (1-2 s of CPU; a run of the suite makes
+    about 20 in its own processes): here a new store starts as a copy of one migrated once per worker. The copy is
+    the same database a migration makes; the tests then read and write a real store. Processes the tests start
+    (stages under dvc or kfp, a server) migrate their own."""
+    import mlflow.store.db.utils as db
+    import mlflow.store.model_registry.sqlalchemy_store as registry
+    import sqlalchemy
+
+    migrate, template = db._initialize_tables, tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+
+    def initialize(engine):
+        if engine.url.get_backend_name() != "sqlite" or engine.url.database in (None, "", ":memory:"):
+            return migrate(engine)
+        if not template.exists():
+            built = sqlalchemy.create_engine(f"sqlite:///{template}")
+            migrate(built)
+            built.dispose()
+        engine.dispose()
+        shutil.copyfile(template, engine.url.database)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(db, "_initialize_tables", initialize)
+        patch.setattr(registry, "_initialize_tables", initialize)  # imported by name there
+        yield template
+
+
 @pytest.fixture
 def fresh_accelerate_state():
     """accelerate keeps one process-wide state (mixed precision included); each run in a test is a new 'process'."""
@@ -48,4 +82,6 @@ def fresh_accelerate_state():
 @pytest.fixture(scope="module")
 def shapes_world(tmp_path_factory):
     """(root, params as a dict) of worlds.distill_world with 4 shards, built once per test module."""
+    from worlds import distill_world
+
     return distill_world(tmp_path_factory.mktemp("distill"), shards=4)
