@@ -197,14 +197,14 @@ def measure(unet, params, pooled: int, batch: int, steps: int, adversarial: bool
             "last_loss": last}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--tiny", action="store_true", help="a small UNet; runs on CPU too (smoke test)")
     ap.add_argument("--out", default="benchmarks/results/sdxl_gpu.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.tiny:
         print("bench-gpu: no CUDA device here; it measures an SDXL-size UNet on a GPU. Nothing was run "
