@@ -2,24 +2,22 @@
 
 `expect NAME` times a fixed one-second torch workload (a small convolution's forward and backward, on one
 thread) and prints this machine's speed beside the reference machine's and the expected duration of NAME, scaled
-from what NAME took there (benchmarks/machine_speed.json). `run NAME -- COMMAND...` runs COMMAND,
-passing its output through, and prints at the end how long it took against that expectation, with one line per
-DVC stage it ran ("Running stage '...'" lines). Never fails the build: any error of its own is one line on stderr,
-and `run` exits with COMMAND's status.
+from what NAME took there (benchmarks/machine_speed.json). `run NAME -- COMMAND...` runs COMMAND and prints at the
+end how long it took against that expectation (`pcm repro` itself prints the minutes of each stage). Never fails the
+build: any error of its own is one line on stderr, and `run` exits with COMMAND's status.
 
     python benchmarks/machine_speed.py expect test
-    python benchmarks/machine_speed.py run demo -- dvc repro
+    python benchmarks/machine_speed.py run demo -- pcm repro --jobs auto
 """
 
 import json
-import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REFERENCE = Path(__file__).with_name("machine_speed.json")
-STAGE = re.compile(r"Running stage '([^']+)'")
 
 
 def speed(seconds: float = 1.0) -> float:
@@ -68,28 +66,18 @@ def expect(name: str) -> float | None:
 
 
 def run(name: str, command: list[str]) -> int:
-    """Runs command with its output passed through; then the time it took, per DVC stage and in all."""
+    """Runs command, its output straight to this terminal (progress bars redraw in place); then how long it took
+    against the expectation. A Ctrl-C reaches the command from the terminal; this waits for it to end."""
     expected = _safe_expect(name)
-    start = last = time.perf_counter()
-    stages: list[tuple[str, float]] = []
-    current = None
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    for line in process.stdout:
-        sys.stdout.write(line)
-        found = STAGE.search(line)
-        if found:
-            now = time.perf_counter()
-            if current is not None:
-                stages.append((current, now - last))
-            current, last = found.group(1), now
-    code = process.wait()
-    end = time.perf_counter()
-    if current is not None:
-        stages.append((current, end - last))
-    for stage, seconds in stages:
-        print(f"  stage {stage}: {seconds / 60:.1f} min")
+    start = time.perf_counter()
+    process = subprocess.Popen(command)
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        code = process.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     against = f" (expected about {expected / 60:.1f} min)" if expected else ""
-    print(f"`make {name}` took {(end - start) / 60:.1f} min here{against}", flush=True)
+    print(f"`make {name}` took {(time.perf_counter() - start) / 60:.1f} min here{against}", flush=True)
     return code
 
 

@@ -1,5 +1,5 @@
 """The machine-speed line of `make test` / `make demo`: the expectation scaled by a one-second benchmark, and the
-measured time per DVC stage at the end."""
+measured time at the end."""
 
 import json
 import sys
@@ -27,14 +27,12 @@ def test_the_expected_duration_scales_with_this_machine_s_speed(reference, capsy
     assert machine_speed.expect("unknown") is None  # no figure: the speed line alone
 
 
-def test_run_passes_output_through_times_each_stage_and_keeps_the_exit_status(reference, capsys):
-    script = ("import time\nprint(\"Running stage 'prepare':\", flush=True)\ntime.sleep(0.2)\n"
-              "print(\"Running stage 'distill@pcm-m4':\", flush=True)\nprint('done')\nraise SystemExit(3)\n")
+def test_run_leaves_the_output_to_the_command_times_it_and_keeps_the_exit_status(reference, capfd):
+    script = "import time\nprint('stage output', flush=True)\ntime.sleep(0.2)\nraise SystemExit(3)\n"
     assert machine_speed.run("demo", [sys.executable, "-c", script]) == 3
-    out = capsys.readouterr().out
-    assert "Running stage 'prepare'" in out and "done" in out
-    assert "  stage prepare: 0.0 min" in out and "  stage distill@pcm-m4:" in out
-    assert out.rstrip().endswith("(expected about 20.0 min)") and "`make demo` took" in out
+    out = capfd.readouterr().out
+    assert out.index("stage output") < out.index("`make demo` took 0.0 min here")
+    assert out.rstrip().endswith("(expected about 20.0 min)")
 
 
 def test_a_broken_reference_never_fails_the_build(tmp_path, monkeypatch, capsys):
@@ -48,7 +46,7 @@ def test_the_repository_s_reference_names_the_two_commands():
     assert ref["speed"] > 0 and {"test", "demo"} <= set(ref["durations_s"])
 
 
-def test_run_without_a_reference_still_runs_the_command(tmp_path, monkeypatch, capsys):
+def test_run_without_a_reference_still_runs_the_command(tmp_path, monkeypatch, capfd):
     monkeypatch.setattr(machine_speed, "REFERENCE", tmp_path / "absent.json")
     assert machine_speed.run("demo", [sys.executable, "-c", "print('ran')"]) == 0
-    assert "ran" in capsys.readouterr().out
+    assert "ran" in capfd.readouterr().out
