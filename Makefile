@@ -80,10 +80,11 @@ lint: setup
 # The whole demo pipeline through DVC (dvc.yaml): shapes -> prepare -> demo teacher -> 4 distillations -> evaluation
 # -> MLflow registry. A second run with nothing changed only checks hashes. QUICK=1: the same stages with the small
 # budgets of configs/quick.yaml, in a copy of the repo under .demo-quick/ (the real demo's outputs stay untouched).
-# `pcm repro` is `dvc repro` with the stages that do not depend on each other (the distillations) run side by side,
+# pipelines/dvc_repro.py is `dvc repro` with the stages that do not depend on each other (the distillations) run side by side,
 # DEMO_JOBS at a time on their share of the cores (auto: one per core; DEMO_JOBS=1 is plain `dvc repro`).
 DEMO_DIR := $(if $(filter 1,$(QUICK)),.demo-quick,.)
 DEMO_JOBS ?= auto
+REPRO = pipelines/dvc_repro.py --jobs $(DEMO_JOBS)
 demo: setup
 ifeq ($(QUICK),1)
 	rm -rf .demo-quick && mkdir -p .demo-quick
@@ -92,7 +93,7 @@ ifeq ($(QUICK),1)
 	cd .demo-quick && git init -q
 endif
 	cd $(DEMO_DIR) && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(CURDIR)/$(PY) $(CURDIR)/benchmarks/machine_speed.py \
-		run $(if $(filter 1,$(QUICK)),demo-quick,demo) -- pcm repro --jobs $(DEMO_JOBS)
+		run $(if $(filter 1,$(QUICK)),demo-quick,demo) -- $(CURDIR)/$(PY) $(CURDIR)/$(REPRO)
 	@echo; cat $(DEMO_DIR)/reports/eval/steps.md; echo
 	@echo "report (open in a browser):  $(DEMO_DIR)/reports/eval/report.html"
 	@echo "sample grids and plots:      $(DEMO_DIR)/reports/eval/grids/ $(DEMO_DIR)/reports/eval/plots/"
@@ -105,7 +106,7 @@ endif
 # registry. A second run with nothing changed only checks hashes.
 demo-video: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/machine_speed.py run demo-video -- \
-		pcm repro --jobs $(DEMO_JOBS) video/dvc.yaml
+		$(PY) $(REPRO) video/dvc.yaml
 	@echo; echo "the video teacher's own DDIM + CFG on held-out captions, read by the motion oracle:"
 	@grep -E '^  "(main_colour_acc|motion_acc)"' models/demo-video-teacher/metrics.json
 	@echo; cat reports/video-eval/steps.md; echo
@@ -127,7 +128,7 @@ demo-sd3: setup
 	cp configs/demo-sd3.yaml .demo-sd3/params.yaml
 	cd .demo-sd3 && git init -q
 	cd .demo-sd3 && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(CURDIR)/$(PY) $(CURDIR)/benchmarks/machine_speed.py \
-		run demo-sd3 -- pcm repro --jobs $(DEMO_JOBS)
+		run demo-sd3 -- $(CURDIR)/$(PY) $(CURDIR)/$(REPRO)
 	@echo; echo "the flow teacher's own Euler + CFG (demo_teacher.eval_*) on held-out prompts, read by the oracle:"
 	@grep -E '^  "main_(colour|kind)_acc"' .demo-sd3/models/demo-teacher/metrics.json
 	@echo; cat .demo-sd3/reports/eval/steps.md; echo

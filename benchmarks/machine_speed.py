@@ -3,11 +3,11 @@
 `expect NAME` times a fixed one-second torch workload (a small convolution's forward and backward, on one
 thread) and prints this machine's speed beside the reference machine's and the expected duration of NAME, scaled
 from what NAME took there (benchmarks/machine_speed.json). `run NAME -- COMMAND...` runs COMMAND and prints at the
-end how long it took against that expectation (`pcm repro` itself prints the minutes of each stage). Never fails the
-build: any error of its own is one line on stderr, and `run` exits with COMMAND's status.
+end how long it took against that expectation (pipelines/dvc_repro.py itself prints the minutes of each stage).
+Never fails the build: any error of its own is one line on stderr, and `run` exits with COMMAND's status.
 
     python benchmarks/machine_speed.py expect test
-    python benchmarks/machine_speed.py run demo -- pcm repro --jobs auto
+    python benchmarks/machine_speed.py run demo -- python pipelines/dvc_repro.py --jobs auto
 """
 
 import json

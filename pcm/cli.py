@@ -76,7 +76,6 @@ EXAMPLES = {  # command -> (an override of the keys it reads, a whole command li
                  "register.gate_threshold=50"),
     "sample": ("sample.gamma=0.2", "pcm sample --model models:/pcm-demo-sd15-4phase@champion "
                "--prompt 'a red circle in the center on a gray background' --out red.png"),
-    "repro": ("", "pcm repro --jobs auto"),
     "convert-inception": ("", "pcm convert-inception pt_inception-2015-12-05-6726825d.pth "
                           "models/inception.safetensors"),
 }
@@ -162,34 +161,6 @@ def _add_sample(commands) -> None:
     sample.set_defaults(func=_sample)
 
 
-def _jobs(text: str) -> int:
-    from pcm.repro import cores
-
-    if text == "auto":
-        return cores()
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number of stages at a time (1 = plain dvc repro) or "
-                                         "auto (one per core)")
-    return int(text)
-
-
-def _repro(args) -> int:
-    from pcm.repro import reproduce
-
-    return reproduce(args.targets, args.jobs)
-
-
-def _add_repro(commands) -> None:
-    repro = _command(commands, "repro", "dvc repro, with up to --jobs stages that do not depend on each other (the "
-                     "DVC pipeline's distillations) run side by side, each on its share of the cores",
-                     EXAMPLES["repro"][1])
-    repro.add_argument("targets", nargs="*", metavar="TARGET", help="what dvc repro takes: stage names or dvc.yaml "
-                       "files (default: dvc.yaml)")
-    repro.add_argument("--jobs", type=_jobs, default=1, metavar="N|auto", help="stages at a time: auto = one per "
-                       "core (default 1: exactly dvc repro); on a GPU machine, only as many as its GPUs hold at once")
-    repro.set_defaults(func=_repro)
-
-
 def _convert_inception(args) -> int:
     from pcm import stages
 
@@ -249,7 +220,6 @@ def build_parser() -> argparse.ArgumentParser:
                                "metrics collector (e.g. fid_teacher@4)")
         stage.set_defaults(func=_stage(function))
     _add_sample(commands)
-    _add_repro(commands)
     convert = _command(commands, "convert-inception", "pytorch-fid's FID Inception .pth -> safetensors (for "
                        "eval.inception_weights; read with weights_only, no pickled code runs)",
                        EXAMPLES["convert-inception"][1])

@@ -174,12 +174,14 @@ def test_the_import_graph_follows_lazy_imports_helpers_and_submodule_names():
 
 
 def _repro(clone: Path, *command: str) -> str:
-    """`dvc repro` in the clone, or the command given (pcm repro)."""
+    """`dvc repro` in the clone, or the command given (a program beside this python, or a script of pipelines/)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("MLFLOW_TRACKING_URI", None)  # the clone's own embedded store
     env.pop("OMP_NUM_THREADS", None)
     command = command or ("dvc", "repro")
-    result = subprocess.run([str(Path(sys.executable).with_name(command[0])), *command[1:]], cwd=clone, env=env,
+    program = [sys.executable, str(ROOT / command[0])] if command[0].endswith(".py") else \
+        [str(Path(sys.executable).with_name(command[0]))]
+    result = subprocess.run([*program, *command[1:]], cwd=clone, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
@@ -195,7 +197,7 @@ def _stale(clone: Path) -> dict:
 
 
 def _ran(output: str) -> set[str]:
-    """The stages that ran: dvc's "Running stage" lines, or pcm repro's minutes of each."""
+    """The stages that ran: dvc's "Running stage" lines, or dvc_repro's minutes of each."""
     return set(re.findall(r"Running stage '([^']+)'", output)) | set(re.findall(r"^  stage (\S+): ", output, re.M))
 
 
@@ -221,7 +223,7 @@ def test_dvc_repro_in_a_clone_caches_and_reruns_only_what_a_param_change_touches
     (clone / "dvc.yaml").write_text(pipeline)
     subprocess.run(["git", "init", "-q"], cwd=clone, check=True)
 
-    first = _repro(clone, "pcm", "repro", "--jobs", "2")  # what make demo runs: the distillations side by side
+    first = _repro(clone, "pipelines/dvc_repro.py", "--jobs", "2")  # as make demo: the distillations side by side
     runs = TINY_RUNS
     everything = {"demo-data", "prepare", "demo-teacher", "evaluate", "register", *(f"distill@{k}" for k in runs)}
     assert _ran(first) == everything
@@ -230,7 +232,7 @@ def test_dvc_repro_in_a_clone_caches_and_reruns_only_what_a_param_change_touches
     assert "teacher-ddim" in rows and "pcm-M4" in rows and "lcm" in rows
     assert '"version": 1' in (clone / "models" / "registered.json").read_text()
 
-    assert _ran(_repro(clone)) == set()  # nothing changed: nothing runs, and dvc repro agrees with pcm repro's record
+    assert _ran(_repro(clone)) == set()  # nothing changed: nothing runs: dvc agrees with dvc_repro's record
 
     # A training param makes every distillation stale (dvc status names them, nothing else) ...
     (clone / "params.yaml").write_text(yaml.safe_dump(merge(params, {"train": {"learning_rate": 2e-3}})))

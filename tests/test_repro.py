@@ -1,4 +1,4 @@
-"""`pcm repro` (pcm.repro): dvc repro with the stages that do not depend on each other run side by side, on a toy DVC
+"""pipelines/dvc_repro.py: dvc repro with the stages that do not depend on each other run side by side, on a toy DVC
 project of four stages: a -> (b, c) -> d. The demo pipeline itself runs through it in tests/test_dvc.py."""
 
 import json
@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pcm import repro
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
+import dvc_repro as repro  # noqa: E402
 
 # A stage: records when it ran and on how many threads, sleeps $SLEEP_<NAME> seconds (default 1.5), then writes
 # NAME.out from its inputs. $FAIL=NAME makes it exit 3; a SIGTERM ends it with a marker file.
@@ -83,7 +84,9 @@ def test_independent_stages_run_side_by_side_on_their_share_of_the_cores_and_dvc
     out = capfd.readouterr().out
     assert "  stage b: " in out and "  stage c: " in out and out.count("(side by side)") == 2
     assert "  stage a: " in out and "  stage d: " in out and "started side by side" in out
-    assert _stale() == set()  # dvc.lock records all four, as after dvc repro
+    assert repro.reproduce([], jobs=1) == 0  # --jobs 1 is dvc repro itself: dvc.lock records all four, none reruns
+    again = capfd.readouterr().out
+    assert "Data and pipelines are up to date." in again and "  stage " not in again
 
 
 @pytest.mark.slow
@@ -103,9 +106,9 @@ def test_a_failing_stage_stops_what_follows_while_the_one_beside_it_finishes_and
 
 
 @pytest.mark.slow
-def test_a_sigterm_to_pcm_repro_reaches_every_stage_running_and_starts_nothing_more(project):
+def test_a_sigterm_to_the_runner_reaches_every_stage_running_and_starts_nothing_more(project):
     env = {**os.environ, "SLEEP_B": "60", "SLEEP_C": "60"}
-    process = subprocess.Popen([str(Path(sys.executable).with_name("pcm")), "repro", "--jobs", "2"], env=env,
+    process = subprocess.Popen([sys.executable, repro.__file__, "--jobs", "2"], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60
     while not (Path("log/b.started").exists() and Path("log/c.started").exists()):

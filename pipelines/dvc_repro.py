@@ -1,4 +1,5 @@
-"""`pcm repro`: `dvc repro` with the stages that do not depend on each other run side by side.
+"""`python pipelines/dvc_repro.py --jobs auto [TARGET ...]`: `dvc repro` with the stages that do not depend on each
+other run side by side (what `make demo` runs).
 
 dvc repro runs one stage at a time. The demo's four distillations depend only on the teacher, and on a CPU a
 distillation uses a second core poorly: two threads make its step ~1.2x faster, where two distillations of one
@@ -6,7 +7,8 @@ thread each finish ~1.7x sooner than the same two one after the other (2 cores, 
 
 The plan is dvc's own: the stages `dvc repro TARGETS` checks, grouped in waves by depth (a stage's wave is one
 after its deepest dependency's, so the stages of a wave never depend on each other).
-- Consecutive waves of one stage run as one `dvc repro --single-item A B C`, its output passed through.
+- Consecutive waves of one stage run as one `dvc repro --single-item A B C`, its output passed through; --jobs 1 is
+  `dvc repro TARGETS` itself.
 - A wave of several stages runs one `dvc --wait-for-lock repro --single-item S` per stage, `jobs` at a time, each on
   cores // (stages running) threads (OMP_NUM_THREADS, unless it is set), its output in a log file under LOGS.
 dvc decides whether a stage changed and records it in dvc.lock, exactly as `dvc repro` does: it lets go of its
@@ -17,6 +19,7 @@ no new stage starts, and the running ones end as they do under dvc (a distillati
 stage fails, the others running finish and keep their results, and the failed one's log is shown.
 """
 
+import argparse
 import os
 import re
 import signal
@@ -26,7 +29,7 @@ import time
 from pathlib import Path
 
 STAGE = re.compile(rb"Running stage '([^']+)'")
-LOGS = Path(".dvc/tmp/pcm-repro")  # dvc ignores its own tmp folder, and git never sees it (.dvc/.gitignore)
+LOGS = Path(".dvc/tmp/dvc_repro")  # dvc ignores its own tmp folder, and git never sees it (.dvc/.gitignore)
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -77,11 +80,11 @@ class Runner:
             except ProcessLookupError:
                 pass
 
-    def in_turn(self, stages: list[str]) -> int:
-        """`dvc repro --single-item STAGES`, its output passed through as it comes; times each stage that ran."""
-        process = subprocess.Popen([self.dvc, "repro", "--single-item", *stages], stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-        self.running[tuple(stages)] = (process, time.perf_counter(), None)
+    def in_turn(self, args: list[str]) -> int:
+        """`dvc repro ARGS`, its output passed through as it comes; times each stage that ran."""
+        process = subprocess.Popen([self.dvc, "repro", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        self.running[tuple(args)] = (process, time.perf_counter(), None)
         current, last, pending = None, time.perf_counter(), b""
         while chunk := os.read(process.stdout.fileno(), 1 << 16):
             sys.stdout.buffer.write(chunk)  # raw: progress bars keep redrawing their line
@@ -93,7 +96,7 @@ class Runner:
                     self.seconds.append((current, now - last, False))
                 current, last = found.group(1).decode(), now
         code = process.wait()
-        del self.running[tuple(stages)]
+        del self.running[tuple(args)]
         if current is not None:
             self.seconds.append((current, time.perf_counter() - last, False))
         return code
@@ -143,13 +146,13 @@ def reproduce(targets: list[str], jobs: int) -> int:
     previous = {s: signal.signal(s, runner.forward) for s in SIGNALS}
     start = time.perf_counter()
     try:
-        code = _run(runner, waves(targets), jobs)
+        code = runner.in_turn(targets) if jobs == 1 else _run(runner, waves(targets), jobs)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     for stage, seconds, beside in runner.seconds:
         print(f"  stage {stage}: {seconds / 60:.1f} min{' (side by side)' if beside else ''}")
-    print(f"pcm repro: {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+    print(f"dvc_repro: {(time.perf_counter() - start) / 60:.1f} min", flush=True)
     if runner.signalled and not code:
         code = 128 + runner.signalled
     return code
@@ -159,11 +162,11 @@ def _run(runner: Runner, plan: list[list[str]], jobs: int) -> int:
     """The waves in order: consecutive single-stage waves as one dvc process, a wave of several side by side."""
     in_turn: list[str] = []
     for wave in [*plan, []]:
-        if len(wave) == 1 or (wave and jobs == 1):
+        if len(wave) == 1:
             in_turn += wave
             continue
         if in_turn:
-            code, in_turn = runner.in_turn(in_turn), []
+            code, in_turn = runner.in_turn(["--single-item", *in_turn]), []
             if code or runner.signalled:
                 return code
         if wave:
@@ -171,3 +174,33 @@ def _run(runner: Runner, plan: list[list[str]], jobs: int) -> int:
             if code or runner.signalled:
                 return code
     return 0
+
+
+def _jobs(text: str) -> int:
+    if text == "auto":
+        return cores()
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of stages at a time (1 = plain dvc repro) or "
+                                         "auto (one per core)")
+    return int(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="dvc repro, with up to --jobs stages that do not depend on each "
+                                     "other (the DVC pipeline's distillations) run side by side, each on its share of "
+                                     "the cores", epilog="example:\n  python pipelines/dvc_repro.py --jobs auto",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("targets", nargs="*", metavar="TARGET", help="what dvc repro takes: stage names or dvc.yaml "
+                        "files (default: dvc.yaml)")
+    parser.add_argument("--jobs", type=_jobs, default=1, metavar="N|auto", help="stages at a time: auto = one per "
+                        "core (default 1: exactly dvc repro); on a GPU machine, only as many as its GPUs hold at once")
+    args = parser.parse_args(argv)
+    try:
+        return reproduce(args.targets, args.jobs)
+    except ValueError as err:
+        print(f"dvc_repro: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
