@@ -70,7 +70,7 @@ class Runner:
 
     def __init__(self, dvc: str):
         self.dvc, self.running, self.signalled = dvc, {}, None  # running: stage(s) -> (process, start, log or None)
-        self.seconds: list[tuple[str, float, bool]] = []  # (stage, minutes it took, side by side) of stages that ran
+        self.seconds: list[tuple[str, float, bool]] = []  # (stage, seconds it took, side by side) of stages that ran
 
     def forward(self, signum, frame) -> None:
         self.signalled = self.signalled or signum
@@ -117,7 +117,7 @@ class Runner:
                 self.running[stage] = (process, time.perf_counter(), log)
                 print(f"stage '{stage}': started side by side ({env['OMP_NUM_THREADS']} thread(s); output in "
                       f"{log})", flush=True)
-            if not queue or failed or self.signalled:
+            if failed or self.signalled:
                 queue = []  # nothing more starts; the running ones finish
             time.sleep(0.2)
             for stage, (process, start, log) in list(self.running.items()):
